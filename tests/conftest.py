@@ -43,7 +43,7 @@ def _fetch_totalseg() -> pathlib.Path:
     root = CACHE / "totalsegmentator-2.18.0"
     marker = root / ".extracted"
     if marker.exists():
-        return root / _REF
+        return CACHE / _REF
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / TOTALSEG_SDIST
     if not sdist.exists():
@@ -62,11 +62,11 @@ def _fetch_totalseg() -> pathlib.Path:
     with tarfile.open(sdist) as tar:
         picked = [m for m in tar.getmembers() if m.name.startswith(members)]
         tar.extractall(CACHE, members=picked, filter="data")
-    ct = root / _REF / "aorta_report" / "example_ct.nii.gz"
+    ct = CACHE / _REF / "aorta_report" / "example_ct.nii.gz"
     if _sha256(ct) != EXAMPLE_CT_SHA256:
         pytest.fail(f"{ct}: sha256 mismatch")
     marker.touch()
-    return root / _REF
+    return CACHE / _REF
 
 
 @pytest.fixture(scope="session")
