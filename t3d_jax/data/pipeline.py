@@ -1,0 +1,293 @@
+"""Grain input pipelines over the prepared ArrayRecord shards (launch/prepare_data.py).
+
+Training (infinite, per process)::
+
+    MapDataset.source(ArrayRecordDataSource(split shards))
+      -> shuffle(seed)             # reshuffled every epoch (grain folds in the epoch)
+      -> repeat()                  # infinite; global index = epoch * n + position
+      -> map_with_index(decode + views, rng = f(seed, global index))
+      -> slice[process_index::process_count]
+      -> batch(global_batch_size // process_count, drop_remainder)
+      -> to_iter_dataset(ReadOptions) -> mp_prefetch(worker_count)
+
+The random views of an element depend only on (seed, global index), never on the
+worker count, the thread count or the process count: the map sits before the
+per-process slice (Grain datasets are lazy, so each process still decodes only its own
+elements), and batching happens before ``mp_prefetch`` so each worker produces whole
+batches that are interleaved back in order. A process's batch ``s`` therefore holds
+the global elements ``s*G + process_index + k*process_count`` (G = global batch), and
+the union over processes is the same global batch for any number of processes.
+
+The iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` give a
+JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
+``CheckpointManager`` args, one ``process_{i}-of-{n}.json`` per process) store it next
+to the model state. A state restores into an iterator built with the same config,
+seed, process layout and worker count.
+
+Evaluation is finite and deterministic: records in shard order, the whole volume
+resampled to ``view_size``, padded at the end to whole batches (``valid`` False on
+padding) so every process runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import grain
+import numpy as np
+
+from t3d_jax.data.records import decode_record
+from t3d_jax.data.views import ViewOptions, eval_view, make_views
+
+DATASET_JSON = "dataset.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the prepared dataset folder
+# ---------------------------------------------------------------------------------------
+
+
+def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks ``DIR/dataset.json`` (splits, shards, label names, tokenizer)."""
+    path = pathlib.Path(data_dir) / DATASET_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dataset.json; run launch/prepare_data.py to create {data_dir}")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: missing the 'splits' mapping")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or "shards" not in split or "num_records" not in split:
+            raise ValueError(f"{path}: split {name!r} needs 'shards' and 'num_records'")
+    return info
+
+
+def open_split(data_dir: str | os.PathLike, split: str) -> grain.sources.ArrayRecordDataSource:
+    """Random-access source over a split's shards, checked against dataset.json."""
+    data_dir = pathlib.Path(data_dir)
+    info = read_dataset_info(data_dir)
+    if split not in info["splits"]:
+        raise KeyError(f"{data_dir / DATASET_JSON}: no split {split!r}; splits: {sorted(info['splits'])}")
+    entry = info["splits"][split]
+    paths = [data_dir / name for name in entry["shards"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir / DATASET_JSON}: split {split!r} names missing shards {missing}")
+    if not paths:
+        raise ValueError(f"{data_dir / DATASET_JSON}: split {split!r} has no shards")
+    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    if len(source) != int(entry["num_records"]):
+        raise ValueError(
+            f"{data_dir}: split {split!r} shards hold {len(source)} records but dataset.json "
+            f"says num_records={entry['num_records']}")
+    if len(source) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no records")
+    return source
+
+
+def _decode(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        return decode_record(data)
+    except Exception as e:  # a corrupt record should name itself, not fail deep in NumPy
+        raise ValueError(f"cannot decode {what}: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Per-element transforms (module-level classes: they are pickled into worker processes)
+# ---------------------------------------------------------------------------------------
+
+
+class TrainExample(grain.transforms.MapWithIndex):
+    """Record bytes -> training example with ``num_views`` random views and their boxes."""
+
+    def __init__(self, options: ViewOptions, seed: int):
+        self.options = options
+        self.seed = int(seed)
+
+    def map_with_index(self, index: int, data: bytes) -> dict[str, np.ndarray]:
+        record = _decode(data, f"training element {index}")
+        # A fresh generator keyed by (seed, global index): independent of who computes it.
+        rng = np.random.default_rng((self.seed, int(index)))
+        views, boxes = make_views(
+            record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
+            rng, self.options)
+        return {
+            "views": views,
+            "boxes": boxes,
+            "input_ids": record["input_ids"].astype(np.int32),
+            "attention_mask": record["attention_mask"].astype(np.int32),
+            "labels": record["labels"].astype(np.float32),
+        }
+
+
+class EvalExample(grain.transforms.Map):
+    """Record bytes -> deterministic evaluation example (whole volume at ``view_size``)."""
+
+    def __init__(self, view_size: tuple[int, int, int]):
+        self.view_size = tuple(int(s) for s in view_size)
+
+    def map(self, data: bytes) -> dict[str, np.ndarray]:
+        record = _decode(data, "evaluation record")
+        volume = eval_view(
+            record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
+            self.view_size)
+        return {
+            "volume": volume,
+            "input_ids": record["input_ids"].astype(np.int32),
+            "attention_mask": record["attention_mask"].astype(np.int32),
+            "labels": record["labels"].astype(np.float32),
+            "id": np.asarray(record["id"], dtype=np.str_),
+            "valid": np.asarray(True),
+        }
+
+
+class PaddingExample(grain.transforms.Map):
+    """Index -> an all-zero copy of a real example with ``valid`` False (fills the last batch)."""
+
+    def __init__(self, template: dict[str, np.ndarray]):
+        self.template = {k: np.zeros_like(v) for k, v in template.items()}
+        self.template["id"] = np.asarray("", dtype=np.str_)
+        self.template["valid"] = np.asarray(False)
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        del index
+        return {k: v.copy() for k, v in self.template.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------------
+
+
+def _get(data_config: Any, key: str, default: Any) -> Any:
+    if hasattr(data_config, "get"):
+        return data_config.get(key, default)
+    return getattr(data_config, key, default)
+
+
+def _allow_unparsed_absl_flags() -> None:
+    """Lets grain start worker processes from scripts that never parse absl flags.
+
+    grain 0.2.18 reads an absl flag (worker profiling) when it starts workers and raises
+    ``UnparsedFlagAccessError`` unless flags were parsed (google/grain#1355, fixed
+    upstream after 0.2.18). Marking them parsed keeps every default; ``absl.app.run``
+    still parses the command line as usual when the trainer uses it.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _to_iterable(dataset: grain.MapDataset, data_config: Any, worker_count: int | None) -> grain.IterDataset:
+    """Threaded read within a process, then ``worker_count`` processes (0 = in-process)."""
+    workers = int(_get(data_config, "worker_count", 0) if worker_count is None else worker_count)
+    if workers < 0:
+        raise ValueError(f"worker_count must be >= 0, got {workers}")
+    buffer = max(1, int(_get(data_config, "prefetch_buffer_size", 2)))
+    # Elements here are whole batches; one thread per worker process keeps memory at
+    # `buffer` batches per process, and in-process mode uses the two-thread default
+    # because NumPy's gathers and arithmetic release the GIL.
+    threads = int(_get(data_config, "read_threads", 1 if workers else 2))
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
+    if workers:
+        _allow_unparsed_absl_flags()
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
+    return iterable
+
+
+def train_dataset(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int | None = None,
+) -> grain.IterDataset:
+    """The training pipeline of this process (see module docstring); infinite."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of process_count {process_count}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    options = ViewOptions.from_config(data_config)
+    source = open_split(data_config.dir, _get(data_config, "train_split", "train"))
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds.map_with_index(TrainExample(options, seed))
+    ds = ds.slice(slice(process_index, None, process_count))
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    return _to_iterable(ds, data_config, worker_count)
+
+
+def train_iterator(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Iterator of this process's training batches (NumPy dicts, see the batch contract).
+
+    ``process_index``/``process_count`` default to one process; the trainer passes
+    ``jax.process_index()``/``jax.process_count()``.
+    """
+    return iter(train_dataset(
+        data_config, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+        process_count=process_count, worker_count=worker_count))
+
+
+def eval_dataset(
+    data_config: Any,
+    split: str,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int | None = None,
+) -> grain.IterDataset:
+    """Finite, deterministic evaluation batches of ``batch_size`` for this process."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    view_size = tuple(_get(data_config, "view_size", ViewOptions().view_size))
+    source = open_split(data_config.dir, split)
+    to_example = EvalExample(view_size)
+    ds = grain.MapDataset.source(source).map(to_example)
+    per_step = batch_size * process_count
+    padding = math.ceil(len(source) / per_step) * per_step - len(source)
+    if padding:
+        template = to_example.map(source[0])
+        pad = grain.MapDataset.range(padding).map(PaddingExample(template))
+        ds = grain.MapDataset.concatenate([ds, pad])
+    ds = ds.slice(slice(process_index, None, process_count))
+    ds = ds.batch(batch_size, drop_remainder=False)
+    return _to_iterable(ds, data_config, worker_count)
+
+
+def eval_iterator(
+    data_config: Any,
+    split: str,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Iterator over every record of ``split`` once; ``batch['valid']`` marks real rows."""
+    return iter(eval_dataset(
+        data_config, split, batch_size, process_index=process_index, process_count=process_count,
+        worker_count=worker_count))
