@@ -1,0 +1,215 @@
+"""Building blocks shared by the image and text encoders (and the TMA head).
+
+Every parameter is created through :func:`param`, which attaches *logical* axis names
+(``'embed'``, ``'mlp'``, ``'heads'``, ``'kv'``, ``'patch'``, ``'vocab'``, ...) to the
+``nnx.Param`` as ``out_sharding`` metadata -- the same metadata ``nnx.with_partitioning``
+writes -- so a rules table in the config can map them to mesh axes ('data', 'fsdp',
+'tensor') without the models knowing about meshes.
+
+Weights are stored in ``param_dtype`` (float32 by default) and cast to the compute ``dtype``
+(float32 on CPU, bfloat16 on GPU/TPU) at use; softmax and LayerNorm statistics are always
+computed in float32, because bfloat16 reductions over long token rows lose too much.
+
+Kernels are laid out ``[inputs..., outputs...]`` with the attention projections split by
+head (``[embed, heads, kv]`` / ``[heads, kv, embed]``) so that a tensor-parallel rule on
+'heads' shards attention without reshapes, and so that PyTorch checkpoints (BERT, MONAI)
+map onto them by a transpose and a reshape (see :mod:`t3d_jax.models.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+# Named rematerialisation policies (config key ``remat``).  'full' and 'nothing_saveable'
+# both recompute everything inside a block in the backward pass; the dots_* policies keep
+# matmul outputs and recompute the cheap element-wise work.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str | None) -> tuple[bool, Callable | None]:
+    """Looks up a rematerialisation policy by config name.
+
+    Returns ``(enabled, policy)``: ``enabled`` is False for ``'none'``/``''``/None (no
+    checkpointing), else ``policy`` is the ``jax.checkpoint_policies`` function to hand to
+    ``nnx.remat`` (None = save nothing).
+    """
+    if name is None or name in ("none", ""):
+        return False, None
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}")
+    return True, REMAT_POLICIES[name]
+
+
+def maybe_remat(fn: Callable, name: str | None, static_argnums: tuple[int, ...] = ()) -> Callable:
+    """Wraps ``fn(module, *args)`` in ``nnx.remat`` with the named policy (identity for 'none')."""
+    enabled, policy = remat_policy(name)
+    if not enabled:
+        return fn
+    return nnx.remat(fn, policy=policy, static_argnums=static_argnums)
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    """Accepts a dtype or its config name ('float32', 'bfloat16')."""
+    return jnp.dtype(dtype)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
+          param_dtype=jnp.float32) -> nnx.Param:
+    """Creates an ``nnx.Param`` with logical axis names (one per dimension) as sharding metadata."""
+    shape = tuple(int(s) for s in shape)
+    names = tuple(names)
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {names} do not match parameter shape {shape}")
+    # eager_sharding=False: building a module never needs a mesh; the trainer turns the
+    # logical names into shardings (nnx.get_partition_spec + the config's rules table).
+    return nnx.Param(init(rngs.params(), shape, as_dtype(param_dtype)), out_sharding=names, eager_sharding=False)
+
+
+def logical_names(module: nnx.Module) -> dict[tuple, tuple]:
+    """Maps each parameter path of ``module`` to its logical axis names (None if missing)."""
+    out = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            out[tuple(path)] = node.get_metadata().get("out_sharding")
+    return out
+
+
+class Dense(nnx.Module):
+    """A matmul over the trailing ``len(in_shape)`` input axes, with optional bias.
+
+    Kernel shape ``in_shape + out_shape`` with logical names ``in_names + out_names``; e.g.
+    a query projection is ``Dense((d,), (heads, head_dim), ('embed',), ('heads', 'kv'))``.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_names: Sequence[str | None],
+                 out_names: Sequence[str | None], *, use_bias: bool = True,
+                 kernel_init: Initializer = nnx.initializers.lecun_normal(),
+                 bias_init: Initializer = nnx.initializers.zeros_init(),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        self.dtype = as_dtype(dtype)
+        self.kernel = param(rngs, _fan_aware(kernel_init, len(self.in_shape)), self.in_shape + self.out_shape,
+                            tuple(in_names) + tuple(out_names), param_dtype)
+        self.bias = (param(rngs, bias_init, self.out_shape, tuple(out_names), param_dtype)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        if x.shape[x.ndim - n_in:] != self.in_shape:
+            raise ValueError(f"Dense expects trailing input shape {self.in_shape}, got {x.shape}")
+        kernel = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def _fan_aware(init: Initializer, n_in: int) -> Initializer:
+    """Makes variance-scaling initialisers see the flattened fan-in/fan-out of a general kernel.
+
+    ``jax.nn.initializers`` treat the last axis as fan-out and the one before as fan-in; a
+    ``[embed, heads, kv]`` kernel would otherwise get fan-in = heads.  We initialise the
+    equivalent 2-D matrix and reshape, which is what a PyTorch ``nn.Linear`` of the same
+    layout would do.
+    """
+    def wrapped(key, shape, dtype=jnp.float32):
+        fan_in = 1
+        for s in shape[:n_in]:
+            fan_in *= s
+        fan_out = 1
+        for s in shape[n_in:]:
+            fan_out *= s
+        return init(key, (fan_in, fan_out), dtype).reshape(shape)
+    return wrapped
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; statistics in float32, output in the compute dtype."""
+
+    def __init__(self, features: int, *, epsilon: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.epsilon = float(epsilon)
+        self.dtype = as_dtype(dtype)
+        self.scale = param(rngs, nnx.initializers.ones_init(), (features,), ("embed",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (features,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head dot-product attention with separate q/k/v projections.
+
+    Self-attention by default; pass ``context`` for cross-attention (keys/values from
+    another sequence whose width may differ: ``kv_features``).  ``mask`` is boolean and
+    broadcastable to ``[B, heads, Lq, Lk]`` -- a key padding mask ``[B, Lk]`` is accepted
+    and expanded.  Masked logits get the dtype's most negative value (as Hugging Face BERT
+    does) so a fully padded row stays finite.
+    """
+
+    def __init__(self, features: int, num_heads: int, *, kv_features: int | None = None, qkv_bias: bool = True,
+                 out_bias: bool = True, kernel_init: Initializer = nnx.initializers.xavier_uniform(),
+                 dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if features % num_heads:
+            raise ValueError(f"width {features} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = features // num_heads
+        kv_features = kv_features or features
+        common = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        hd = (num_heads, self.head_dim)
+        self.query = Dense((features,), hd, ("embed",), ("heads", "kv"), use_bias=qkv_bias, **common)
+        self.key = Dense((kv_features,), hd, ("embed",), ("heads", "kv"), use_bias=qkv_bias, **common)
+        self.value = Dense((kv_features,), hd, ("embed",), ("heads", "kv"), use_bias=qkv_bias, **common)
+        self.out = Dense(hd, (features,), ("heads", "kv"), ("embed",), use_bias=out_bias, **common)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
+        context = x if context is None else context
+        q = self.query(x)  # [B, Lq, H, Dh]
+        k = self.key(context)
+        v = self.value(context)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.head_dim))
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            if mask.ndim == 2:  # key padding mask [B, Lk]
+                mask = mask[:, None, None, :]
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        weights = self.dropout(weights, deterministic=deterministic)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out(y)
+
+
+class Mlp(nnx.Module):
+    """Two-layer feed-forward block, GELU (exact erf, as PyTorch/Hugging Face 'gelu') by default."""
+
+    def __init__(self, features: int, hidden: int, *, approximate_gelu: bool = False,
+                 kernel_init: Initializer = nnx.initializers.xavier_uniform(), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        common = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.approximate_gelu = approximate_gelu
+        self.fc1 = Dense((features,), (hidden,), ("embed",), ("mlp",), **common)
+        self.fc2 = Dense((hidden,), (features,), ("mlp",), ("embed",), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
