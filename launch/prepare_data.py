@@ -1,0 +1,82 @@
+r"""Manifest (CSV/JSONL) of CT volumes + reports -> ArrayRecord shards for training.
+
+  python launch/prepare_data.py --manifest data/manifest.csv --out data/prepared --preset demo
+  python launch/prepare_data.py --manifest M --out DIR --config=configs/t3d.py:base \
+      [--vocab vocab.txt] [--lowercase | --cased] [--max-len 128] [--workers 8] [--shard-size 64]
+
+Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len;
+``config.data.label_names`` selects and orders the label columns). Without --config the
+defaults of ``configs/t3d.py:demo`` apply. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the tokenizer's TensorFlow stays off GPUs
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def load_config(spec: str):
+    """``path/to/config.py[:variant]`` -> the file's ``get_config(variant)``."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_t3d_config", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--config: {path}: config file not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="CSV or JSONL: id, volume, report[, split, labels...]")
+    parser.add_argument("--out", required=True, help="output folder (shards, dataset.json, errors.jsonl)")
+    parser.add_argument("--config", default=None, help="configs/t3d.py:VARIANT (default: configs/t3d.py:demo)")
+    parser.add_argument("--preset", default=None, help="demo | ct_clip | merlin | fvlm | hlip | m3d")
+    parser.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: bundled bert-base-uncased)")
+    case = parser.add_mutually_exclusive_group()
+    case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None)
+    case.add_argument("--cased", dest="lowercase", action="store_false")
+    parser.add_argument("--max-len", type=int, default=None, help="token ids per report")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (0 = in process)")
+    parser.add_argument("--shard-size", type=int, default=64, help="records per shard")
+    parser.add_argument("--label-names", default=None,
+                        help="comma-separated label columns to keep, in order (default: config, else all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    explicit_config = args.config is not None
+    config = load_config(args.config or str(REPO / "configs" / "t3d.py") + ":demo")
+    pre = config.preprocess
+    preset = args.preset or pre.preset
+    vocab = args.vocab if args.vocab is not None else (pre.vocab or None)
+    lowercase = pre.lowercase if args.lowercase is None else args.lowercase
+    max_len = args.max_len or pre.max_len
+    if args.label_names is not None:
+        label_names = [n.strip() for n in args.label_names.split(",") if n.strip()]
+    elif explicit_config and "label_names" in config.data:
+        label_names = list(config.data.label_names)
+    else:
+        label_names = None
+
+    from t3d_jax.data.prepare import prepare_dataset
+
+    result = prepare_dataset(args.manifest, args.out, preset=preset, vocab=vocab, lowercase=lowercase,
+                             max_len=max_len, workers=args.workers, shard_size=args.shard_size,
+                             label_names=label_names, progress=not args.no_progress)
+    if result.rejected:
+        print(f"rejected inputs and reasons: {pathlib.Path(args.out) / 'errors.jsonl'}", file=sys.stderr)
+    print(result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

