@@ -148,9 +148,16 @@ def _load_nifti(path: pathlib.Path) -> Volume:
         raise VolumeError(f"{path}: {type(img).__name__} is not a NIfTI image")
     shape = tuple(int(n) for n in img.shape)
     _check_shape(shape, path)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    if not all(math.isfinite(z) and z > 0 for z in zooms):
-        raise VolumeError(f"{path}: voxel spacing {zooms} in the header is not positive and finite")
+    # nibabel silently "fixes" zero/negative pixdim to 1/abs on load; judge the header as written.
+    try:
+        with nib.openers.ImageOpener(str(path)) as f:
+            raw_header = img.header_class.from_fileobj(f, check=False)
+    except Exception as err:
+        raise VolumeError(f"{path}: NIfTI header cannot be read ({type(err).__name__}: {err})") from err
+    pixdim = tuple(float(z) for z in raw_header["pixdim"][1:4])
+    uses_pixdim = int(raw_header["sform_code"]) == 0  # else the affine comes from the sform
+    if not all(math.isfinite(z) for z in pixdim) or (uses_pixdim and not all(z > 0 for z in pixdim)):
+        raise VolumeError(f"{path}: voxel spacing (pixdim) {pixdim} in the header is zero, negative or NaN")
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except Exception as err:  # truncated gzip, short file, bad zlib stream, ...
