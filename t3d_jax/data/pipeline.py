@@ -40,10 +40,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from t3d_jax.data import shards
 from t3d_jax.data.records import decode_record
 from t3d_jax.data.views import ViewOptions, eval_view, make_views
 
-DATASET_JSON = "dataset.json"
+DATASET_JSON = shards.DATASET_JSON
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,10 +55,8 @@ DATASET_JSON = "dataset.json"
 def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks ``DIR/dataset.json`` (splits, shards, label names, tokenizer)."""
     path = pathlib.Path(data_dir) / DATASET_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no dataset.json; run launch/prepare_data.py to create {data_dir}")
     try:
-        info = json.loads(path.read_text())
+        info = shards.read_dataset_json(data_dir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     splits = info.get("splits") if isinstance(info, dict) else None
@@ -69,26 +68,21 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def open_split(data_dir: str | os.PathLike, split: str) -> grain.sources.ArrayRecordDataSource:
-    """Random-access source over a split's shards, checked against dataset.json."""
-    data_dir = pathlib.Path(data_dir)
+def open_split(data_dir: str | os.PathLike, split: str):
+    """Random-access source over a split's shards (:func:`t3d_jax.data.shards.open_split`),
+    checked against the record count in dataset.json."""
     info = read_dataset_info(data_dir)
-    if split not in info["splits"]:
-        raise KeyError(f"{data_dir / DATASET_JSON}: no split {split!r}; splits: {sorted(info['splits'])}")
-    entry = info["splits"][split]
-    paths = [data_dir / name for name in entry["shards"]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{data_dir / DATASET_JSON}: split {split!r} names missing shards {missing}")
-    if not paths:
-        raise ValueError(f"{data_dir / DATASET_JSON}: split {split!r} has no shards")
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-    if len(source) != int(entry["num_records"]):
+    path = pathlib.Path(data_dir) / DATASET_JSON
+    if split in info["splits"] and not info["splits"][split]["shards"]:
+        raise ValueError(f"{path}: split {split!r} has no shards")
+    source = shards.open_split(data_dir, split)  # names missing splits and shards
+    expected = int(info["splits"][split]["num_records"])
+    if len(source) != expected:
         raise ValueError(
             f"{data_dir}: split {split!r} shards hold {len(source)} records but dataset.json "
-            f"says num_records={entry['num_records']}")
-    if len(source) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no records")
+            f"says num_records={expected}")
+    if expected == 0:
+        raise ValueError(f"{path}: split {split!r} has no records")
     return source
 
 
