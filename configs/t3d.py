@@ -6,7 +6,15 @@ Launch (variants: tiny | demo | small | base):
   python launch/train.py --config=configs/t3d.py:base --workdir gs://BUCKET/t3d_base \
       --config.data.dir=/data/ct_rate_prepared
 
-Every hyperparameter of the method is a key here; docs/method.md names them.
+  tiny  -- the tests: a few-thousand-parameter model, seconds on CPU (set data.dir).
+  demo  -- this 2-core CPU: the synthetic demo data (demo_out/prepared, made by
+           launch/demo.sh), a small model, a few minutes.
+  small -- one GPU: ViT-S/BERT-mini scale, bfloat16 compute.
+  base  -- paper scale: ViT-B 3D encoder, BERT-base text encoder, ct_clip-style data,
+           two views, global batch 256, FSDP over all devices, bfloat16 compute.
+
+Any key can be overridden: --config.optim.lr=3e-4 --config.train.num_steps=20000.
+Every hyperparameter of the method is a key here; docs/method.md and docs/training.md name them.
 """
 
 import ml_collections
@@ -82,4 +90,143 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.loss.logit_scale_init = 2.659260036932778  # log(1/0.07)
     c.loss.logit_scale_max = 100.0
 
+    # --- Training loop (t3d_jax/train/loop.py) -------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 16  # examples per optimizer step, over all processes
+    c.train.num_steps = 10_000
+    c.train.log_every = 10  # steps between metric writes (TensorBoard + metrics.jsonl)
+    c.train.seed = c.get_ref("seed")  # model init and data order
+    c.train.max_bad_steps = 5  # consecutive non-finite steps before training stops
+    c.train.grad_accum_steps = 1  # micro-batches per optimizer step (scan inside the step)
+    c.train.progress_bar = True
+
+    # --- Optimizer (t3d_jax/train/optim.py) ----------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4  # peak learning rate
+    c.optim.schedule = "warmup_cosine"  # warmup_cosine | warmup_constant | constant
+    c.optim.warmup_steps = 500
+    c.optim.end_lr_factor = 0.0  # cosine ends at lr * end_lr_factor
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    # Learning-rate multiplier per tower: key = prefix of the top-level submodule name
+    # (longest match wins); 0 freezes the tower.
+    c.optim.lr_multipliers = ml_collections.ConfigDict(
+        {"image": 1.0, "text": 1.0, "tma": 1.0, "logit": 1.0})
+    c.optim.freeze = ()  # regexes on parameter paths, e.g. r"^text_encoder/embeddings/"
+    c.optim.no_decay = ("pos_embed", "position_embeddings", "prototypes")  # + every 0/1-D param
+
+    # --- Device mesh and sharding (t3d_jax/train/mesh.py) --------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1)  # -1 takes the remaining devices
+    c.mesh.axes = ("data", "fsdp")  # or ("data", "fsdp", "tensor")
+    # Logical axis -> mesh axes. Axes missing from the mesh are ignored, so these rules
+    # serve every mesh; a dim the mesh axes do not divide stays unsplit.
+    c.sharding_rules = ml_collections.ConfigDict({
+        "batch": ("data", "fsdp"),
+        "embed": ("fsdp",),
+        "mlp": ("tensor",),
+        "heads": ("tensor",),
+        "vocab": ("tensor",),
+        "joint": ("fsdp",),
+        "kv": (),
+        "patch": (),
+        "prototypes": (),
+    })
+
+    # --- Checkpoints (t3d_jax/train/checkpoint.py) ---------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3  # keep the last N
+    c.checkpoint.async_save = True
+    c.checkpoint.dir = ""  # "" = WORKDIR/checkpoints
+
+    # --- Initialisation from pretrained weights (applied only when not resuming) -----------
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.hf_bert_dir = ""  # local Hugging Face BERT directory -> text encoder
+    c.init_from.monai_vit = ""  # MONAI ViT state dict (.pt/.pth/.safetensors) -> image encoder
+    c.init_from.checkpoint = ""  # another run's checkpoint folder (WORKDIR/checkpoints) -> params
+    c.init_from.checkpoint_step = -1  # -1 = latest
+
+    # --- Metrics ---------------------------------------------------------------------------
+    c.metrics = ml_collections.ConfigDict()
+    # Peak FLOP/s per device for MFU; 0 = measure a float32 matmul on this host at start.
+    c.metrics.peak_flops_per_device = 0.0
+    c.metrics.tensorboard = True
+
+    # --- Periodic evaluation (t3d_jax/train/hooks.py registry) ---------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the end (if evaluators are named)
+    c.eval.evaluators = ()  # registered names, e.g. ("zeroshot", "retrieval")
+    c.eval.batch_size = 8
+
+    # --- Debug knobs (tests) ----------------------------------------------------------------
+    c.debug = ml_collections.ConfigDict()
+    c.debug.nan_at_steps = ()  # steps whose batch is replaced by NaN (tests the NaN guard)
+
+    _apply_variant(c, variant)
     return c
+
+
+def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+    """Sizes of each variant; everything else is the T3D recipe above."""
+    if variant == "tiny":  # tests: seconds on CPU
+        c.data.view_size = (16, 16, 16)
+        c.data.worker_count = 0
+        c.model.embed_dim = 32
+        c.model.image.patch_size = (8, 8, 8)
+        c.model.text.max_len = 128
+        c.model.tma.num_prototypes = 8
+        c.train.global_batch_size = 8
+        c.train.num_steps = 8
+        c.train.log_every = 1
+        c.train.progress_bar = False
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 2
+        c.checkpoint.every_steps = 2
+        c.checkpoint.keep = 10
+    elif variant == "demo":  # this 2-core CPU, a few minutes
+        c.data.dir = "demo_out/prepared"
+        c.data.view_size = (32, 32, 32)
+        c.data.worker_count = 0
+        c.model.embed_dim = 128
+        c.model.tma.num_prototypes = 16
+        c.train.global_batch_size = 16
+        c.train.num_steps = 300
+        c.train.log_every = 10
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 30
+        c.optim.weight_decay = 0.01
+        c.checkpoint.every_steps = 100
+    elif variant == "small":  # one GPU
+        c.data.view_size = (96, 96, 64)
+        c.model.dtype = "bfloat16"
+        c.model.embed_dim = 256
+        c.model.image.size = "small"
+        c.model.image.patch_size = (16, 16, 8)
+        c.model.text.size = "mini"
+        c.train.global_batch_size = 64
+        c.train.num_steps = 20_000
+        c.train.log_every = 50
+        c.optim.lr_multipliers.text = 0.1
+    elif variant == "base":  # paper scale, GPU nodes / TPU pods
+        c.preprocess.preset = "ct_clip"
+        c.data.view_size = (160, 160, 96)
+        c.data.worker_count = 8
+        c.model.dtype = "bfloat16"
+        c.model.embed_dim = 512
+        c.model.image.size = "base"
+        c.model.image.patch_size = (16, 16, 8)
+        c.model.image.remat = "full"
+        c.model.text.size = "base"
+        c.model.tma.num_prototypes = 64
+        c.train.global_batch_size = 256
+        c.train.num_steps = 50_000
+        c.train.log_every = 100
+        c.optim.lr = 1e-4
+        c.optim.warmup_steps = 2000
+        c.optim.lr_multipliers.text = 0.1
+        c.loss.chunked = True
+        c.checkpoint.every_steps = 2000

@@ -101,3 +101,52 @@ def minilm_dir() -> pathlib.Path:
 def bert_vocab(minilm_dir) -> pathlib.Path:
     """The real bert-base-uncased WordPiece vocab.txt (30,522 tokens)."""
     return minilm_dir / "vocab.txt"
+
+
+# --- Trainer tests (issue 4): a tiny prepared dataset, written directly as ArrayRecord shards ---
+
+def write_tiny_prepared(root: pathlib.Path, num_train: int = 24, num_valid: int = 8,
+                        shape=(24, 24, 24), max_len: int = 16, seed: int = 0) -> pathlib.Path:
+    """A prepared-dataset folder (dataset.json + shards, the prepare_data.py layout) whose
+    'reports' name a bright blob's octant, so image and text are learnably related."""
+    import json
+
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from t3d_jax.data.labels import CT_RATE_LABELS
+    from t3d_jax.data.records import encode_record
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    info = {"preset": {"name": "tiny-test", "size": list(shape)}, "label_names": list(CT_RATE_LABELS),
+            "tokenizer": {"max_len": max_len, "vocab_size": 30522, "lowercase": True}, "splits": {}}
+    for split, n in (("train", num_train), ("valid", num_valid)):
+        name = f"{split}-00000-of-00001.array_record"
+        writer = ArrayRecordWriter(str(root / name), "group_size:1")
+        for k in range(n):
+            octant = rng.integers(0, 8)
+            vol = rng.normal(-600, 100, shape)
+            sl = tuple(slice((octant >> a & 1) * s // 2, (octant >> a & 1) * s // 2 + s // 2)
+                       for a, s in enumerate(shape))
+            vol[sl] += 900
+            ids = np.zeros(max_len, np.int32)
+            ids[:4] = (101, 2000 + int(octant), 3000 + k % 5, 102)
+            labels = np.zeros(len(CT_RATE_LABELS), np.float32)
+            labels[octant] = 1
+            writer.write(encode_record({
+                "volume": vol.astype(np.int16), "intensity_scale": np.float32(1 / 1000),
+                "intensity_offset": np.float32(0.0), "spacing": np.ones(3, np.float32),
+                "input_ids": ids, "attention_mask": (ids > 0).astype(np.int32), "labels": labels,
+                "id": f"{split}-{k}", "split": split, "report": f"blob in octant {octant}",
+                "source_spacing": np.ones(3, np.float32), "source_shape": np.array(shape, np.int32),
+                "source_orientation": "RAS"}))
+        writer.close()
+        info["splits"][split] = {"num_records": n, "shards": [name]}
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared_dir(tmp_path_factory) -> pathlib.Path:
+    return write_tiny_prepared(tmp_path_factory.mktemp("tiny_prepared"))

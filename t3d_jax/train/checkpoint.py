@@ -1,0 +1,173 @@
+"""Checkpoints: orbax CheckpointManager holding the train state and the Grain iterator.
+
+One checkpoint (a step folder under WORKDIR/checkpoints) holds two items:
+
+    state  the whole train-state dict (params, optimizer state, step, model RNG streams,
+           NaN-guard counters), saved asynchronously by orbax's StandardCheckpointHandler;
+    data   the Grain iterator position, one JSON per process (grain's handler).
+
+Why it is safe to kill training at any moment:
+* orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it when every process has
+  finished (commit marker on object stores), so a half-written step is never listed;
+* `restore_latest` additionally falls back to the previous step when a listed step cannot be
+  read (e.g. files deleted or truncated), logging why, instead of dying or restoring garbage;
+* restoring reads into *abstract sharded targets* (the shapes and shardings of the current
+  program), so a run saved on one mesh resumes on another (orbax reshards on read).
+
+PRNG key arrays (nnx's RNG streams) are stored as their raw uint32 key data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+STATE, DATA = "state", "data"
+
+
+# -- typed PRNG keys <-> raw key data (orbax stores plain arrays) --------------------------------
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_storable(tree):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def abstract_storable(abstract_tree):
+    """The abstract tree orbax restores into: key arrays become their uint32 key data."""
+    def one(a):
+        if not _is_key(a):
+            return a
+        data = jax.eval_shape(jax.random.key_data, a)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=a.sharding)
+    return jax.tree.map(one, abstract_tree)
+
+
+def from_storable(tree, abstract_tree):
+    def one(x, a):
+        if not _is_key(a):
+            return x
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(a))
+    return jax.tree.map(one, tree, abstract_tree)
+
+
+# -- the manager ------------------------------------------------------------------------------------
+
+def make_manager(directory: str | os.PathLike, checkpoint_config) -> ocp.CheckpointManager:
+    import grain  # noqa: F401  (registers grain.checkpoint args with orbax)
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(checkpoint_config.keep),
+        save_interval_steps=int(checkpoint_config.every_steps),
+        enable_async_checkpointing=bool(checkpoint_config.async_save),
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        os.fspath(directory), options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
+         force: bool = False) -> bool:
+    """Saves if the manager's interval (or `force`) says so; async for the state item."""
+    import grain
+
+    args = {STATE: ocp.args.StandardSave(to_storable(state))}
+    if data_iterator is not None:
+        args[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
+    """Restores `step` into `abstract_state`'s shapes/shardings (and the iterator in place)."""
+    import grain
+
+    args = {STATE: ocp.args.StandardRestore(abstract_storable(abstract_state))}
+    if data_iterator is not None:
+        args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(int(step), args=ocp.args.Composite(**args))
+    return from_storable(restored[STATE], abstract_state)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
+    """(state, step) of the newest readable checkpoint, or (None, None) when there is none.
+
+    A listed step that fails to read is reported and skipped; the previous one is used.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = restore(manager, step, abstract_state, data_iterator)
+        except Exception as e:  # unreadable/incomplete step: fall back, say why
+            log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous",
+                        step, manager.directory, type(e).__name__, str(e)[:300])
+            continue
+        return state, step
+    return None, None
+
+
+def restore_params(directory: str | os.PathLike, abstract_state, step: int = -1):
+    """Only the params of another run's checkpoint (config.init_from.checkpoint)."""
+    with ocp.CheckpointManager(os.fspath(directory),
+                               item_handlers={STATE: ocp.StandardCheckpointHandler()}) as mngr:
+        steps = sorted(mngr.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"init_from.checkpoint={directory}: no finalized checkpoint there")
+        step = steps[-1] if step is None or step < 0 else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"init_from.checkpoint={directory}: no step {step}; have {steps}")
+        metadata = mngr.item_metadata(step)[STATE]
+        target = abstract_storable(abstract_state)
+        # Restore only the params subtree; the other items of the saved state are skipped.
+        saved_keys = set(metadata.keys()) if hasattr(metadata, "keys") else {"params"}
+        if "params" not in saved_keys:
+            raise ValueError(f"init_from.checkpoint={directory} step {step}: no 'params' in the state")
+        partial = {"params": target["params"]}
+        restored = mngr.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(
+                item=partial,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
+                partial_restore=True)}))
+        return from_storable(restored[STATE]["params"], abstract_state["params"]), step
+
+
+# -- preemption ---------------------------------------------------------------------------------------
+
+class PreemptionWatcher:
+    """True once the job is asked to stop (SIGTERM), at the same step on every process.
+
+    One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption service
+    (started by jax.distributed.initialize) agrees on a sync step through orbax's
+    `reached_preemption`, so every host saves the same step.
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self._flag = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
+        self._flag.set()
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(int(step))
+        return self._flag.is_set()
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,0 +1,230 @@
+"""`train_and_evaluate(config, workdir)`: the pretraining loop, top to bottom.
+
+Every process of a multi-host job runs this same function. Read it in its banner sections:
+set-up, data, program, state (resume / init), the loop, the end. The mechanics live in
+the sibling modules: mesh.py (sharding rules), step.py (the jitted step), optim.py,
+checkpoint.py, metrics.py, hooks.py (evaluators).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from t3d_jax.train import checkpoint as ckpt_lib
+from t3d_jax.train import hooks
+from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.train import metrics as metrics_lib
+from t3d_jax.train import optim as optim_lib
+from t3d_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after `train.max_bad_steps` consecutive steps with non-finite loss/gradients."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # optimizer steps done
+    history: list[dict[str, float]]  # logged metrics (this process's view)
+    state: Any  # final train state (sharded arrays)
+    program: step_lib.TrainProgram
+    preempted: bool = False
+
+
+def check_data_config(config) -> pathlib.Path:
+    """The prepared dataset folder, or an error saying how to get one."""
+    data_dir = config.data.dir
+    if not data_dir:
+        raise ValueError(
+            "config.data.dir is empty: point it at a dataset prepared by launch/prepare_data.py, "
+            "e.g. --config.data.dir=/data/ct_rate_prepared, or run the synthetic demo with "
+            "--config=configs/t3d.py:demo (after `make demo` or launch/demo.sh has prepared "
+            "demo_out/prepared)")
+    path = pathlib.Path(data_dir)
+    if not (path / "dataset.json").is_file():
+        hint = (" (the :demo config expects launch/demo.sh to have run: `make demo`)"
+                if config.get("variant") == "demo" else "")
+        raise FileNotFoundError(
+            f"config.data.dir={data_dir}: no dataset.json there; prepare the data with "
+            f"launch/prepare_data.py --out {data_dir} ...{hint}")
+    return path
+
+
+def sync_config_with_data(config) -> ml_collections.ConfigDict:
+    """Batch shapes the data actually has (token length, label names) win over the config."""
+    from t3d_jax.data.pipeline import read_dataset_info
+
+    info = read_dataset_info(config.data.dir)
+    config = ml_collections.ConfigDict(config.to_dict())  # a private copy, unlocked
+    max_len = (info.get("tokenizer") or {}).get("max_len")
+    if max_len and int(max_len) != int(config.preprocess.max_len):
+        log.info("data %s has token length %s; using it (config said %s)",
+                 config.data.dir, max_len, config.preprocess.max_len)
+        config.preprocess.max_len = int(max_len)
+    if int(config.preprocess.max_len) > int(config.model.text.max_len):
+        raise ValueError(f"{config.data.dir}: reports are tokenized to {config.preprocess.max_len} "
+                         f"tokens but config.model.text.max_len={config.model.text.max_len}")
+    names = info.get("label_names")
+    if names:
+        config.data.label_names = tuple(names)
+    return config
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *,
+                       model_factory: step_lib.ModelFactory | None = None) -> TrainResult:
+    # ======================================================================================
+    # Set-up: workdir, mesh
+    # ======================================================================================
+    workdir = pathlib.Path(workdir)
+    check_data_config(config)
+    config = sync_config_with_data(config)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    peak = float(config.metrics.peak_flops_per_device)
+    if peak <= 0:  # measured before the mesh is set: a single-device matmul
+        # All devices of a CPU host share its cores, so the host's measured matmul rate
+        # is split over the local devices.
+        peak = metrics_lib.measure_peak_flops() / (
+            jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1)
+        log.info("MFU peak: measured float32 matmul %.3g GFLOP/s per device", peak / 1e9)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    jax.set_mesh(mesh)
+    log.info("mesh %s over %d devices in %d process(es)", mesh_lib.describe(mesh),
+             jax.device_count(), jax.process_count())
+    num_steps = int(config.train.num_steps)
+    gbs = int(config.train.global_batch_size)
+
+    # ======================================================================================
+    # Data: this process's slice of every global batch
+    # ======================================================================================
+    from t3d_jax.data.pipeline import train_iterator
+
+    data_iter = train_iterator(config.data, global_batch_size=gbs, seed=int(config.train.seed),
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+
+    # ======================================================================================
+    # Program: sharded state + jitted step, compiled once up front
+    # ======================================================================================
+    program = step_lib.make_train_program(config, mesh, model_factory)
+    t0 = time.perf_counter()
+    compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
+    flops = step_lib.flops_per_step(compiled)
+    total, trainable = optim_lib.count_params(program.abstract_state["params"], program.frozen_mask)
+    log.info("compiled the train step in %.1fs; %s parameters (%s trainable); %.3g GFLOP/step/device",
+             time.perf_counter() - t0, f"{total:,}", f"{trainable:,}", flops / 1e9)
+    log.info("%s", metrics_lib.describe_memory(compiled))
+
+    # ======================================================================================
+    # State: resume from WORKDIR, else initialise (optionally from pretrained weights)
+    # ======================================================================================
+    ckpt_dir = pathlib.Path(config.checkpoint.dir or workdir / "checkpoints").absolute()
+    manager = ckpt_lib.make_manager(ckpt_dir, config.checkpoint)
+    state, start = ckpt_lib.restore_latest(manager, program.abstract_state, data_iter)
+    if state is not None:
+        log.info("resumed from %s step %d", ckpt_dir, start)
+    else:
+        start = 0
+        state = program.init()
+        state = init_from_pretrained(config, program, state)
+    start = int(start)
+    watcher = ckpt_lib.PreemptionWatcher(manager)
+    logger = metrics_lib.MetricLogger(
+        workdir, total_steps=num_steps, start_step=start, log_every=int(config.train.log_every),
+        global_batch_size=gbs, flops_per_step_per_device=flops, peak_flops_per_device=peak,
+        num_devices=jax.device_count(), tensorboard=bool(config.metrics.tensorboard),
+        progress_bar=bool(config.train.progress_bar) and is_main)
+    max_bad = int(config.train.max_bad_steps)
+    nan_steps = {int(s) for s in (config.debug.nan_at_steps or ())}
+    eval_every = int(config.eval.every_steps)
+    evaluators = tuple(config.eval.evaluators or ())
+    preempted = False
+
+    # ======================================================================================
+    # The loop
+    # ======================================================================================
+    step = start
+    try:
+        while step < num_steps:
+            local = next(data_iter)
+            if step + 1 in nan_steps:  # debug knob: poison this step's batch
+                local = dict(local, views=np.full_like(local["views"], np.nan))
+            batch = step_lib.global_batch(local, program.batch_shardings)
+            state, metrics = compiled(state, batch)
+            step += 1
+            previous = logger.push(step, metrics)  # reads the *previous* step's metrics
+            _check_bad_steps(previous, max_bad, manager, ckpt_dir)
+
+            if step % int(config.checkpoint.every_steps) == 0 or step == num_steps:
+                _save_unless_bad(manager, step, state, data_iter)
+            if watcher.reached(step):
+                log.warning("preempted: saving step %d and stopping", step)
+                _save_unless_bad(manager, step, state, data_iter)
+                preempted = True
+                break
+            if evaluators and ((eval_every and step % eval_every == 0) or step == num_steps):
+                ctx = hooks.EvalContext(model=program.model(state), config=config, step=step,
+                                        workdir=os.fspath(workdir), mesh=mesh)
+                logger.write_scalars(step, hooks.run_evaluators(evaluators, ctx))
+        _check_bad_steps(logger.flush(), max_bad, manager, ckpt_dir)
+
+    # ======================================================================================
+    # The end: wait for checkpoints, close writers
+    # ======================================================================================
+    finally:
+        manager.wait_until_finished()
+        logger.close()
+        watcher.close()
+        manager.close()
+    return TrainResult(step=step, history=logger.history, state=state, program=program,
+                       preempted=preempted)
+
+
+def _check_bad_steps(values: dict[str, float] | None, max_bad: int, manager, ckpt_dir) -> None:
+    if not values or max_bad <= 0 or values.get("bad_steps", 0) < max_bad:
+        return
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    raise NonFiniteTrainingError(
+        f"training stopped: {int(values['bad_steps'])} consecutive steps had a non-finite loss or "
+        f"gradient (train.max_bad_steps={max_bad}); those steps were skipped and the parameters "
+        f"are unchanged. The last good checkpoint is "
+        f"{'step ' + str(last) + ' in ' + str(ckpt_dir) if last is not None else 'none (no save yet)'}. "
+        f"Check the data for NaNs, lower optim.lr, or raise optim.warmup_steps.")
+
+
+def _save_unless_bad(manager, step: int, state, data_iter) -> None:
+    """Saves unless the newest steps were skipped as non-finite (never checkpoint a run that
+    is diverging; the previous checkpoint stays the newest)."""
+    if int(jax.device_get(state["bad_steps"])) > 0:
+        log.warning("step %d: not checkpointing, the last step was non-finite", step)
+        return
+    ckpt_lib.save(manager, step, state, data_iter, force=True)
+
+
+def init_from_pretrained(config, program: step_lib.TrainProgram, state: dict) -> dict:
+    """Applies config.init_from (another run's params, HF BERT, MONAI ViT) to a fresh state."""
+    init = config.init_from
+    if init.checkpoint:
+        params, step = ckpt_lib.restore_params(init.checkpoint, program.abstract_state,
+                                               int(init.checkpoint_step))
+        log.info("initialised params from %s step %d", init.checkpoint, step)
+        state = dict(state, params=params)
+    if init.hf_bert_dir or init.monai_vit:
+        from t3d_jax.train import pretrained
+        state = pretrained.load_into_state(config, program, state)
+    return state

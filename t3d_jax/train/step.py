@@ -1,0 +1,303 @@
+"""The sharded training program: abstract state, its shardings, and one jitted step.
+
+`make_train_program(config, mesh)` is the single place that decides how training runs on
+devices. It returns a `TrainProgram` whose `step` is one `jax.jit` with explicit
+`in_shardings`/`out_shardings` and the state donated (the current form of a pjit step), so
+
+* the loop calls `program.init()` then `program.step(state, batch)`;
+* `launch/aot_compile.py` calls `program.step.lower(program.abstract_state,
+  program.abstract_batch).compile()` on a mesh of TPU-topology devices, with no data and no
+  parameters in memory.
+
+The train state is a plain dict of arrays (simple to checkpoint, shard and inspect):
+
+    step           int32 []       optimizer steps taken (skipped steps included)
+    params         {path: array}  nnx.Param values (pure dict of the model's state)
+    model_state    {path: array}  every other nnx variable, e.g. the model's RNG streams
+                                  (keys + counters) -- the "RNG" that makes resume exact
+    opt_state      optax state    sharded like the params it mirrors
+    bad_steps      int32 []       consecutive non-finite steps (reset by a good step)
+    skipped_steps  int32 []       total non-finite steps skipped
+
+The step is written functionally: `nnx.merge` the pure dicts into a model, compute
+`model.loss(batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
+model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
+is not finite keeps the old params/opt_state/model_state (`jnp.where` on a scalar flag, no
+host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.train import optim as optim_lib
+
+ModelFactory = Callable[[nnx.Rngs], nnx.Module]
+
+
+def default_model_factory(config) -> ModelFactory:
+    """`t3d_jax.models.build_model(config.model, rngs=...)` (imported lazily)."""
+    def factory(rngs: nnx.Rngs) -> nnx.Module:
+        from t3d_jax.models import build_model
+        return build_model(config.model, rngs=rngs)
+    return factory
+
+
+def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes/dtypes of one global training batch (the data contract), for AOT compilation."""
+    b = int(config.train.global_batch_size)
+    v = int(config.data.num_views)
+    x, y, z = (int(s) for s in config.data.view_size)
+    c = int(config.model.image.get("in_channels", 1))
+    length = int(config.preprocess.max_len)
+    num_labels = len(config.data.label_names)
+    return {
+        "views": jax.ShapeDtypeStruct((b, v, x, y, z, c), jnp.float32),
+        "boxes": jax.ShapeDtypeStruct((b, v, 2, 3), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
+        "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
+        "labels": jax.ShapeDtypeStruct((b, num_labels), jnp.float32),
+    }
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """Everything needed to initialise, run, checkpoint and AOT-compile training."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    init: Callable[[], dict]  # jitted; returns the sharded initial state
+    step: Any  # jitted (state, batch) -> (state, metrics); state donated
+    abstract_state: dict  # ShapeDtypeStructs carrying their shardings
+    state_shardings: dict
+    abstract_batch: dict
+    batch_shardings: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    lr_multipliers: dict[str, float]
+    frozen_mask: dict
+    trace_count: list = dataclasses.field(default_factory=lambda: [0])
+
+    def model(self, state: dict) -> nnx.Module:
+        """An nnx model holding `state`'s params (for evaluation and export)."""
+        return nnx.merge(self.graphdef, nnx.State(state["params"]), nnx.State(state["model_state"]))
+
+    def with_shardings(self, tree_abstract, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            tree_abstract, shardings)
+
+
+def _split_model(model: nnx.Module):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def _build_model(factory: ModelFactory, seed: int) -> nnx.Module:
+    # Eager sharding off: shardings come from our rules table, applied by jit's out_shardings.
+    with nnx.use_eager_sharding(False):
+        return factory(nnx.Rngs(seed))
+
+
+def make_train_program(config, mesh: jax.sharding.Mesh,
+                       model_factory: ModelFactory | None = None) -> TrainProgram:
+    """Builds the sharded init and step for `config` on `mesh` (see module docstring)."""
+    factory = model_factory or default_model_factory(config)
+    seed = int(config.train.seed)
+    rules = config.sharding_rules
+    num_steps = int(config.train.num_steps)
+    accum = int(config.train.grad_accum_steps)
+    dp = mesh_lib.data_parallel_size(mesh, rules)
+    gbs = int(config.train.global_batch_size)
+    if gbs % (accum * dp):
+        raise ValueError(
+            f"config.train.global_batch_size={gbs} must be a multiple of grad_accum_steps "
+            f"({accum}) x the data-parallel devices ({dp}, mesh {mesh_lib.describe(mesh)})")
+
+    # -- Abstract model: structure, logical axis names, shapes (no memory) -----------------
+    # (jax.eval_shape rather than nnx.eval_shape: the latter would resolve logical names
+    # against the ambient mesh itself; the graph and the logical specs are static, so they
+    # are captured at trace time.)
+    static: dict[str, Any] = {}
+
+    def abstract_model():
+        graphdef, params, rest = _split_model(_build_model(factory, seed))
+        static["graphdef"] = graphdef
+        static["param_specs"] = nnx.get_partition_spec(params).to_pure_dict()
+        static["rest_specs"] = nnx.get_partition_spec(rest).to_pure_dict()
+        return params.to_pure_dict(), rest.to_pure_dict()
+
+    abs_params, abs_rest = jax.eval_shape(abstract_model)
+    graphdef, param_specs, rest_specs = static["graphdef"], static["param_specs"], static["rest_specs"]
+
+    tx, schedule, label_mult = optim_lib.make_optimizer(config.optim, abs_params, num_steps)
+    frozen = optim_lib.frozen_mask(abs_params, config.optim)
+
+    def init() -> dict:
+        model = _build_model(factory, seed)
+        _, params, rest = _split_model(model)
+        params = params.to_pure_dict()
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "model_state": rest.to_pure_dict(),
+            "opt_state": tx.init(params),
+            "bad_steps": jnp.zeros((), jnp.int32),
+            "skipped_steps": jnp.zeros((), jnp.int32),
+        }
+
+    abstract_state = jax.eval_shape(init)
+
+    # -- Shardings: params by the rules table; optimizer state mirrors its params -------------
+    replicated = mesh_lib.replicated(mesh)
+    param_shardings = mesh_lib.tree_shardings(abs_params, param_specs, mesh, rules)
+    rest_shardings = mesh_lib.tree_shardings(abs_rest, rest_specs, mesh, rules)
+    opt_shardings = mirror_param_shardings(
+        abstract_state["opt_state"], abs_params, param_shardings, replicated)
+    state_shardings = {
+        "step": replicated, "params": param_shardings, "model_state": rest_shardings,
+        "opt_state": opt_shardings, "bad_steps": replicated, "skipped_steps": replicated,
+    }
+    batch = abstract_batch(config)
+    batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+    micro_sharding = NamedSharding(mesh, P(None, *mesh_lib.batch_sharding(mesh, rules, 1).spec))
+
+    trace_count = [0]
+
+    def loss_fn(params, model_state, microbatch, step):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(model_state))
+        loss, metrics = model.loss(microbatch, step=step, deterministic=False)
+        _, _, rest = _split_model(model)
+        return loss, (metrics, rest.to_pure_dict())
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def compute_grads(state, batch):
+        params, model_state, step = state["params"], state["model_state"], state["step"]
+        if accum == 1:
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, step)
+            return loss, metrics, model_state, grads
+        # [B, ...] -> [A, B/A, ...] taking every A-th example, so each micro-batch keeps the
+        # batch's sharding over the data axes (no cross-device shuffle).
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                micro_sharding), batch)
+
+        def body(carry, mb):
+            grads_sum, loss_sum, metrics_sum, ms = carry
+            (loss, (metrics, ms)), grads = grad_fn(params, ms, mb, step)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)
+            return (add(grads_sum, grads), loss_sum + loss, add(metrics_sum, metrics), ms), None
+
+        zeros_grads = jax.tree.map(jnp.zeros_like, params)
+        metrics_shape = jax.eval_shape(
+            lambda: grad_fn(params, model_state, jax.tree.map(lambda x: x[0], micro), step))[0][1][0]
+        zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+        (grads, loss, metrics, model_state), _ = jax.lax.scan(
+            body, (zeros_grads, jnp.zeros((), jnp.float32), zeros_metrics, model_state), micro)
+        scale = 1.0 / accum
+        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics), model_state,
+                jax.tree.map(lambda g: g * scale, grads))
+
+    def train_step(state, batch):
+        trace_count[0] += 1  # runs at trace time only: counts compilations of the step
+        loss, metrics, model_state, grads = compute_grads(state, batch)
+        grads = optim_lib.zero_frozen(grads, frozen)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep_if_bad(params, state["params"]),
+            "model_state": keep_if_bad(model_state, state["model_state"]),
+            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1).astype(jnp.int32),
+            "skipped_steps": (state["skipped_steps"] + (~ok).astype(jnp.int32)).astype(jnp.int32),
+        }
+        lr = schedule(state["step"])
+        out = dict(metrics)  # the model's loss terms etc., as it names them
+        out.update({
+            "loss": loss, "grad_norm": grad_norm, "lr": lr,
+            "param_norm": optax.global_norm(state["params"]),
+            "skipped": (~ok).astype(jnp.int32),
+            "bad_steps": new_state["bad_steps"], "skipped_steps": new_state["skipped_steps"],
+        })
+        for label, mult in label_mult.items():
+            if label != "default" and mult != 1.0:
+                out[f"lr/{label}"] = lr * mult
+        return new_state, out
+
+    step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    init_jit = jax.jit(init, out_shardings=state_shardings)
+
+    program = TrainProgram(
+        mesh=mesh, graphdef=graphdef, init=init_jit, step=step,
+        abstract_state=None, state_shardings=state_shardings,
+        abstract_batch=None, batch_shardings=batch_shardings, tx=tx, schedule=schedule,
+        lr_multipliers=label_mult, frozen_mask=frozen, trace_count=trace_count)
+    program.abstract_state = program.with_shardings(abstract_state, state_shardings)
+    program.abstract_batch = program.with_shardings(batch, batch_shardings)
+    return program
+
+
+def _key(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def mirror_param_shardings(opt_state, params, param_shardings, default):
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has
+    its shape (Adam's mu/nu, ...) gets that parameter's sharding; the rest (counts) `default`.
+
+    (optax.tree_map_params does this too but trips over multi_transform's MaskedNodes.)
+    """
+    by_path = {}
+    for (path, x), (_, s) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                 jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+        by_path[tuple(_key(k) for k in path)] = (x.shape, s)
+
+    def one(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict) -> dict[str, jax.Array]:
+    """Assembles this process's slice of the batch into global arrays (multi-host safe).
+
+    Only the keys the step consumes are sent; string ids and the like stay on the host.
+    """
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(local_batch[k]))
+            for k, s in batch_shardings.items()}
+
+
+def flops_per_step(compiled) -> float:
+    """FLOPs of one compiled step from XLA's cost analysis (per device for SPMD programs)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return float("nan")
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", math.nan)) if cost else math.nan
