@@ -1,0 +1,356 @@
+"""Import of PyTorch checkpoints: Hugging Face BERT and MONAI's 3D ``ViT``.
+
+API (two layers, so a trainer can load weights into a sub-module of a bigger model):
+
+* ``hf_bert_state(path) -> (BertConfig, state)`` and ``monai_vit_state(sd_or_path, **monai_kwargs)
+  -> (ViT3DConfig, state)`` read a checkpoint and return the converted weights as a *flat
+  state*: ``{path tuple: np.ndarray}`` keyed by our module's parameter paths, e.g.
+  ``('layers', 0, 'attn', 'query', 'kernel')``.
+* ``assign(module, state, *, allow_missing=())`` writes such a state into an existing module
+  (any sub-module of a larger model), checking that every path exists, shapes agree and that
+  no parameter is left unloaded (except paths starting with an ``allow_missing`` prefix);
+  values are cast to each parameter's dtype.  Errors name the offending paths.
+* ``load_hf_bert(path)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` do both
+  and return a ready module, e.g.::
+
+      text = convert.load_hf_bert("/models/BiomedBERT")                  # whole encoder
+      cfg, state = convert.hf_bert_state("/models/BiomedBERT")
+      convert.assign(model.text_encoder, state)                          # into a two-tower model
+
+Safety: ``.bin``/``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)`` --
+never an arbitrary unpickle; ``.safetensors`` needs no torch at all.
+
+Layout notes.  PyTorch ``nn.Linear`` stores ``[out, in]``; our kernels are ``[in..., out...]``
+with attention split by head: q/k/v ``[h, heads, dh]``, output ``[heads, dh, h]``.  MONAI's
+fused ``qkv`` Linear orders its outputs ``(qkv, head, dh)`` (einops ``(qkv l d)``); its
+Conv3d patch kernel ``[d, C, px, py, pz]`` becomes our ``[px, py, pz, C, d]``.  MONAI takes
+channel-first ``[B, C, X, Y, Z]`` volumes, ours are channel-last ``[B, X, Y, Z, C]``; both
+order tokens row-major over (x, y, z), so outputs agree token for token.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t3d_jax.models.bert import BertConfig, BertEncoder
+from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
+
+State = dict[tuple, np.ndarray]
+
+
+# ----------------------------------------------------------------------------- reading files
+def read_torch_weights(path) -> dict[str, np.ndarray]:
+    """Reads ``.safetensors`` or a torch pickle (weights-only) into ``{name: float array}``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused or failed ({e})") from e
+    return _tensors_to_numpy(obj, str(path))
+
+
+def _tensors_to_numpy(obj: Any, where: str) -> dict[str, np.ndarray]:
+    """Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and converts tensors to NumPy."""
+    import torch
+
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "module", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                return _tensors_to_numpy(obj[key], where)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+        elif isinstance(v, np.ndarray):
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- assigning
+def assign(module: nnx.Module, state: Mapping[tuple, Any], *, allow_missing: tuple[tuple, ...] = ()) -> nnx.Module:
+    """Writes a flat state ``{path: array}`` into ``module``'s ``nnx.Param`` leaves, in place."""
+    params = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)}
+    unknown = sorted(set(state) - set(params), key=str)
+    if unknown:
+        raise KeyError(f"checkpoint has weights with no place in {type(module).__name__}: {unknown[:10]}")
+    missing = [p for p in params if p not in state and not any(p[:len(a)] == tuple(a) for a in allow_missing)]
+    if missing:
+        raise KeyError(f"checkpoint lacks weights for {type(module).__name__} parameters: {sorted(missing, key=str)[:10]}")
+    for p, value in state.items():
+        var = params[p]
+        value = np.asarray(value)
+        current = var[...]
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"shape mismatch at {'/'.join(map(str, p))}: checkpoint {value.shape}, "
+                             f"model {tuple(current.shape)}")
+        var[...] = jnp.asarray(value, dtype=current.dtype)
+    return module
+
+
+def _default_rngs(rngs):
+    return rngs if rngs is not None else nnx.Rngs(0)
+
+
+# ----------------------------------------------------------------------------- Hugging Face BERT
+def _find_hf_weights(d: pathlib.Path) -> pathlib.Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (d / name).is_file():
+            return d / name
+    raise FileNotFoundError(f"{d}: no model.safetensors or pytorch_model.bin (sharded checkpoints not supported)")
+
+
+def _strip_bert_prefix(sd: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Keeps the BertModel part: handles 'bert.' (BertFor*), 'model.' and bare layouts."""
+    marker = "embeddings.word_embeddings.weight"
+    hits = [k for k in sd if k.endswith(marker)]
+    if not hits:
+        raise ValueError(f"{where}: no '{marker}' -- not a BERT checkpoint")
+    prefix = min(hits, key=len)[: -len(marker)]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def hf_bert_state_from_dict(sd: Mapping[str, np.ndarray], cfg: BertConfig, where: str = "state dict") -> State:
+    """Maps Hugging Face ``BertModel`` names onto :class:`BertEncoder` paths (see bert.py)."""
+    sd = _strip_bert_prefix({k: np.asarray(v) for k, v in sd.items()}, where)
+    # TF-era checkpoints name LayerNorm parameters gamma/beta.
+    sd = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+          for k, v in sd.items()}
+    h, heads = cfg.hidden_size, cfg.num_heads
+    dh = h // heads
+    used: set[str] = set()
+
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"{where}: missing weight {name!r}")
+        used.add(name)
+        return sd[name]
+
+    st: State = {
+        ("embeddings", "word", "embedding"): get("embeddings.word_embeddings.weight"),
+        ("embeddings", "position", "embedding"): get("embeddings.position_embeddings.weight"),
+        ("embeddings", "token_type", "embedding"): get("embeddings.token_type_embeddings.weight"),
+        ("embeddings", "norm", "scale"): get("embeddings.LayerNorm.weight"),
+        ("embeddings", "norm", "bias"): get("embeddings.LayerNorm.bias"),
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"encoder.layer.{i}.", ("layers", i)
+        for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
+            st[dst + ("attn", ours, "kernel")] = get(f"{src}attention.self.{theirs}.weight").T.reshape(h, heads, dh)
+            st[dst + ("attn", ours, "bias")] = get(f"{src}attention.self.{theirs}.bias").reshape(heads, dh)
+        st[dst + ("attn", "out", "kernel")] = get(f"{src}attention.output.dense.weight").T.reshape(heads, dh, h)
+        st[dst + ("attn", "out", "bias")] = get(f"{src}attention.output.dense.bias")
+        st[dst + ("attn_norm", "scale")] = get(f"{src}attention.output.LayerNorm.weight")
+        st[dst + ("attn_norm", "bias")] = get(f"{src}attention.output.LayerNorm.bias")
+        st[dst + ("mlp", "fc1", "kernel")] = get(f"{src}intermediate.dense.weight").T
+        st[dst + ("mlp", "fc1", "bias")] = get(f"{src}intermediate.dense.bias")
+        st[dst + ("mlp", "fc2", "kernel")] = get(f"{src}output.dense.weight").T
+        st[dst + ("mlp", "fc2", "bias")] = get(f"{src}output.dense.bias")
+        st[dst + ("mlp_norm", "scale")] = get(f"{src}output.LayerNorm.weight")
+        st[dst + ("mlp_norm", "bias")] = get(f"{src}output.LayerNorm.bias")
+    if "pooler.dense.weight" in sd:  # sentence-embedding exports sometimes drop the pooler
+        st[("pooler", "kernel")] = get("pooler.dense.weight").T
+        st[("pooler", "bias")] = get("pooler.dense.bias")
+    extra_layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))
+                           and int(m.group(1)) >= cfg.num_layers})
+    if extra_layers:
+        raise ValueError(f"{where}: has encoder layers {extra_layers} beyond num_hidden_layers={cfg.num_layers}")
+    return {k: np.ascontiguousarray(v) for k, v in st.items()}
+
+
+def hf_bert_state(path) -> tuple[BertConfig, State]:
+    """Reads a local Hugging Face BERT directory into ``(BertConfig, flat state)``."""
+    d = pathlib.Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a directory (expected a Hugging Face BERT folder)")
+    cfg = BertConfig.from_hf(d / "config.json")
+    weights = _find_hf_weights(d)
+    return cfg, hf_bert_state_from_dict(read_torch_weights(weights), cfg, str(weights))
+
+
+def load_hf_bert(path, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs | None = None,
+                 **config_overrides) -> BertEncoder:
+    """A :class:`BertEncoder` with the weights of the Hugging Face BERT directory ``path``.
+
+    A checkpoint without a pooler keeps a randomly initialised one (``rngs``, default seed 0).
+    ``config_overrides`` (e.g. ``hidden_dropout=0.0``, ``remat='full'``) go to ``BertConfig``.
+    """
+    cfg, state = hf_bert_state(path)
+    cfg = BertConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype, **config_overrides})
+    model = BertEncoder(cfg, rngs=_default_rngs(rngs))
+    return assign(model, state, allow_missing=(("pooler",),))
+
+
+# ----------------------------------------------------------------------------- MONAI ViT
+_MONAI_IGNORED = re.compile(r"(^|\.)(norm_cross_attn|cross_attn)\.|^classification_head\.|causal_mask$")
+
+
+def _monai_prefix(sd: Mapping[str, np.ndarray], where: str) -> str:
+    for marker in ("patch_embedding.patch_embeddings.weight", "patch_embedding.patch_embeddings.1.weight"):
+        hits = [k for k in sd if k.endswith(marker)]
+        if hits:
+            return min(hits, key=len)[: -len(marker)]
+    raise ValueError(f"{where}: no 'patch_embedding.patch_embeddings' weight -- not a MONAI ViT state dict")
+
+
+def monai_vit_config(sd: Mapping[str, np.ndarray], *, img_size, num_heads: int = 12, patch_size=None,
+                     in_channels=None, hidden_size=None, mlp_dim=None, num_layers=None, proj_type=None,
+                     pos_embed_type: str = "learnable", classification=None, qkv_bias=None, spatial_dims: int = 3,
+                     dtype="float32", param_dtype="float32", where: str = "state dict", **ignored) -> ViT3DConfig:
+    """The :class:`ViT3DConfig` equal to a MONAI ``ViT(**kwargs)``; shapes are read from ``sd``.
+
+    Arguments that the weights determine (hidden size, patch size, channels, depth, MLP width,
+    qkv bias, CLS token) are taken from ``sd`` and, if given, checked; ``img_size`` and
+    ``num_heads`` cannot be read from weights and must match the MONAI model.  Training-only
+    MONAI kwargs (dropout_rate, num_classes, post_activation, save_attn) are ignored.
+    """
+    if spatial_dims != 3:
+        raise ValueError(f"{where}: only 3D MONAI ViTs are supported (spatial_dims={spatial_dims})")
+    if pos_embed_type not in ("learnable", "sincos", "fourier", "none"):
+        raise ValueError(f"{where}: unknown MONAI pos_embed_type {pos_embed_type!r}")
+    conv = "patch_embedding.patch_embeddings.weight"
+    inferred_proj = "conv" if conv in sd else "perceptron"
+    if proj_type is not None and proj_type != inferred_proj:
+        raise ValueError(f"{where}: proj_type={proj_type!r} but the weights are a {inferred_proj!r} patch embedding")
+    pos = sd["patch_embedding.position_embeddings"]
+    width = pos.shape[-1]
+    img = tuple(int(s) for s in (img_size if not isinstance(img_size, int) else (img_size,) * 3))
+    if inferred_proj == "conv":
+        w = sd[conv]
+        found_patch, found_c = tuple(int(s) for s in w.shape[2:]), int(w.shape[1])
+    else:
+        if patch_size is None or in_channels is None:
+            raise ValueError(f"{where}: a 'perceptron' patch embedding needs patch_size and in_channels")
+        found_patch = tuple(int(s) for s in (patch_size if not isinstance(patch_size, int) else (patch_size,) * 3))
+        found_c = int(in_channels)
+    depth = len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    found = dict(hidden_size=width, patch_size=found_patch, in_channels=found_c, num_layers=depth,
+                 mlp_dim=int(sd["blocks.0.mlp.linear1.weight"].shape[0]) if depth else None,
+                 qkv_bias=("blocks.0.attn.qkv.bias" in sd or "blocks.0.attn.to_q.bias" in sd),
+                 classification="cls_token" in sd)
+    given = dict(hidden_size=hidden_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
+                 mlp_dim=mlp_dim, qkv_bias=qkv_bias, classification=classification)
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k == "patch_size" and isinstance(v, int):
+            v = (v,) * 3
+        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
+            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+    return ViT3DConfig(width=width, depth=depth, num_heads=num_heads, mlp_dim=found["mlp_dim"], image_size=img,
+                       patch_size=found_patch, in_channels=found_c, pos_embed="learned",
+                       pool="cls" if found["classification"] else "mean", qkv_bias=found["qkv_bias"],
+                       layer_norm_eps=1e-5, dtype=dtype, param_dtype=param_dtype)
+
+
+def monai_vit_state_from_dict(sd: Mapping[str, np.ndarray], cfg: ViT3DConfig, where: str = "state dict") -> State:
+    """Maps MONAI ``ViT`` names (prefix already stripped) onto :class:`ViT3D` paths."""
+    d, heads = cfg.width, cfg.num_heads
+    dh = d // heads
+    px, py, pz = cfg.patch_size
+    used: set[str] = set()
+
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"{where}: missing weight {name!r}")
+        used.add(name)
+        return np.asarray(sd[name], np.float32)
+
+    st: State = {}
+    if "patch_embedding.patch_embeddings.weight" in sd:  # Conv3d [d, C, px, py, pz]
+        st[("patch_embed", "kernel")] = get("patch_embedding.patch_embeddings.weight").transpose(2, 3, 4, 1, 0)
+        st[("patch_embed", "bias")] = get("patch_embedding.patch_embeddings.bias")
+    else:  # perceptron: Linear over (p1 p2 p3 c)
+        w = get("patch_embedding.patch_embeddings.1.weight")
+        st[("patch_embed", "kernel")] = w.reshape(d, px, py, pz, cfg.in_channels).transpose(1, 2, 3, 4, 0)
+        st[("patch_embed", "bias")] = get("patch_embedding.patch_embeddings.1.bias")
+    pos = get("patch_embedding.position_embeddings")
+    n = int(np.prod(cfg.grid))
+    if pos.shape[-2] != n:
+        raise ValueError(f"{where}: {pos.shape[-2]} position embeddings, but img_size {cfg.image_size} / "
+                         f"patch {cfg.patch_size} gives {n} tokens")
+    st[("pos_embed",)] = pos.reshape(n, d)
+    if cfg.pool == "cls":
+        st[("cls_token",)] = get("cls_token").reshape(d)
+    for i in range(cfg.depth):
+        src, dst = f"blocks.{i}.", ("blocks", i)
+        if f"{src}attn.qkv.weight" in sd:
+            qkv = get(f"{src}attn.qkv.weight").T.reshape(d, 3, heads, dh)
+            qkv_b = get(f"{src}attn.qkv.bias").reshape(3, heads, dh) if cfg.qkv_bias else None
+            for j, name in enumerate(("query", "key", "value")):
+                st[dst + ("attn", name, "kernel")] = qkv[:, j]
+                if qkv_b is not None:
+                    st[dst + ("attn", name, "bias")] = qkv_b[j]
+        else:
+            for name, theirs in (("query", "to_q"), ("key", "to_k"), ("value", "to_v")):
+                st[dst + ("attn", name, "kernel")] = get(f"{src}attn.{theirs}.weight").T.reshape(d, heads, dh)
+                if cfg.qkv_bias:
+                    st[dst + ("attn", name, "bias")] = get(f"{src}attn.{theirs}.bias").reshape(heads, dh)
+        st[dst + ("attn", "out", "kernel")] = get(f"{src}attn.out_proj.weight").T.reshape(heads, dh, d)
+        st[dst + ("attn", "out", "bias")] = get(f"{src}attn.out_proj.bias")
+        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2")):
+            st[dst + (ours, "scale")] = get(f"{src}{theirs}.weight")
+            st[dst + (ours, "bias")] = get(f"{src}{theirs}.bias")
+        for ours, theirs in (("fc1", "linear1"), ("fc2", "linear2")):
+            st[dst + ("mlp", ours, "kernel")] = get(f"{src}mlp.{theirs}.weight").T
+            st[dst + ("mlp", ours, "bias")] = get(f"{src}mlp.{theirs}.bias")
+    st[("norm", "scale")] = get("norm.weight")
+    st[("norm", "bias")] = get("norm.bias")
+    leftover = sorted(k for k in sd if k not in used and not _MONAI_IGNORED.search(k))
+    if leftover:
+        raise ValueError(f"{where}: MONAI weights not understood (unsupported ViT options?): {leftover[:10]}")
+    return {k: np.ascontiguousarray(v) for k, v in st.items()}
+
+
+def monai_vit_state(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                    **monai_vit_kwargs) -> tuple[ViT3DConfig, State]:
+    """Reads a MONAI ``ViT`` checkpoint (file or state dict) into ``(ViT3DConfig, flat state)``.
+
+    ``prefix`` (e.g. ``'vision_encoder.'`` in a CLIP checkpoint) is found automatically when
+    None: the part before ``patch_embedding.patch_embeddings``.
+    """
+    if isinstance(path_or_state_dict, (str, pathlib.Path)):
+        where = str(path_or_state_dict)
+        raw = read_torch_weights(path_or_state_dict)
+    else:
+        where = "state dict"
+        raw = _tensors_to_numpy(path_or_state_dict, where)
+    if prefix is None:
+        prefix = _monai_prefix(raw, where)
+    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    cfg = monai_vit_config(sd, dtype=dtype, param_dtype=param_dtype, where=where, **monai_vit_kwargs)
+    return cfg, monai_vit_state_from_dict(sd, cfg, where)
+
+
+def load_monai_vit(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                   rngs: nnx.Rngs | None = None, **monai_vit_kwargs) -> ViT3D:
+    """A :class:`ViT3D` computing what MONAI's ``ViT(**monai_vit_kwargs)`` with these weights computes.
+
+    ``img_size`` and ``num_heads`` are required (as for MONAI); the rest is read from the
+    weights.  Our output ``tokens`` equal MONAI's first output ``x`` (after the final norm)
+    for the channel-last transpose of MONAI's input; with ``classification=True`` our
+    ``pooled`` is MONAI's normed CLS token (the input of its classification head, which is
+    not imported).  Position tables of every MONAI ``pos_embed_type`` load as our learned table.
+    """
+    cfg, state = monai_vit_state(path_or_state_dict, prefix=prefix, dtype=dtype, param_dtype=param_dtype,
+                                 **monai_vit_kwargs)
+    model = ViT3D(cfg, rngs=_default_rngs(rngs))
+    return assign(model, state)
