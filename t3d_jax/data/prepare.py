@@ -119,7 +119,8 @@ def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
             yield _process(task, preset)
         return
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    try:
         pending: collections.deque = collections.deque()
         it = iter(tasks)
         for task in it:
@@ -137,6 +138,9 @@ def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(_process, nxt, preset)))
+    finally:
+        # On an error or ^C in the consumer, do not wait for queued volumes.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +188,11 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     from t3d_jax.data.tokenizer import WordPieceTokenizer  # imports TensorFlow Text
 
     preset = preprocess.get_preset(preset)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
     vocab_path = pathlib.Path(vocab) if vocab else default_vocab_path()
     if not vocab_path.is_file():
         raise FileNotFoundError(f"{vocab_path}: WordPiece vocab file not found")
