@@ -143,16 +143,20 @@ class EvalExample(grain.transforms.Map):
 
 
 class PaddingExample(grain.transforms.Map):
-    """Index -> an all-zero copy of a real example with ``valid`` False (fills the last batch)."""
+    """Index -> an all-zero example shaped like a real one, ``valid`` False (fills the last batch).
+
+    Keeps only shapes and dtypes, so pickling it into workers stays cheap for large views.
+    """
 
     def __init__(self, template: dict[str, np.ndarray]):
-        self.template = {k: np.zeros_like(v) for k, v in template.items()}
-        self.template["id"] = np.asarray("", dtype=np.str_)
-        self.template["valid"] = np.asarray(False)
+        self.specs = {k: (np.shape(v), np.asarray(v).dtype) for k, v in template.items() if k not in ("id", "valid")}
 
     def map(self, index: int) -> dict[str, np.ndarray]:
         del index
-        return {k: v.copy() for k, v in self.template.items()}
+        example = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.specs.items()}
+        example["id"] = np.asarray("", dtype=np.str_)
+        example["valid"] = np.asarray(False)
+        return example
 
 
 # ---------------------------------------------------------------------------------------
