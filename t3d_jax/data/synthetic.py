@@ -1,0 +1,811 @@
+"""Synthetic chest-CT phantoms with the 18 CT-RATE findings: the embedded demo data.
+
+Why: the project must demonstrate pretraining and zero-shot evaluation on a machine
+with no data, so a generator draws chest-like CT volumes whose abnormalities are
+(1) plausible in HU and anatomy, (2) big enough to survive resampling to ~5 mm voxels,
+and (3) present independently of each other at CT-RATE-like rates, together with a
+report that states them (``reports.py``).
+
+Geometry. Drawing happens in physical millimetres of a canonical RAS+ grid centred on
+the field of view (x -> patient Right, y -> Anterior, z -> Superior); shapes are painted
+only inside their bounding boxes so a volume costs a few tens of milliseconds. Each
+volume draws its spacing and field of view; the shape follows (``SIZES``). Files are
+written RAS or LPS (alternating) with the array flipped to match, so the physical
+anatomy is identical however the file is stored. Storage is int16 with
+``scl_slope``/``scl_inter`` (HU = stored * slope + inter).
+
+What is drawn per label is described in docs/data_synthetic.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import pathlib
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from t3d_jax.data.labels import CT_RATE_LABELS
+from t3d_jax.data.reports import make_report
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSize:
+    """Ranges a volume's grid is drawn from; shape = round(field of view / spacing)."""
+
+    inplane_spacing: tuple[float, float]  # mm, uniform
+    slice_spacings: tuple[float, ...]  # mm, one of
+    fov_xy: tuple[float, float] = (300.0, 360.0)  # mm, square in-plane field of view
+    fov_z: tuple[float, float] = (250.0, 300.0)  # mm, cranio-caudal extent
+
+
+# `realistic` follows clinical chest CT (0.6-1.5 mm in-plane, 1-5 mm slices; 200-600
+# voxels in-plane). `demo` keeps the same chest-sized field of view but caps the voxel
+# count (~95-150 in-plane, 50-100 slices), which forces 2.4-3.2 mm in-plane spacing:
+# 200 volumes are written in seconds and still carry more detail than the ~5 mm demo
+# preset keeps.
+SIZES: dict[str, GridSize] = {
+    "demo": GridSize(inplane_spacing=(2.4, 3.2), slice_spacings=(3.0, 4.0, 5.0)),
+    "realistic": GridSize(inplane_spacing=(0.6, 1.5),
+                          slice_spacings=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)),
+}
+
+# Prevalence of each label, drawn independently. Close to CT-RATE's, but at least 10%
+# so that the 20% validation split of a 200-volume demo holds a few positives per label.
+LABEL_RATES: dict[str, float] = {
+    "Medical material": 0.12,
+    "Arterial wall calcification": 0.28,
+    "Cardiomegaly": 0.12,
+    "Pericardial effusion": 0.10,
+    "Coronary artery wall calcification": 0.25,
+    "Hiatal hernia": 0.14,
+    "Lymphadenopathy": 0.25,
+    "Emphysema": 0.20,
+    "Atelectasis": 0.25,
+    "Lung nodule": 0.40,
+    "Lung opacity": 0.35,
+    "Pulmonary fibrotic sequela": 0.25,
+    "Pleural effusion": 0.12,
+    "Mosaic attenuation pattern": 0.10,
+    "Peribronchial thickening": 0.12,
+    "Consolidation": 0.15,
+    "Bronchiectasis": 0.10,
+    "Interlobular septal thickening": 0.10,
+}
+
+# (slope, intercept) pairs used for int16 storage, HU = stored * slope + inter.
+SCALINGS = ((1.0, -1024.0), (2.0, -1024.0), (1.0, 0.0))
+HU_RANGE = (-1024.0, 3071.0)
+
+
+class Phantom(NamedTuple):
+    hu: np.ndarray  # float32 [X, Y, Z] HU on the canonical RAS+ grid
+    spacing: tuple[float, float, float]  # mm (x, y, z)
+    orientation: str  # how the file stores it: "RAS" or "LPS"
+    findings: dict[str, dict[str, Any]]  # per positive label: what was drawn where
+    landmarks: dict[str, Any]  # anatomy positions (mm, centred RAS) for checks and docs
+
+
+def sample_labels(rng: np.random.Generator) -> dict[str, int]:
+    """Each label an independent Bernoulli draw with ``LABEL_RATES``."""
+    draws = rng.random(len(CT_RATE_LABELS))
+    return {name: int(u < LABEL_RATES[name]) for name, u in zip(CT_RATE_LABELS, draws)}
+
+
+def sample_grid(rng: np.random.Generator, size: str = "demo"):
+    """(shape, spacing) of one volume for grid size ``size`` (a key of ``SIZES``)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; choose one of {sorted(SIZES)}")
+    g = SIZES[size]
+    sxy = round(float(rng.uniform(*g.inplane_spacing)), 3)
+    sz = float(g.slice_spacings[rng.integers(len(g.slice_spacings))])
+    fov_xy, fov_z = rng.uniform(*g.fov_xy), rng.uniform(*g.fov_z)
+    shape = (int(round(fov_xy / sxy)),) * 2 + (int(round(fov_z / sz)),)
+    return shape, (sxy, sxy, sz)
+
+
+class _Canvas:
+    """An HU grid with painting of shapes in physical (mm, centred RAS) coordinates."""
+
+    def __init__(self, shape, spacing):
+        self.hu = np.full(shape, -1000.0, np.float32)
+        self.spacing = np.asarray(spacing, np.float64)
+        self.axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
+        self.extent = np.array([a[-1] for a in self.axes])
+        self._a0 = [float(a[0]) for a in self.axes]
+        self._sp = [float(v) for v in spacing]
+        self._n = list(shape)
+        self.grid = (self.axes[0][:, None, None], self.axes[1][None, :, None],
+                     self.axes[2][None, None, :])
+
+    def box(self, lo, hi):
+        """Index slices and coordinate arrays of the voxels inside [lo, hi] (mm)."""
+        slices, coords = [], []
+        for d in range(3):
+            a, s = self.axes[d], self.spacing[d]
+            i0 = max(0, int(math.floor((lo[d] - a[0]) / s)))
+            i1 = min(len(a), int(math.ceil((hi[d] - a[0]) / s)) + 1)
+            if i1 <= i0:
+                return None
+            slices.append(slice(i0, i1))
+            coords.append(a[i0:i1])
+        return (tuple(slices), coords[0][:, None, None], coords[1][None, :, None],
+                coords[2][None, None, :])
+
+    def paint(self, sl, mask, value, within=None, mode="set", where: Callable | None = None):
+        region = self.hu[sl]
+        if within is not None:
+            mask = mask & within[sl]
+        if where is not None:
+            mask = mask & where(region)
+        if mode == "set":
+            region[mask] = value
+        elif mode == "max":
+            region[mask] = np.maximum(region[mask], value)
+        elif mode == "min":
+            region[mask] = np.minimum(region[mask], value)
+        elif mode == "add":
+            region[mask] += value
+        return mask
+
+    def ellipsoid(self, center, radii, value, angle=0.0, **kw):
+        """Ellipsoid with semi-axes ``radii`` rotated by ``angle`` (rad) about z."""
+        r = float(max(radii[0], radii[1]))
+        lo = [center[0] - r, center[1] - r, center[2] - radii[2]]
+        hi = [center[0] + r, center[1] + r, center[2] + radii[2]]
+        b = self.box(lo, hi)
+        if b is None:
+            return
+        sl, x, y, z = b
+        dx, dy = x - center[0], y - center[1]
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        d = (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + ((z - center[2]) / radii[2]) ** 2
+        self.paint(sl, d <= 1.0, value, **kw)
+
+    def capsule(self, p0, p1, radius, value, **kw):
+        """Tube of ``radius`` around segment p0-p1; never thinner than half a voxel."""
+        radius = max(float(radius), 0.55 * float(self.spacing.max()))
+        p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+        b = self.box(np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius)
+        if b is None:
+            return
+        sl, x, y, z = b
+        d = p1 - p0
+        dd = max(float(d @ d), 1e-9)
+        t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / dd, 0, 1)
+        dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
+        self.paint(sl, dist2 <= radius * radius, value, **kw)
+
+    def index(self, p):
+        """Nearest voxel index of point ``p`` (mm), clamped to the grid."""
+        return tuple(min(max(int(round((float(p[d]) - self._a0[d]) / self._sp[d])), 0), self._n[d] - 1)
+                     for d in range(3))
+
+
+def _unit(rng, bias=(0.0, 0.0, 0.0)):
+    v = rng.normal(size=3) + np.asarray(bias)
+    return v / max(np.linalg.norm(v), 1e-9)
+
+
+class _Chest:
+    """Draws one chest: anatomy first, then the findings of the positive labels."""
+
+    def __init__(self, rng, shape, spacing):
+        self.rng, self.cv = rng, _Canvas(shape, spacing)
+        u = rng.uniform
+        half_xy, half_z = self.cv.extent[0], self.cv.extent[2]
+        self.zb, self.zt = -half_z, half_z
+        self.body_a = min(u(135, 160), half_xy - 10)
+        self.body_b = min(u(98, 118), half_xy - 30)
+        self.body_yc = u(-12, 0)
+        self.fat, self.muscle = u(8, 22), u(8, 14)
+        inset = self.fat + self.muscle + 7
+        self.cav_a, self.cav_b = self.body_a - inset, self.body_b - inset - 3
+        self.cav_yc = self.body_yc + 3
+        self.xmed = -u(5, 14)  # mediastinum sits slightly to the patient's left (-x)
+        self.med_half = u(18, 25)
+        self.z_dia = self.zb + u(40, 60)
+        self.dome_h = u(18, 30)
+        self.right_lift = u(8, 16)
+        self.z_apex = self.zt - u(5, 20)
+        self.lung_hu = u(-870, -830)
+        self.blood_hu = u(130, 260)
+        self.y_post = self.cav_yc - self.cav_b
+        self.y_spine = self.y_post + 8
+        self.findings: dict[str, dict[str, Any]] = {}
+
+    # ----- anatomy -----------------------------------------------------------------
+    def _ellipse_cyl(self, a, b, yc, taper=0.06):
+        """Elliptic cylinder narrowing by ``taper`` toward the top (2D radius vs 1D scale)."""
+        x, y, z = self.cv.grid
+        s = 1.0 - taper * (z - self.zb) / (self.zt - self.zb)
+        return (x / a) ** 2 + ((y - yc) / b) ** 2 <= (s * s)
+
+    def _dome(self, x, y):
+        """z of the diaphragm surface under each (x, y); right dome higher (liver)."""
+        ha = self.cav_a * 0.5
+        side_x = np.abs(x - self.xmed) - ha
+        bump = np.clip(1.0 - (side_x / ha) ** 2 - ((y - self.cav_yc) / self.cav_b) ** 2, 0, 1)
+        lift = np.where(x > self.xmed, self.right_lift, 0.0)
+        recess = 12.0 * np.clip(-(y - self.cav_yc) / self.cav_b, 0, 1)
+        return self.z_dia + self.dome_h * bump + lift - recess
+
+    def anatomy(self):
+        cv, rng, u = self.cv, self.rng, self.rng.uniform
+        x, y, z = cv.grid
+        body = self._ellipse_cyl(self.body_a, self.body_b, self.body_yc)
+        cv.hu[body] = u(-110, -90)  # subcutaneous fat
+        muscle = self._ellipse_cyl(self.body_a - self.fat, self.body_b - self.fat, self.body_yc)
+        cv.hu[muscle] = u(35, 55)
+        self.cavity = self._ellipse_cyl(self.cav_a, self.cav_b, self.cav_yc)
+        # ribs: a shell just outside the cavity, in oblique bands (posterior ends higher)
+        shell = self._ellipse_cyl(self.cav_a + 7, self.cav_b + 7, self.cav_yc) & ~self.cavity
+        period, phase = u(24, 30), u(0, 30)
+        band = np.mod(z - 0.35 * (y - self.cav_yc) + phase, period) < 0.38 * period
+        anterior_gap = (np.abs(x) < 22) & (y > self.cav_yc)
+        cv.hu[shell & band & ~anterior_gap] = u(450, 700)
+        dome = self._dome(x, y)
+        below = z < dome
+        abdomen = self.cavity & below
+        cv.hu[abdomen & (x > self.xmed)] = u(50, 65)  # liver
+        cv.hu[abdomen & (x <= self.xmed)] = u(30, 45)  # spleen / stomach
+        cv.hu[self.cavity & ~below] = u(-100, -80)  # mediastinal fat
+        # lungs: taper toward the apex, bounded by cavity, mediastinum and diaphragm
+        t = np.clip((z - self.z_dia) / (self.z_apex - self.z_dia), 0, 1)
+        f = np.sqrt(np.clip(1.0 - t ** 3, 1e-6, 1))
+        ha = self.cav_a * 0.5
+        lung_shape = ((np.abs(x - self.xmed) - ha) / (ha + 8)) ** 2 + \
+            ((y - self.cav_yc) / (self.cav_b + 8)) ** 2 <= f * f
+        inner = self._ellipse_cyl(self.cav_a - 2, self.cav_b - 2, self.cav_yc)
+        lung = inner & lung_shape & ~below & (z < self.z_apex) & (np.abs(x - self.xmed) > self.med_half)
+        self.lung_right = lung & (x > self.xmed)
+        self.lung_left = lung & (x <= self.xmed)
+        gradient = 40.0 * np.clip((self.cav_yc - y) / self.cav_b, -1, 1)  # dependent lung denser
+        cv.hu[lung] = np.broadcast_to(self.lung_hu + gradient, lung.shape)[lung]
+        self._spine_and_sternum()
+        self._heart()
+        self._vessels_and_airways()
+
+    def _spine_and_sternum(self):
+        cv, u = self.cv, self.rng.uniform
+        x0, r = 0.0, u(15, 19)
+        zlo, zhi = self.zb - 5, self.zt + 5
+        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 14, u(450, 650))
+        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 7, u(5, 20))
+        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r + 2, u(600, 800))
+        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r, u(180, 280))
+        period, phase = u(26, 32), u(0, 30)
+        for zc in np.arange(self.zb - phase, self.zt + period, period):
+            cv.capsule((x0, self.y_spine, zc - 3), (x0, self.y_spine, zc + 3), r + 1, u(70, 100))
+        y_st = self.cav_yc + self.cav_b + 5
+        z_st_lo = self.z_dia + 10
+        cv.ellipsoid((0.0, y_st, (z_st_lo + self.z_apex) / 2), (14, 6, (self.z_apex - z_st_lo) / 2),
+                     u(350, 500))
+
+    def _heart(self):
+        cv, u, f = self.cv, self.rng.uniform, self.findings
+        scale = u(0.88, 1.03)
+        if "Cardiomegaly" in self.positive:
+            scale *= self.rngs["Cardiomegaly"].uniform(1.38, 1.5)
+        radii = np.array([u(52, 60), u(40, 47), u(42, 50)]) * scale
+        self.heart_r = radii
+        self.heart_angle = math.radians(u(20, 40))
+        ztop_dome = self.z_dia + self.dome_h
+        self.heart_c = np.array([self.xmed - u(12, 22) * scale, self.cav_yc + self.cav_b * u(0.25, 0.4),
+                                 ztop_dome + radii[2] * 0.55])
+        c, a, cav = self.heart_c, self.heart_angle, self.cavity
+        if "Pericardial effusion" in self.positive:
+            lr = self.rngs["Pericardial effusion"]
+            rim = lr.uniform(10, 18)
+            cv.ellipsoid(c, radii + 4 + rim, lr.uniform(5, 18), a, within=cav)
+            f["Pericardial effusion"] = {"rim_mm": round(rim, 1)}
+        cv.ellipsoid(c, radii + 4, u(-100, -80), a, within=cav)  # epicardial fat
+        cv.ellipsoid(c, radii, u(60, 90), a, within=cav)  # myocardium
+        cv.ellipsoid(c, radii - 9, self.blood_hu, a, within=cav)  # contrast blood pool
+        if "Cardiomegaly" in self.positive:
+            f["Cardiomegaly"] = {"scale": round(scale, 3)}
+
+    def _vessels_and_airways(self):
+        cv, rng, u = self.cv, self.rng, self.rng.uniform
+        hc, hr = self.heart_c, self.heart_r
+        self.z_carina = hc[2] + hr[2] + u(12, 25)
+        self.y_tr = y_tr = self.y_spine + u(40, 48)
+        # esophagus (behind trachea, down to the hiatus)
+        cv.capsule((self.xmed * 0.5, self.y_spine + 24, self.zt + 5),
+                   (self.xmed - 5, self.y_spine + 28, self.z_dia), 8, u(30, 45))
+        # aorta: ascending (anterior, right of midline) -> arch -> descending (left of spine)
+        r_asc, r_desc = u(14, 17), u(11, 13)
+        asc0 = np.array([self.xmed + 14, hc[1] - 8, hc[2] + hr[2] * 0.3])
+        desc_x, desc_y = self.xmed - 24, self.y_spine + 22
+        z_arch = self.z_carina + u(18, 28)
+        y_mid, ry = (asc0[1] + desc_y) / 2, (asc0[1] - desc_y) / 2
+        arch = [np.array([asc0[0] + (desc_x - asc0[0]) * k / 8, y_mid + ry * math.cos(math.pi * k / 8),
+                          z_arch + 15 * math.sin(math.pi * k / 8)]) for k in range(9)]
+        path = [asc0] + arch + [np.array([desc_x, desc_y, self.zb - 5])]
+        radii = [r_asc] * 6 + [r_desc] * 5
+        self.aorta = list(zip(path[:-1], path[1:], radii))
+        for p0, p1, r in self.aorta:
+            cv.capsule(p0, p1, r + 1.5, u(35, 50), within=self.cavity)
+        for p0, p1, r in self.aorta:
+            cv.capsule(p0, p1, r, self.blood_hu, within=self.cavity)
+        # pulmonary trunk to the hila
+        pa0 = np.array([hc[0] - 5, hc[1] + 10, hc[2] + hr[2] * 0.5])
+        pa1 = np.array([self.xmed - 8, y_tr - 5, self.z_carina - 12])
+        cv.capsule(pa0, pa1, 12, self.blood_hu, within=self.cavity)
+        # airways: trachea, main bronchi, lobar/segmental bronchi from each hilum
+        thick = "Peribronchial thickening" in self.positive
+        wall = self.rngs["Peribronchial thickening"].uniform(3.5, 5.0) if thick else 1.2
+        carina = np.array([0.0, y_tr, self.z_carina])
+        cv.capsule((0.0, y_tr, self.zt + 5), carina, u(10, 12) + 1.5, 40.0)
+        cv.capsule((0.0, y_tr, self.zt + 5), carina, 9.5, -990.0)
+        self.hila, self.airways = {}, []
+        for side, sign in (("right", 1.0), ("left", -1.0)):
+            hilum = np.array([self.xmed + sign * (self.med_half + 22), y_tr - 6, self.z_carina - 22])
+            self.hila[side] = hilum
+            main = (carina, hilum, 7.0 if side == "right" else 6.0)
+            segs = [main]
+            for _ in range(6):
+                d = _unit(rng, bias=(sign * 1.2, 0.0, 0.0))
+                segs.append((hilum, hilum + d * u(40, 60), u(2.8, 3.8)))
+            self.airways += segs
+            lung = self.lung(side)
+            for p0, p1, r in segs[1:]:  # pulmonary vessels beside the bronchi
+                off = _unit(rng) * 6
+                cv.capsule(p0 + off, p1 + off + _unit(rng) * 10, u(2.5, 3.5), self.blood_hu * 0.7,
+                           within=lung)
+            for _ in range(5):
+                d = _unit(rng, bias=(sign * 0.8, 0.0, -0.5))
+                cv.capsule(hilum, hilum + d * u(50, 90), u(2.0, 3.0), self.blood_hu * 0.7, within=lung)
+        for p0, p1, r in self.airways:
+            cv.capsule(p0, p1, r + wall, u(25, 45), within=self.cavity)
+        for p0, p1, r in self.airways:
+            cv.capsule(p0, p1, r, -990.0, within=self.cavity)
+        if thick:
+            self.findings["Peribronchial thickening"] = {"wall_mm": round(wall, 1)}
+        # a few normal-sized (<10 mm) mediastinal nodes
+        for _ in range(2):
+            p = np.array([u(-20, 20), y_tr + u(-15, 10), self.z_carina + u(-15, 30)])
+            cv.ellipsoid(p, (4, 3.5, 4), 40.0, where=lambda h: (h > -150) & (h < -50))
+
+    # ----- helpers -------------------------------------------------------------------
+    def landmarks(self):
+        return {"heart_center": self.heart_c.tolist(), "heart_radii": self.heart_r.tolist(),
+                "heart_angle": self.heart_angle, "blood_hu": float(self.blood_hu),
+                "aorta": [[p0.tolist(), p1.tolist(), float(r)] for p0, p1, r in self.aorta],
+                "x_mediastinum": float(self.xmed), "z_diaphragm": float(self.z_dia),
+                "z_apex": float(self.z_apex), "lung_hu": float(self.lung_hu),
+                "y_posterior_wall": float(self.y_post)}
+
+    def lung(self, side):
+        return self.lung_right if side == "right" else self.lung_left
+
+    def zone_z(self, h):
+        """z at relative lung height h (0 = top of the diaphragm dome, 1 = apex)."""
+        z0 = self.z_dia + self.dome_h
+        return z0 + h * (self.z_apex - z0)
+
+    def lung_point(self, rng, side, h_range, margin=6.0, y_range=(-1.0, 1.0), peripheral=False):
+        """A random point of the ``side`` lung at relative height in ``h_range``."""
+        cv, mask = self.cv, self.lung(side)
+        sign = 1.0 if side == "right" else -1.0
+        best = None
+        for _ in range(300):
+            p = np.array([self.xmed + sign * rng.uniform(self.med_half, self.cav_a),
+                          self.cav_yc + self.cav_b * rng.uniform(*y_range),
+                          self.zone_z(rng.uniform(*h_range))])
+            probes = [p] + [p + margin * e for e in np.vstack([np.eye(3), -np.eye(3)])]
+            if not all(mask[cv.index(q)] for q in probes):
+                continue
+            best = p
+            if peripheral:
+                out = np.array([p[0] - self.xmed, p[1] - self.cav_yc, 0.0])
+                out = out / max(np.linalg.norm(out), 1e-9)
+                if mask[cv.index(p + 14.0 * out)]:
+                    continue
+            return p
+        if best is None:
+            best = np.array([self.xmed + sign * self.cav_a * 0.5, self.cav_yc, self.zone_z(0.5)])
+        return best
+
+    @staticmethod
+    def _side(rng, allow_bilateral=True):
+        r = rng.random()
+        if allow_bilateral and r < 0.34:
+            return "bilateral"
+        return "left" if r < 0.67 else "right"
+
+    @staticmethod
+    def _sides(side):
+        return ("left", "right") if side == "bilateral" else (side,)
+
+    # ----- findings (order: diffuse patterns, focal lesions, dependent fluid) ----------
+    def findings_all(self):
+        """Draws each positive label with its own random stream (``self.rngs``), so
+        switching one label on or off leaves the anatomy and every other finding as is."""
+        for name, method in self._DRAW.items():  # diffuse patterns, focal lesions, fluid, rest
+            if name in self.positive:
+                rng = self.rngs[name]
+                getattr(self, method)(rng, rng.uniform, self.cv, self.findings)
+
+    _DRAW = {
+        "Mosaic attenuation pattern": "_mosaic", "Emphysema": "_emphysema",
+        "Interlobular septal thickening": "_septal", "Lung opacity": "_opacity",
+        "Pulmonary fibrotic sequela": "_fibrosis", "Bronchiectasis": "_bronchiectasis",
+        "Consolidation": "_consolidation", "Atelectasis": "_atelectasis",
+        "Lung nodule": "_nodule", "Pleural effusion": "_pleural_effusion",
+        "Lymphadenopathy": "_lymphadenopathy", "Hiatal hernia": "_hiatal_hernia",
+        "Arterial wall calcification": "_arterial_calcification",
+        "Coronary artery wall calcification": "_coronary_calcification",
+        "Medical material": "_medical_material",
+    }
+
+    def _mosaic(self, rng, u, cv, F):
+        """Lobular checkerboard (20-28 mm cells) of darker (-90 HU) and brighter (+95 HU) lung."""
+        lungs = self.lung_right | self.lung_left
+        x, y, z = cv.grid
+        s = u(20, 28)
+        off = rng.uniform(0, s, 3)
+        parity = (np.floor((x + off[0]) / s) + np.floor((y + off[1]) / s)
+                  + np.floor((z + off[2]) / s)) % 2
+        paren = lungs & (cv.hu < -600)
+        dark = np.broadcast_to(parity == 0, paren.shape)
+        cv.hu[paren & dark] -= u(80, 100)
+        cv.hu[paren & ~dark] += u(80, 110)
+        F["Mosaic attenuation pattern"] = {"cell_mm": round(s, 1)}
+
+    def _emphysema(self, rng, u, cv, F):
+        """8-13 low-attenuation (-995..-965 HU) spheres, 9-16 mm radius, in each upper lung."""
+        for side in ("left", "right"):
+            for _ in range(int(rng.integers(8, 14))):
+                cv.ellipsoid(self.lung_point(rng, side, (0.5, 0.95), margin=4), (u(9, 16),) * 3,
+                             u(-995, -965), within=self.lung(side), mode="min")
+        F["Emphysema"] = {"zone": "upper"}
+
+    def _septal(self, rng, u, cv, F):
+        """A 3D grid of dense lines (-150..-60 HU, ~2 mm, every 13-17 mm) in the outer 12 mm of lung."""
+        lungs = self.lung_right | self.lung_left
+        x, y, z = cv.grid
+        s = u(13, 17)
+        tk = np.maximum(2.0, 1.05 * cv.spacing)
+        grid = (np.mod(x, s) < tk[0]) | (np.mod(y, s) < tk[1]) | (np.mod(z, s) < tk[2])
+        shell = lungs & ~_erode(lungs, [int(np.ceil(12.0 / sp)) for sp in cv.spacing[:2]] + [0])
+        cv.hu[shell & grid] = np.maximum(cv.hu[shell & grid], u(-150, -60))
+        F["Interlobular septal thickening"] = {"spacing_mm": round(s, 1)}
+
+    def _opacity(self, rng, u, cv, F):
+        """2-4 ground-glass patches (-480..-320 HU, 18-30 mm radii) in the mid/upper lungs."""
+        for _ in range(int(rng.integers(2, 5))):
+            side = ("left", "right")[rng.integers(2)]
+            cv.ellipsoid(self.lung_point(rng, side, (0.25, 0.9), margin=8),
+                         (u(18, 30), u(18, 30), u(18, 30)), u(-480, -320),
+                         within=self.lung(side), mode="max")
+        F["Lung opacity"] = {}
+
+    def _fibrosis(self, rng, u, cv, F):
+        """7-11 dense reticular strands (-80..20 HU) per lung, subpleural, lower posterior zone."""
+        for side in ("left", "right"):
+            for _ in range(int(rng.integers(7, 12))):
+                q = self.lung_point(rng, side, (0.0, 0.45), margin=3, peripheral=True, y_range=(-1, 0.3))
+                d = _unit(rng, bias=(0, 0, 0))
+                cv.capsule(q - d * u(10, 20), q + d * u(10, 20), u(1.5, 2.5), u(-80, 20),
+                           within=self.lung(side), mode="max")
+        F["Pulmonary fibrotic sequela"] = {"zone": "lower"}
+
+    def _bronchiectasis(self, rng, u, cv, F):
+        """3-5 dilated airways per side (lumen 5-7.5 mm radius, 2.5-3.5 mm wall) to the lower lobe."""
+        side = self._side(rng)
+        for s_ in self._sides(side):
+            hilum = self.hila[s_]
+            for _ in range(int(rng.integers(3, 6))):
+                end = self.lung_point(rng, s_, (0.0, 0.3), margin=4)
+                start = hilum + (end - hilum) * 0.3
+                r = u(5.0, 7.5)
+                cv.capsule(start, end, r + u(2.5, 3.5), u(20, 40), within=self.lung(s_))
+                cv.capsule(start, end, r, -995.0, within=self.lung(s_))
+        F["Bronchiectasis"] = {"side": side}
+
+    def _consolidation(self, rng, u, cv, F):
+        """A 26-42 mm lobar ellipsoid of 20-50 HU with two air bronchograms, one side, upper or lower."""
+        side = self._side(rng, allow_bilateral=False)
+        upper = rng.random() < 0.5
+        h = (0.6, 0.8) if upper else (0.15, 0.35)
+        c = self.lung_point(rng, side, h, margin=15)
+        radii = (u(28, 42), u(28, 42), u(26, 38))
+        cv.ellipsoid(c, radii, u(20, 50), within=self.lung(side))
+        for _ in range(2):  # air bronchograms
+            d = _unit(rng)
+            cv.capsule(c - d * radii[0] * 0.6, c + d * radii[0] * 0.6, 2.0, -900.0,
+                       within=self.lung(side))
+        F["Consolidation"] = {"side": side, "lobe": "upper" if upper else "lower",
+                              "center": c.round(1).tolist()}
+
+    def _atelectasis(self, rng, u, cv, F):
+        """A plate-like band (6-9 mm thick, 20-60 HU) in the lower lobe(s), left/right/bilateral."""
+        side = self._side(rng)
+        for s_ in self._sides(side):
+            c = self.lung_point(rng, s_, (0.08, 0.25), margin=6, y_range=(-0.3, 0.3))
+            cv.ellipsoid(c, (u(30, 45), u(25, 38), u(6, 9)), u(20, 60), angle=u(0, math.pi),
+                         within=self.lung(s_))
+        F["Atelectasis"] = {"side": side}
+
+    def _nodule(self, rng, u, cv, F):
+        """1-3 solid spheres (12-20 mm diameter, 20-80 HU) in the lungs; the largest is reported."""
+        best = None
+        for _ in range(int(rng.integers(1, 4))):
+            side = ("left", "right")[rng.integers(2)]
+            hq = rng.uniform(0.3, 0.95)
+            c = self.lung_point(rng, side, (hq, hq), margin=10)
+            r = u(6.0, 10.0)
+            cv.ellipsoid(c, (r, r, r), u(20, 80), within=self.lung(side))
+            if best is None or r > best[0]:
+                best = (r, side, "upper" if hq >= 0.5 else "lower", c)
+        F["Lung nodule"] = {"side": best[1], "lobe": best[2], "size_mm": int(round(2 * best[0])),
+                            "center": best[3].round(1).tolist()}
+
+    def _pleural_effusion(self, rng, u, cv, F):
+        """Dependent fluid layer (5-18 HU) at the posterior lung base, 35-55 mm deep, left/right/bilateral."""
+        side = self._side(rng)
+        x, y, z = cv.grid
+        depth, height = u(35, 55), u(70, 110)
+        thick = depth * np.clip(1.0 - (z - self.z_dia) / height, 0, 1)
+        layer = (y - self.y_post) < thick
+        fluid = u(5, 18)
+        for s_ in self._sides(side):
+            cv.hu[self.lung(s_) & layer] = fluid
+        F["Pleural effusion"] = {"side": side}
+
+    def _lymphadenopathy(self, rng, u, cv, F):
+        """3-5 enlarged nodes (20-30 mm short axis, 35-55 HU) at mediastinal/hilar stations."""
+        y_tr = self.y_tr
+        stations = [(12, y_tr + 5, self.z_carina + 25), (0, y_tr - 8, self.z_carina - 18),
+                    (-20, y_tr + 22, self.z_carina + 30), tuple(self.hila["right"] + [4, 12, -8]),
+                    tuple(self.hila["left"] + [-4, 12, -8])]
+        for i in rng.choice(len(stations), int(rng.integers(3, 6)), replace=False):
+            r = u(10, 15)
+            cv.ellipsoid(np.array(stations[i]), (r, r * u(0.8, 1.0), r * u(0.9, 1.2)), u(35, 55),
+                         where=lambda h: (h < 0) & (h > -960))
+        F["Lymphadenopathy"] = {}
+
+    def _hiatal_hernia(self, rng, u, cv, F):
+        """A walled retrocardiac mass above the hiatus with an air-fluid level."""
+        r = np.array([u(24, 34), u(20, 28), u(24, 32)])
+        c = np.array([self.xmed - 4, self.y_spine + 40, self.z_dia + self.dome_h * 0.6 + r[2] * 0.5])
+        cv.ellipsoid(c, r + 3, u(40, 55), within=self.cavity)
+        cv.ellipsoid(c, r, u(10, 25), within=self.cavity)
+        b = cv.box(c - r, c + r)
+        level = c[2] + r[2] * u(-0.3, 0.2)
+        sl, bx, by, bz = b
+        inside = ((bx - c[0]) / r[0]) ** 2 + ((by - c[1]) / r[1]) ** 2 + ((bz - c[2]) / r[2]) ** 2 <= 1
+        cv.paint(sl, inside & (bz > level), -995.0, within=self.cavity)
+        F["Hiatal hernia"] = {"center": c.round(1).tolist()}
+
+    def _arterial_calcification(self, rng, u, cv, F):
+        """8-15 bright foci (700-1300 HU, 3-4.5 mm radius) on the aortic arch/descending wall."""
+        foci = []
+        for _ in range(int(rng.integers(8, 16))):
+            p0, p1, r = self.aorta[int(rng.integers(2, len(self.aorta)))]
+            axis = (p1 - p0) / max(np.linalg.norm(p1 - p0), 1e-9)
+            d = _unit(rng)
+            d = d - (d @ axis) * axis
+            d /= max(np.linalg.norm(d), 1e-9)
+            q = p0 + (p1 - p0) * rng.uniform(0, 1)
+            foci.append(q + d * (r + 0.5))
+            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(700, 1300))
+        F["Arterial wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
+
+    def _coronary_calcification(self, rng, u, cv, F):
+        """6-10 bright foci (650-1200 HU, 3-4.5 mm radius) on the heart surface along the AV groove ring."""
+        a = self.heart_angle
+        long_axis = np.array([math.cos(a), math.sin(a), 0.0])
+        foci, n_foci = [], int(rng.integers(6, 11))
+        for _ in range(400):
+            d = _unit(rng)
+            if abs(d @ long_axis) > 0.3 or d[2] < -0.2:
+                continue
+            u_, v_ = d[0] * math.cos(a) + d[1] * math.sin(a), -d[0] * math.sin(a) + d[1] * math.cos(a)
+            local = np.array([u_ * self.heart_r[0], v_ * self.heart_r[1], d[2] * self.heart_r[2]])
+            world = np.array([local[0] * math.cos(a) - local[1] * math.sin(a),
+                              local[0] * math.sin(a) + local[1] * math.cos(a), local[2]])
+            foci.append(self.heart_c + world + d * 2.0)
+            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(650, 1200))
+            if len(foci) >= n_foci:
+                break
+        F["Coronary artery wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
+
+    def _medical_material(self, rng, u, cv, F):
+        """A >2000 HU device: chest-wall port with catheter, pacemaker with lead, or sternotomy wires."""
+        kind = ("port", "pacemaker", "sternotomy")[rng.integers(3)]
+        dense = u(2400, 3000)
+        y_front = self.body_yc + self.body_b - self.fat * 0.6
+        if kind == "port":
+            side = ("left", "right")[rng.integers(2)]
+            sign = 1.0 if side == "right" else -1.0
+            c = np.array([sign * u(50, 70), y_front - 4, self.z_carina + u(20, 40)])
+            cv.ellipsoid(c, (13, 13, 5.0), dense, angle=0.0)
+            cv.capsule(c, (self.xmed + 15, self.heart_c[1] - 5, self.heart_c[2] + self.heart_r[2]),
+                       1.5, dense)
+            device = f"a {side} chest wall port with catheter tip in the superior vena cava"
+        elif kind == "pacemaker":
+            c = np.array([-u(55, 75), y_front - 4, self.z_carina + u(25, 45)])
+            cv.ellipsoid(c, (22, 6, 16), dense)
+            cv.capsule(c, self.heart_c + [5, 5, 0], 1.5, dense)
+            device = "a left pectoral pacemaker with a lead in the right ventricle"
+        else:
+            y_st = self.cav_yc + self.cav_b + 5
+            for zc in np.linspace(self.z_dia + 25, self.z_apex - 30, int(rng.integers(4, 7))):
+                cv.capsule((-16, y_st - 2, zc), (16, y_st - 2, zc), 1.8, dense)
+                cv.capsule((-16, y_st - 2, zc), (-16, y_st + 6, zc), 1.8, dense)
+                cv.capsule((16, y_st - 2, zc), (16, y_st + 6, zc), 1.8, dense)
+            device = "median sternotomy wires"
+        F["Medical material"] = {"device": device, "kind": kind}
+
+
+def _erode(mask, steps):
+    """``mask`` shrunk by ``steps`` voxels per axis (box erosion by shifting; cheap)."""
+    out = mask.copy()
+    for axis, k in enumerate(steps):
+        if k <= 0:
+            continue
+        fwd = np.zeros_like(mask)
+        bwd = np.zeros_like(mask)
+        src = [slice(None)] * 3
+        dst = [slice(None)] * 3
+        src[axis], dst[axis] = slice(k, None), slice(None, -k)
+        fwd[tuple(dst)] = mask[tuple(src)]
+        bwd[tuple(src)] = mask[tuple(dst)]
+        out &= fwd & bwd
+    return out
+
+
+def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "demo",
+                orientation: str | None = None, noise: bool = True) -> Phantom:
+    """Draws one chest CT with exactly the positive ``labels`` rendered.
+
+    Returns the HU grid in canonical RAS+ (the file written for it may be LPS), its
+    spacing, the storage orientation and what was drawn for each positive label.
+    ``noise=False`` skips the Gaussian noise (tests compare clean renderings).
+    """
+    unknown = set(labels) - set(CT_RATE_LABELS)
+    if unknown:
+        raise ValueError(f"unknown labels {sorted(unknown)}; expected names from CT_RATE_LABELS")
+    shape, spacing = sample_grid(rng, size)
+    if orientation is None:
+        orientation = ("RAS", "LPS")[rng.integers(2)]
+    if orientation not in ("RAS", "LPS"):
+        raise ValueError(f"orientation must be 'RAS' or 'LPS', got {orientation!r}")
+    # Separate streams for anatomy, noise and each label: toggling one label changes
+    # only that label's rendering (the tests compare such pairs voxel by voxel).
+    streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2 + len(CT_RATE_LABELS))]
+    chest = _Chest(streams[0], shape, spacing)
+    chest.rngs = dict(zip(CT_RATE_LABELS, streams[2:]))
+    chest.positive = {n for n, v in labels.items() if v}
+    chest.anatomy()
+    chest.findings_all()
+    hu = chest.cv.hu
+    add_noise, noise = noise, streams[1]
+    sigma = np.float32(noise.uniform(6, 14))
+    if add_noise:
+        hu += noise.standard_normal(hu.shape, dtype=np.float32) * sigma
+    np.clip(hu, *HU_RANGE, out=hu)
+    return Phantom(hu, spacing, orientation, chest.findings, chest.landmarks())
+
+
+def nifti_bytes(hu: np.ndarray, spacing, orientation: str, slope: float, inter: float,
+                origin=(0.0, 0.0, 0.0)) -> bytes:
+    """Uncompressed NIfTI-1 bytes of canonical-RAS ``hu`` stored as int16 in ``orientation``.
+
+    RAS keeps the array; LPS flips the first two axes and negates their affine columns,
+    so every voxel keeps its physical position. ``origin`` is the world position of
+    the canonical voxel (0, 0, 0).
+    """
+    import nibabel as nib
+
+    stored = np.round((hu - inter) / slope)
+    if stored.min() < -32768 or stored.max() > 32767:
+        raise ValueError("HU range does not fit int16 with the chosen slope/intercept")
+    stored = stored.astype(np.int16)
+    sx, sy, sz = spacing
+    affine = np.diag([sx, sy, sz, 1.0])
+    affine[:3, 3] = origin
+    if orientation == "LPS":
+        stored = stored[::-1, ::-1, :]
+        nx, ny = hu.shape[:2]
+        affine[0, 0], affine[1, 1] = -sx, -sy
+        affine[0, 3] = origin[0] + (nx - 1) * sx
+        affine[1, 3] = origin[1] + (ny - 1) * sy
+    # nibabel fills the header; the voxel block is appended directly (Fortran order, as
+    # NIfTI stores it), which is several times faster than Nifti1Image.to_bytes.
+    header = nib.Nifti1Header()
+    header.set_data_shape(stored.shape)
+    header.set_data_dtype(np.int16)
+    header.set_zooms(tuple(float(v) for v in spacing))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    header.set_slope_inter(slope, inter)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\x00" * 4 + stored.tobytes(order="F")
+
+
+def split_of(sample_id: str) -> str:
+    """Deterministic ~80/20 train/valid split from a hash of the id."""
+    return "train" if int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % 10 < 8 else "valid"
+
+
+def make_example(seed: int, index: int, size: str = "demo") -> dict[str, Any]:
+    """Everything about example ``index``: labels, report, volume. Independent of other
+    examples (own random stream), so the dataset is identical for any worker count."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    labels = sample_labels(rng)
+    scaling = SCALINGS[int(rng.integers(len(SCALINGS)))]
+    orientation = ("RAS", "LPS")[index % 2]
+    phantom = make_volume(rng, labels, size=size, orientation=orientation)
+    report = make_report(rng, labels, phantom.findings)
+    origin = tuple(-(n - 1) / 2.0 * s for n, s in zip(phantom.hu.shape, phantom.spacing))
+    return {"id": f"syn_{index:05d}", "labels": labels, "report": report, "phantom": phantom,
+            "slope": scaling[0], "inter": scaling[1], "origin": origin}
+
+
+def _write_one(args):
+    out, seed, index, size = args
+    ex = make_example(seed, index, size)
+    ph = ex["phantom"]
+    data = nifti_bytes(ph.hu, ph.spacing, ph.orientation, ex["slope"], ex["inter"], ex["origin"])
+    rel = f"volumes/{ex['id']}.nii.gz"
+    path = pathlib.Path(out) / rel
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
+    os.replace(tmp, path)
+    return {"id": ex["id"], "volume": rel, "report": ex["report"], "split": split_of(ex["id"]),
+            **ex["labels"]}, {"id": ex["id"], "orientation": ph.orientation,
+                              "spacing": list(ph.spacing), "shape": list(ph.hu.shape),
+                              "slope": ex["slope"], "inter": ex["inter"], "findings": ph.findings}
+
+
+def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | None = None,
+                  progress: bool = False) -> pathlib.Path:
+    """Writes ``num`` volumes under ``out/volumes/`` and ``out/manifest.csv``.
+
+    The manifest's ``volume`` paths are relative to the manifest's folder. A side file
+    ``out/findings.jsonl`` records, per volume, orientation, spacing, shape, storage
+    scaling and what was drawn for each positive label. Returns the manifest path.
+    """
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    out = pathlib.Path(out)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), seed, i, size) for i in range(num)]
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), 8)
+    if workers <= 1 or num < 4:
+        results = map(_write_one, jobs)
+    else:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_write_one, jobs, chunksize=max(1, num // (8 * workers)))
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=num, desc="synthetic volumes")
+    rows, details = zip(*list(results))
+    if workers > 1 and num >= 4:
+        pool.shutdown()
+    manifest = out / "manifest.csv"
+    with open(manifest.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "volume", "report", "split", *CT_RATE_LABELS])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(manifest.with_suffix(".tmp"), manifest)
+    with open(out / "findings.jsonl", "w", encoding="utf-8") as f:
+        for d in details:
+            f.write(json.dumps(d, sort_keys=True) + "\n")
+    return manifest
