@@ -238,3 +238,11 @@ def test_eval_iterator_covers_every_record_once_with_a_valid_mask(data_dir):
     assert len(per_process[0]) == len(per_process[1]) == 2
     ids = [i for batches in per_process for b in batches for i, v in zip(b["id"], b["valid"]) if v]
     assert sorted(ids) == [f"valid-{k}" for k in range(5)]
+
+
+def test_missing_data_dir_is_a_clear_error(data_dir):
+    with pytest.raises(ValueError, match="config.data.dir is empty"):
+        pipeline.train_iterator(_config(""), global_batch_size=2, seed=0)
+    plain = dict(_config(data_dir))  # a plain dict works as well as a ConfigDict
+    batch = next(pipeline.eval_iterator(plain, "valid", 2))
+    assert batch["volume"].shape == (2, 12, 12, 8, 1)

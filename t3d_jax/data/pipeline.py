@@ -170,6 +170,14 @@ def _get(data_config: Any, key: str, default: Any) -> Any:
     return getattr(data_config, key, default)
 
 
+def _data_dir(data_config: Any) -> str:
+    data_dir = _get(data_config, "dir", "")
+    if not data_dir:
+        raise ValueError("config.data.dir is empty: set it to a folder written by launch/prepare_data.py "
+                         "(e.g. --config.data.dir=PATH)")
+    return str(data_dir)
+
+
 def _allow_unparsed_absl_flags() -> None:
     """Lets grain start worker processes from scripts that never parse absl flags.
 
@@ -220,7 +228,7 @@ def train_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     options = ViewOptions.from_config(data_config)
-    source = open_split(data_config.dir, _get(data_config, "train_split", "train"))
+    source = open_split(_data_dir(data_config), _get(data_config, "train_split", "train"))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.map_with_index(TrainExample(options, seed))
     ds = ds.slice(slice(process_index, None, process_count))
@@ -262,7 +270,7 @@ def eval_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     view_size = tuple(_get(data_config, "view_size", ViewOptions().view_size))
-    source = open_split(data_config.dir, split)
+    source = open_split(_data_dir(data_config), split)
     to_example = EvalExample(view_size)
     ds = grain.MapDataset.source(source).map(to_example)
     per_step = batch_size * process_count
