@@ -1,0 +1,231 @@
+"""WordPiece tokenization of reports (tensorflow-text), and building a vocab.txt.
+
+Reports are tokenized once, at preprocessing time (launch/prepare_data.py), so
+TensorFlow never enters the training loop or Grain workers. TensorFlow is imported
+lazily, the first time :meth:`WordPieceTokenizer.encode` runs, with GPUs hidden from it
+(``tf.config.set_visible_devices([], "GPU")``) so it never claims accelerator memory
+that JAX needs; importing this module costs nothing.
+
+Token ids match Hugging Face ``tokenizers`` (BertNormalizer + BertPreTokenizer +
+WordPiece, [CLS] ... [SEP], truncation to ``max_len`` keeping [SEP]) on the same
+vocab; tests/test_tokenizer.py checks this on a varied corpus.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_CHARS_PER_WORD = 100  # longer words become [UNK], as in BERT and HF tokenizers
+
+
+def read_vocab(vocab_path) -> list[str]:
+    """Lines of a vocab.txt (one token per line), checked for BERT's special tokens."""
+    path = pathlib.Path(vocab_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: vocab file not found")
+    try:
+        tokens = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: vocab is not UTF-8 text ({err})") from None
+    if not tokens:
+        raise ValueError(f"{path}: vocab is empty")
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in tokens]
+    if missing:
+        raise ValueError(f"{path}: vocab lacks special tokens {missing}")
+    if tokens[0] != "[PAD]":
+        raise ValueError(f"{path}: [PAD] must be token 0 (ids are 0-padded), found {tokens[0]!r}")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"{path}: vocab has duplicate tokens")
+    return tokens
+
+
+def _is_cjk(cp: int) -> bool:
+    """CJK Unified Ideographs blocks that BERT splits into single characters."""
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B920 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+# Unicode White_Space characters that survive control-character removal.
+_WHITESPACE = frozenset("\t\n\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                        "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def bert_normalize(text: str, lowercase: bool) -> str:
+    """BERT's text normalization, exactly as Hugging Face's BertNormalizer does it.
+
+    Drops NUL, U+FFFD and other control/format characters (Unicode category C*, except
+    tab/newline/carriage return), maps whitespace to ' ', surrounds CJK ideographs with
+    spaces, and when ``lowercase``: strips accents (NFD, drop non-spacing marks) and
+    lowercases. Done here rather than by tensorflow-text's fast normalizer because that
+    one also applies NFKC (full-width letters, ligatures, '…' -> '...'), which BERT
+    checkpoints never saw.
+    """
+    out = []
+    for ch in text:
+        if ch in _WHITESPACE:
+            out.append(" ")
+            continue
+        if ch == "\ufffd" or unicodedata.category(ch).startswith("C"):
+            continue
+        out.append(f" {ch} " if _is_cjk(ord(ch)) else ch)
+    text = "".join(out)
+    if lowercase:
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        text = text.lower()
+    return text
+
+
+class WordPieceTokenizer:
+    """BERT WordPiece tokenizer over a standard ``vocab.txt``.
+
+    ``lowercase=True`` is BERT-uncased normalization (lowercase + NFD accent
+    stripping); ``False`` keeps case and accents (BERT-cased). ``encode`` returns
+    ``input_ids`` and ``attention_mask``, int32 [B, max_len]: [CLS] tokens [SEP], then
+    0 ([PAD]); texts that are too long lose their last tokens, never the [SEP].
+    """
+
+    def __init__(self, vocab_path, lowercase: bool = True, max_len: int = 128):
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        self.vocab_path = str(vocab_path)
+        self.vocab = read_vocab(vocab_path)
+        self.lowercase = bool(lowercase)
+        self.max_len = int(max_len)
+        index = {t: i for i, t in enumerate(self.vocab)}
+        self.pad_id, self.unk_id = index["[PAD]"], index["[UNK]"]
+        self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
+        self._is_suffix = [t.startswith("##") for t in self.vocab]
+        self._tf = None
+        self._tokenizer = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _build(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        import tensorflow_text as tf_text
+
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TF already initialised its devices elsewhere in this process
+            pass
+        self._tf = tf
+        self._tokenizer = tf_text.FastBertTokenizer(
+            vocab=self.vocab, suffix_indicator="##", max_bytes_per_word=4 * MAX_CHARS_PER_WORD,
+            token_out_type=tf.int32, unknown_token="[UNK]", no_pretokenization=False,
+            support_detokenization=False, lower_case_nfd_strip_accents=False)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """WordPiece ids of each text, without special tokens or truncation."""
+        texts = self._check(texts)
+        if not texts:
+            return []
+        if self._tokenizer is None:
+            self._build()
+        normalized = [bert_normalize(t, self.lowercase) for t in texts]
+        ragged, starts, ends = self._tokenizer.tokenize_with_offsets(
+            self._tf.constant(normalized, dtype=self._tf.string))
+        splits = ragged.row_splits.numpy()
+        flat = ragged.flat_values.numpy()
+        rows = [flat[splits[i]:splits[i + 1]].tolist() for i in range(len(texts))]
+        starts, ends = starts.flat_values.numpy(), ends.flat_values.numpy()
+        for i, text in enumerate(normalized):
+            if any(len(w) > MAX_CHARS_PER_WORD for w in text.split(" ")):
+                span = slice(splits[i], splits[i + 1])
+                rows[i] = self._unk_long_words(text, rows[i], starts[span], ends[span])
+        return rows
+
+    def _unk_long_words(self, text, ids, starts, ends):
+        """Replaces the pieces of every word longer than 100 characters by one [UNK].
+
+        tensorflow-text limits words in bytes (set to 4 x 100 here, so no word of <= 100
+        characters is cut); BERT and HF tokenizers limit them in characters.
+        """
+        data = text.encode("utf-8")
+        words: list[list[int]] = []  # [first piece, last piece] per word
+        for k, tok in enumerate(ids):
+            if words and self._is_suffix[tok]:
+                words[-1][1] = k
+            else:
+                words.append([k, k])
+        out: list[int] = []
+        for first, last in words:
+            n_chars = len(data[starts[first]:ends[last]].decode("utf-8", "replace"))
+            out += [self.unk_id] if n_chars > MAX_CHARS_PER_WORD else ids[first:last + 1]
+        return out
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both int32 [len(texts), max_len]."""
+        rows = self.tokenize(texts)
+        ids = np.zeros((len(rows), self.max_len), np.int32)
+        mask = np.zeros((len(rows), self.max_len), np.int32)
+        keep = self.max_len - 2
+        for i, toks in enumerate(rows):
+            seq = [self.cls_id, *toks[:keep], self.sep_id]
+            ids[i, :len(seq)] = seq
+            mask[i, :len(seq)] = 1
+        return ids, mask
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Readable text of ids: '##' pieces joined to the previous token."""
+        words: list[str] = []
+        for i in ids:
+            tok = self.vocab[int(i)]
+            if skip_special and tok in SPECIAL_TOKENS:
+                continue
+            if tok.startswith("##") and words:
+                words[-1] += tok[2:]
+            else:
+                words.append(tok)
+        return " ".join(words)
+
+    @staticmethod
+    def _check(texts) -> list[str]:
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("encode expects a list of strings, got a single string")
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} is {type(t).__name__}, expected str")
+        return texts
+
+
+def build_vocab(texts: Iterable[str], vocab_size: int, out_path, lowercase: bool = True,
+                min_frequency: int = 2) -> pathlib.Path:
+    """Learns a WordPiece vocab.txt from ``texts`` with Hugging Face ``tokenizers``.
+
+    Normalization and pre-tokenization are BERT's (same ``lowercase`` switch as
+    :class:`WordPieceTokenizer`), so the vocab fits the tokenizer that will use it.
+    Ids 0-4 are [PAD], [UNK], [CLS], [SEP], [MASK].
+    """
+    from tokenizers import BertWordPieceTokenizer
+
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("build_vocab: no non-empty texts to learn a vocab from")
+    tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
+                                 strip_accents=None if lowercase else False, lowercase=lowercase)
+    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=list(SPECIAL_TOKENS), limit_alphabet=1000,
+                            wordpieces_prefix="##", show_progress=False)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    if tokens[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+        raise RuntimeError(f"unexpected special-token layout {tokens[:5]}")
+    out = pathlib.Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
