@@ -180,7 +180,8 @@ class MultiHeadAttention(nnx.Module):
         self.key = Dense((kv_features,), hd, ("embed",), ("heads", "kv"), use_bias=qkv_bias, **common)
         self.value = Dense((kv_features,), hd, ("embed",), ("heads", "kv"), use_bias=qkv_bias, **common)
         self.out = Dense(hd, (features,), ("heads", "kv"), ("embed",), use_bias=out_bias, **common)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        # Attention-probability dropout; without it no RNG state is stored in the module.
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> jax.Array:
