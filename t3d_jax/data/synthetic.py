@@ -340,6 +340,10 @@ class _Chest:
         pa0 = np.array([hc[0] - 5, hc[1] + 10, hc[2] + hr[2] * 0.5])
         pa1 = np.array([self.xmed - 8, y_tr - 5, self.z_carina - 12])
         cv.capsule(pa0, pa1, 12, self.blood_hu, within=self.cavity)
+        # the lungs end where the heart and the mediastinal vessels drawn so far begin
+        aerated = cv.hu < -600
+        self.lung_right &= aerated
+        self.lung_left &= aerated
         # airways: trachea, main bronchi, lobar/segmental bronchi from each hilum
         thick = "Peribronchial thickening" in self.positive
         wall = self.rngs["Peribronchial thickening"].uniform(3.5, 5.0) if thick else 1.2
@@ -455,7 +459,7 @@ class _Chest:
         off = rng.uniform(0, s, 3)
         parity = (np.floor((x + off[0]) / s) + np.floor((y + off[1]) / s)
                   + np.floor((z + off[2]) / s)) % 2
-        paren = lungs & (cv.hu < -600)
+        paren = lungs & (cv.hu > -960) & (cv.hu < -600)  # parenchyma, not airway lumen
         dark = np.broadcast_to(parity == 0, paren.shape)
         cv.hu[paren & dark] -= u(80, 100)
         cv.hu[paren & ~dark] += u(80, 110)
@@ -466,7 +470,8 @@ class _Chest:
         for side in ("left", "right"):
             for _ in range(int(rng.integers(8, 14))):
                 cv.ellipsoid(self.lung_point(rng, side, (0.5, 0.95), margin=4), (u(9, 16),) * 3,
-                             u(-995, -965), within=self.lung(side), mode="min")
+                             u(-995, -965), within=self.lung(side), mode="min",
+                             where=lambda h: h < -600)  # vessels stay
         F["Emphysema"] = {"zone": "upper"}
 
     def _septal(self, rng, u, cv, F):
