@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -75,6 +76,21 @@ def test_torch_bin_with_bert_prefix_and_assign_into_submodule(tmp_path):
     diff = float(np.abs(np.asarray(out) - ref).max())
     print(f"\nBERT from pytorch_model.bin with 'bert.' prefix: max|dh|={diff:.2e}")
     assert diff < TOL
+
+    # Functional form on a split state whose leaves are sharded over a mesh: same weights land,
+    # shardings are kept.
+    fresh = TwoTower()
+    graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(params, replicated)
+    loaded = convert.into_state(params, state, prefix=("text",), allow_missing=(("pooler",),))
+    leaf = loaded["text"]["layers"][0]["attn"]["query"]["kernel"]
+    assert leaf[...].sharding == replicated
+    out2 = nnx.merge(graphdef, loaded, rest).text(jnp.asarray(ids), jnp.asarray(mask))["hidden"]
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+    with pytest.raises(KeyError, match="no parameters under"):
+        convert.into_state(params, state, prefix=("image",))
 
 
 def test_bin_is_read_weights_only(tmp_path):

@@ -10,6 +10,8 @@ API (two layers, so a trainer can load weights into a sub-module of a bigger mod
   (any sub-module of a larger model), checking that every path exists, shapes agree and that
   no parameter is left unloaded (except paths starting with an ``allow_missing`` prefix);
   values are cast to each parameter's dtype.  Errors name the offending paths.
+* ``into_state(params, state, prefix=('text_encoder',))`` is the functional form for a split
+  ``nnx.State`` (what a trainer holds after ``nnx.split``); it keeps each value's sharding.
 * ``load_hf_bert(path)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` do both
   and return a ready module, e.g.::
 
@@ -34,6 +36,7 @@ import pathlib
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -86,24 +89,61 @@ def _tensors_to_numpy(obj: Any, where: str) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- assigning
+def _check_paths(targets: Mapping[tuple, tuple], state: Mapping[tuple, Any], allow_missing, what: str) -> None:
+    """Every state path must be a target path with the same shape, and every target be covered."""
+    unknown = sorted(set(state) - set(targets), key=str)
+    if unknown:
+        raise KeyError(f"checkpoint has weights with no place in {what}: {unknown[:10]}")
+    missing = [p for p in targets if p not in state and not any(p[:len(a)] == tuple(a) for a in allow_missing)]
+    if missing:
+        raise KeyError(f"checkpoint lacks weights for {what} parameters: {sorted(missing, key=str)[:10]}")
+    for p, value in state.items():
+        if tuple(np.shape(value)) != tuple(targets[p]):
+            raise ValueError(f"shape mismatch at {'/'.join(map(str, p))}: checkpoint {tuple(np.shape(value))}, "
+                             f"model {tuple(targets[p])}")
+
+
 def assign(module: nnx.Module, state: Mapping[tuple, Any], *, allow_missing: tuple[tuple, ...] = ()) -> nnx.Module:
     """Writes a flat state ``{path: array}`` into ``module``'s ``nnx.Param`` leaves, in place."""
     params = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)}
-    unknown = sorted(set(state) - set(params), key=str)
-    if unknown:
-        raise KeyError(f"checkpoint has weights with no place in {type(module).__name__}: {unknown[:10]}")
-    missing = [p for p in params if p not in state and not any(p[:len(a)] == tuple(a) for a in allow_missing)]
-    if missing:
-        raise KeyError(f"checkpoint lacks weights for {type(module).__name__} parameters: {sorted(missing, key=str)[:10]}")
+    _check_paths({p: v[...].shape for p, v in params.items()}, state, allow_missing, type(module).__name__)
     for p, value in state.items():
         var = params[p]
-        value = np.asarray(value)
-        current = var[...]
-        if tuple(value.shape) != tuple(current.shape):
-            raise ValueError(f"shape mismatch at {'/'.join(map(str, p))}: checkpoint {value.shape}, "
-                             f"model {tuple(current.shape)}")
-        var[...] = jnp.asarray(value, dtype=current.dtype)
+        var[...] = jnp.asarray(np.asarray(value), dtype=var[...].dtype)
     return module
+
+
+def into_state(params: nnx.State, state: Mapping[tuple, Any], *, prefix: tuple = (),
+               allow_missing: tuple[tuple, ...] = ()) -> nnx.State:
+    """Functional form of :func:`assign` for a split parameter state (as a trainer holds it).
+
+    ``params`` is e.g. ``nnx.split(model, nnx.Param)[1]`` of a whole two-tower model and
+    ``prefix`` the sub-module's path (``('text_encoder',)``); only paths under ``prefix`` are
+    checked and replaced.  Each new value keeps the dtype and (if it is a placed
+    ``jax.Array``) the sharding of the value it replaces.  Returns a new State.
+    """
+    prefix = tuple(prefix)
+    flat = list(params.flat_state())
+    leaves = {tuple(p)[len(prefix):]: leaf for p, leaf in flat if tuple(p)[:len(prefix)] == prefix}
+    if not leaves:
+        raise KeyError(f"no parameters under {'/'.join(map(str, prefix)) or 'the root'} in this state")
+
+    def raw(leaf):
+        return leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+
+    _check_paths({p: raw(v).shape for p, v in leaves.items()}, state, allow_missing,
+                 "/".join(map(str, prefix)) or "state")
+    out = []
+    for p, leaf in flat:
+        rel = tuple(p)[len(prefix):]
+        if tuple(p)[:len(prefix)] == prefix and rel in state:
+            old = raw(leaf)
+            new = jnp.asarray(np.asarray(state[rel]), dtype=old.dtype)
+            if isinstance(old, jax.Array) and hasattr(old, "sharding"):
+                new = jax.device_put(new, old.sharding)
+            leaf = leaf.replace(new) if isinstance(leaf, nnx.Variable) else new
+        out.append((p, leaf))
+    return nnx.State.from_flat_path(out)
 
 
 def _default_rngs(rngs):
