@@ -26,6 +26,7 @@ out per label; a label with only one class present gets NaN AUC and is left out 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -267,7 +268,8 @@ def evaluate_scores(
     mean = {}
     for i, m in enumerate(METRICS):
         pt = float(np.mean(point[i, defined])) if defined.any() else math.nan
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a resample may lack every positive of a label
+            warnings.simplefilter("ignore", RuntimeWarning)
             sample_means = np.nanmean(np.where(defined[None], boots[i], np.nan), axis=1) if defined.any() else np.array([])
         mean[m] = _summary(pt, sample_means, alpha)
     return {

@@ -1,0 +1,157 @@
+"""launch/evaluate.py's engine: checkpoint restore, embedding, files, table, periodic hooks.
+
+Checkpoints are written straight from the training program (init, then a perturbed copy)
+instead of training, so the test is about evaluation plumbing: the figures in the files
+must be what the restored parameters produce on the evaluated split (recomputed here
+from the in-memory model, independently of the runner) and must agree with each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from configs.t3d import get_config
+from t3d_jax.data.labels import CT_RATE_LABELS
+from t3d_jax.evaluate import runner, zeroshot
+from t3d_jax.train import checkpoint as ckpt_lib
+from t3d_jax.train import hooks
+from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.train import step as step_lib
+
+# Same inputs, same compiled math, different batch padding: float32 reassociation only.
+EMB_TOL = 1e-5
+
+
+def tiny_config(data_dir):
+    c = get_config("tiny")
+    c.data.dir = str(data_dir)
+    c.preprocess.max_len = 16
+    c.eval.batch_size = 4
+    c.eval.num_bootstrap = 40
+    c.checkpoint.async_save = False
+    return c
+
+
+def write_checkpoints(config, workdir, steps_and_scales):
+    """Saves the initial params scaled by each factor at each step; returns the states."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    jax.set_mesh(mesh)
+    program = step_lib.make_train_program(config, mesh)
+    base = program.init()
+    manager = ckpt_lib.make_manager(workdir / "checkpoints", config.checkpoint)
+    states = {}
+    for step, scale in steps_and_scales:
+        state = dict(base, params=jax.tree.map(lambda p: p * scale, base["params"]))
+        ckpt_lib.save(manager, step, state, None, force=True)
+        states[step] = state
+    manager.wait_until_finished()
+    manager.close()
+    return program, states
+
+
+@pytest.fixture(scope="module")
+def run(tiny_prepared_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("eval_run")
+    config = tiny_config(tiny_prepared_dir)
+    program, states = write_checkpoints(config, workdir, [(3, 1.0), (7, 1.3)])
+    return config, workdir, program, states
+
+
+def reference_scores(program, state, config):
+    """Zero-shot scores computed directly: model from the saved state, eval pipeline, prompts."""
+    from t3d_jax.data.pipeline import eval_iterator
+
+    model = program.model(state)
+    tok = runner.make_tokenizer(config)
+    pos, neg = zeroshot.build_prompts(CT_RATE_LABELS)
+    ids, mask = tok.encode(pos + neg)
+    text = np.asarray(model.embed_text(ids, mask))
+    vols, vids = [], []
+    for batch in eval_iterator(config.data, "valid", 8):
+        keep = np.asarray(batch["valid"], bool)
+        vols.append(np.asarray(model.embed_volume(batch["volume"]))[keep])
+        vids += [str(i) for i in np.asarray(batch["id"])[keep]]
+    scale = math.exp(min(float(np.asarray(model.logit_scale[...])), math.log(config.loss.logit_scale_max)))
+    vol = np.concatenate(vols).astype(np.float64)
+    logits = scale * np.stack([vol @ text[:18].T, vol @ text[18:].T], -1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return vids, (probs / probs.sum(-1, keepdims=True))[..., 0]
+
+
+def read_predictions(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    ids = [r["id"] for r in rows]
+    scores = np.array([[float(r[f"score:{n}"]) for n in CT_RATE_LABELS] for r in rows])
+    labels = np.array([[float(r[f"label:{n}"]) for n in CT_RATE_LABELS] for r in rows])
+    return ids, scores, labels
+
+
+def test_latest_checkpoint_files_and_figures(run, capsys):
+    config, workdir, program, states = run
+    metrics, out = runner.evaluate_checkpoint(config, workdir)
+    assert out == workdir / "eval" / "7"
+    for name in ("metrics.json", "per_label.csv", "predictions.csv", "roc_grid.png", "retrieval_recall.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "roc_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # predictions.csv holds what the restored step-7 parameters produce.
+    ids, scores, labels = read_predictions(out / "predictions.csv")
+    ref_ids, ref = reference_scores(program, states[7], config)
+    assert ids == ref_ids and len(ids) == 8
+    np.testing.assert_allclose(scores, ref, atol=2e-6)  # csv keeps 6 decimals
+
+    # metrics.json agrees with an independent recomputation from predictions.csv.
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["step"] == 7 and saved["split"] == "valid" and saved["num_volumes"] == 8
+    aucs = [roc_auc_score(labels[:, c], scores[:, c]) for c in range(18) if len(set(labels[:, c])) == 2]
+    assert saved["zeroshot"]["num_labels_in_mean"] == len(aucs)
+    assert saved["zeroshot"]["mean"]["auc"]["value"] == pytest.approx(np.mean(aucs), abs=1e-4)
+    assert saved["zeroshot"]["num_bootstrap"] == 40
+    assert set(saved["retrieval"]["report_to_volume"]) == {"R@1", "R@5", "R@10", "R@50", "R@100"}
+    assert "zeroshot_leakfree" in saved and "train" in saved["zeroshot_leakfree"]["thresholds_from"]
+    assert "linear_probe" in saved
+    # Labels with one class only carry null (JSON has no NaN), never a number.
+    never = CT_RATE_LABELS[17]
+    assert saved["zeroshot"]["per_label"][never]["auc"]["value"] is None
+
+    with open(out / "per_label.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == list(CT_RATE_LABELS)
+    table = capsys.readouterr().out
+    assert "MEAN" in table and "roc_grid.png" in table and "Retrieval report to volume" in table
+
+
+def test_explicit_checkpoint_step_and_errors(run):
+    config, workdir, program, states = run
+    metrics, out = runner.evaluate_checkpoint(config, workdir, step=3)
+    assert out.name == "3"
+    _, scores, _ = read_predictions(out / "predictions.csv")
+    _, ref = reference_scores(program, states[3], config)
+    np.testing.assert_allclose(scores, ref, atol=2e-6)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5; have \[3, 7\]"):
+        runner.load_checkpoint(config, workdir, 5)
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        runner.load_checkpoint(config, workdir / "nowhere")
+
+
+def test_periodic_evaluators_share_one_embedding_pass(run, monkeypatch):
+    config, workdir, program, states = run
+    calls = []
+    real = runner.embed_split
+    monkeypatch.setattr(runner, "embed_split", lambda e, d, split, b: calls.append(split) or real(e, d, split, b))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    ctx = hooks.EvalContext(model=program.model(states[7]), config=config, step=11, workdir=str(workdir), mesh=mesh)
+    out = hooks.run_evaluators(("zeroshot", "retrieval", "linear_probe"), ctx)
+    assert sorted(calls) == ["train", "valid"]  # once per split, not once per evaluator
+    assert 0.0 <= out["eval/zeroshot/mean_auc"] <= 1.0
+    assert "eval/retrieval/report_to_volume/R@5" in out
+    assert "eval/linear_probe/mean_auc" in out
+    assert not (workdir / "eval" / "11").exists()  # scalar evaluators write no files
