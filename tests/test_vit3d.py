@@ -106,6 +106,10 @@ def test_patch_dropout_keeps_fraction_and_indexes_tokens():
     gathered = np.take_along_axis(np.asarray(full["tokens"]), idx[:, :, None], axis=1)
     np.testing.assert_allclose(np.asarray(a["tokens"]), gathered, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(full["token_index"]), np.tile(np.arange(n), (3, 1)))
+    # An explicit key makes the choice reproducible (for a functional train step).
+    c = model(x, deterministic=False, rngs=jax.random.key(3))
+    d = model(x, deterministic=False, rngs=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(c["token_index"]), np.asarray(d["token_index"]))
 
 
 def test_bfloat16_compute_agrees_with_float32():
@@ -156,6 +160,8 @@ def test_logical_names_on_every_parameter():
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             assert names[tuple(path)] is not None and len(names[tuple(path)]) == var[...].ndim, path
+            # only names the config's sharding_rules table knows (None = never split)
+            assert set(names[tuple(path)]) <= set(get_config("tiny").sharding_rules) | {None}, path
 
 
 def test_config_from_project_config_and_errors():

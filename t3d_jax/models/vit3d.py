@@ -65,7 +65,7 @@ class ViT3DConfig:
     pos_embed: str = "sincos"  # sincos | learned
     pool: str = "mean"  # mean | cls
     qkv_bias: bool = True
-    patch_dropout: float = 0.0  # fraction of tokens dropped when deterministic=False
+    patch_dropout: float = 0.0  # fraction of tokens DROPPED when deterministic=False (keep = 1 - this)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | nothing_saveable
     layer_norm_eps: float = 1e-6
     dtype: Any = "float32"
@@ -107,6 +107,7 @@ class ViT3DConfig:
             in_channels=c.get("in_channels", 1), pos_embed=c.get("pos_embed", "sincos"),
             pool=c.get("pool", "mean"), qkv_bias=c.get("qkv_bias", True),
             patch_dropout=c.get("patch_dropout", 0.0), remat=c.get("remat", "none"),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-6),  # 1e-5 to match MONAI-pretrained weights
             dtype=dtype, param_dtype=param_dtype)
 
 
