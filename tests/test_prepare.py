@@ -14,7 +14,6 @@ import pathlib
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -57,10 +56,6 @@ def _phantom(shape, seed):
     data[2:-2, 2:-2, 1:-1] = rng.integers(-50, 80, size=(shape[0] - 4, shape[1] - 4, shape[2] - 2))
     data[4:-4, 4:8, 2:-2] = -850
     return data
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
 
 
 @pytest.fixture(scope="module")

@@ -298,7 +298,6 @@ def write_dicom_series(folder: pathlib.Path, truth_ras: np.ndarray, spacing, ori
     i.e. canonical voxel (nx-1-c, ny-1-r, k). File names are shuffled so order must come from
     ImagePositionPatient. Each slice may have its own RescaleSlope; intercept -1024.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

@@ -9,7 +9,6 @@ lung parenchyma well below -500, soft tissue inside the body near 0-100.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import nibabel as nib
 import numpy as np

@@ -242,7 +242,8 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                         writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size)
                     writers[row.split].write(record)
                 bar.update(1)
-                bar.set_postfix(written=sum(w.num_records for w in writers.values()), rejected=len(errors))
+                bar.set_postfix(written=sum(w.num_records for w in writers.values()), rejected=len(errors),
+                                refresh=False)
         new_files: list[str] = []
         splits_meta = {}
         for split in sorted(writers):
