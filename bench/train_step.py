@@ -1,0 +1,215 @@
+r"""Train-step speed on this CPU: step time, examples/s and MFU for the tiny, demo, small configs.
+
+  python bench/train_step.py [--configs tiny,demo,small] [--steps 10] [--out bench_train_step.json]
+  python bench/train_step.py --configs small --set small:train.global_batch_size=4
+
+The step is the trainer's own (`t3d_jax.train.step.make_train_program`: the jitted, donated
+step `launch/train.py` runs) on one CPU device, fed a synthetic batch of the data contract's
+shapes (numbers do not change the FLOPs). FLOPs per step come from XLA's cost analysis of the
+compiled step; MFU = FLOPs / step time / peak, where the peak is a float32 2048^3 matmul
+measured by this script in the same run (best of several), i.e. what XLA:CPU itself reaches on
+the op the step is made of. Every config runs in float32 (XLA:CPU's bf16 path is slower);
+`small` is a GPU config and gets a smaller global batch here so a step takes seconds.
+
+The machine is shared: the load average is recorded next to the figures, and the step time
+is the median of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Per-config settings for this CPU bench (batch sizes chosen so a step takes < ~10 s here).
+BENCH_OVERRIDES = {
+    "tiny": {"model.dtype": "float32"},
+    "demo": {"model.dtype": "float32"},
+    "small": {"model.dtype": "float32", "train.global_batch_size": 8},
+}
+DEFAULT_STEPS = {"tiny": 20, "demo": 10, "small": 5}
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted n^3 matmul on the default device (the MFU denominator)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def load_config(name: str, overrides: dict[str, object]):
+    """configs/t3d.py:`name` with dotted-key overrides (values converted to the key's type)."""
+    from configs import t3d
+
+    config = t3d.get_config(name)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        current = node[leaf]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = type(current)(json.loads(value)) if current is not None else json.loads(value)
+        node[leaf] = value
+    return config
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A training batch of the pipeline's contract (views, crop boxes, tokens, labels)."""
+    b = int(config.train.global_batch_size)
+    v = int(config.data.num_views)
+    size = tuple(int(s) for s in config.data.view_size)
+    length = int(config.preprocess.max_len)
+    frac = rng.uniform(config.data.crop_min, config.data.crop_max, size=(b, v, 1, 3))
+    lo = rng.uniform(0, 1, size=(b, v, 1, 3)) * (1 - frac)
+    boxes = np.concatenate([lo, lo + frac], axis=2).astype(np.float32)
+    lengths = rng.integers(length // 4, length, size=b)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(1000, int(config.model.text.vocab_size), size=(b, length)).astype(np.int32) * mask
+    ids[:, 0] = 101  # [CLS]
+    return {
+        "views": rng.standard_normal((b, v, *size, 1)).astype(np.float32),
+        "boxes": boxes,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": rng.integers(0, 2, size=(b, len(config.data.label_names))).astype(np.float32),
+    }
+
+
+class JaxTrainStep:
+    """The trainer's compiled step on one device, callable one step at a time (for interleaving)."""
+
+    def __init__(self, config):
+        from t3d_jax.train import mesh as mesh_lib
+        from t3d_jax.train import step as step_lib
+
+        config.mesh.shape = (1, 1)
+        devices = jax.local_devices()[:1]
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+        jax.set_mesh(self.mesh)
+        self.config = config
+        self.program = step_lib.make_train_program(config, self.mesh)
+        t0 = time.perf_counter()
+        self.compiled = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.flops = step_lib.flops_per_step(self.compiled)
+        self.state = self.program.init()
+        batch = synthetic_batch(config, np.random.default_rng(0))
+        self.batch = step_lib.global_batch(batch, self.program.batch_shardings)
+        self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
+        mem = self.compiled.memory_analysis()
+        self.memory_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+        self.last_loss = float("nan")
+
+    def __call__(self) -> float:
+        """Runs one step to completion; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.batch)
+        loss = metrics["loss"].block_until_ready()
+        dt = time.perf_counter() - t0
+        self.last_loss = float(loss)
+        return dt
+
+
+def bench_config(name: str, steps: int, overrides: dict, peak: float) -> dict:
+    config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides})
+    step = JaxTrainStep(config)
+    step()  # first run: allocation, caches
+    times = [step() for _ in range(steps)]
+    median = statistics.median(times)
+    gbs = int(config.train.global_batch_size)
+    return {
+        "config": name, "overrides": {**BENCH_OVERRIDES.get(name, {}), **overrides},
+        "model": str(config.model.name), "image_size": str(config.model.image.size),
+        "text_size": str(config.model.text.size), "view_size": list(config.data.view_size),
+        "num_views": int(config.data.num_views), "global_batch_size": gbs,
+        "params": step.params, "compile_s": step.compile_s, "steps_timed": steps,
+        "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+        "examples_per_s": gbs / median, "flops_per_step": step.flops,
+        "achieved_flops_per_s": step.flops / median, "mfu": step.flops / median / peak,
+        "compiled_memory_bytes": step.memory_bytes, "final_loss": step.last_loss,
+    }
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "jax": jax.__version__, "devices": str(jax.devices()),
+            "loadavg_start": os.getloadavg()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny,demo,small")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per config (0 = per-config default)")
+    parser.add_argument("--set", action="append", default=[], metavar="CONFIG:KEY=VALUE",
+                        help="extra override for one config, e.g. small:train.global_batch_size=4")
+    parser.add_argument("--out", default="bench_train_step.json")
+    args = parser.parse_args(argv)
+
+    names = [n for n in args.configs.split(",") if n]
+    extra: dict[str, dict] = {n: {} for n in names}
+    for item in args.set:
+        try:
+            cfg_name, kv = item.split(":", 1)
+            key, value = kv.split("=", 1)
+        except ValueError:
+            parser.error(f"--set {item!r}: expected CONFIG:KEY=VALUE")
+        extra.setdefault(cfg_name, {})[key] = value
+
+    info = machine_info()
+    peak = measure_matmul_peak()
+    print(f"{info['cpu']} ({info['cpu_count']} cores), load {info['loadavg_start']}; "
+          f"float32 2048^3 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for name in names:
+        row = bench_config(name, args.steps or DEFAULT_STEPS.get(name, 10), extra.get(name, {}), peak)
+        rows.append(row)
+        print(f"  {name}: {row['step_s_median'] * 1e3:.1f} ms/step", flush=True)
+    peak_end = measure_matmul_peak()
+    header = f"{'config':8} {'batch':>5} {'views':>14} {'params':>8} {'step ms':>9} {'ex/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'MFU':>6}"
+    print(header)
+    for r in rows:
+        views = f"{r['num_views']}x" + "x".join(str(s) for s in r["view_size"])
+        print(f"{r['config']:8} {r['global_batch_size']:5d} {views:>14} {r['params'] / 1e6:7.1f}M "
+              f"{r['step_s_median'] * 1e3:9.1f} {r['examples_per_s']:8.1f} {r['flops_per_step'] / 1e9:11.2f} "
+              f"{r['achieved_flops_per_s'] / 1e9:8.1f} {100 * r['mfu']:5.1f}%")
+    result = {"machine": {**info, "loadavg_end": os.getloadavg()},
+              "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,
+              "peak_definition": "best of 5 jitted float32 2048x2048x2048 matmuls, same process",
+              "command": " ".join(["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows}
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
