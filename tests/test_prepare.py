@@ -289,3 +289,14 @@ def test_cli_prints_summary_last(dataset, bert_vocab, tmp_path):
 def test_default_vocab_is_the_bundled_bert_vocab(bert_vocab):
     path = prepare.default_vocab_path()
     assert path.read_bytes() == pathlib.Path(bert_vocab).read_bytes()
+
+
+def test_label_names_select_and_order_columns(dataset, bert_vocab, tmp_path, capsys):
+    out = tmp_path / "sel"
+    prepare.prepare_dataset(dataset["manifest"], out, preset=TINY, vocab=bert_vocab, max_len=8, workers=0,
+                            label_names=["Emphysema", "Lung nodule"], progress=False)
+    assert shards.read_dataset_json(out)["label_names"] == ["Emphysema", "Lung nodule"]
+    rec = {r["id"]: r for r in shards.iter_records(out, "train")}["good_ras"]
+    assert rec["labels"][0] == 0 and math.isnan(rec["labels"][1])  # Emphysema 0; no Lung nodule column
+    err = capsys.readouterr().err
+    assert "not stored: ['Cardiomegaly']" in err and "unknown (NaN): ['Lung nodule']" in err

@@ -373,3 +373,11 @@ def test_dicom_folder_without_dicom_and_single_file(tmp_path):
     folder = write_dicom_series(tmp_path / "s", _dicom_truth(), (1, 1, 1), (0, 0, 0))
     with pytest.raises(VolumeError, match="single DICOM file"):
         P.load_volume(next(folder.iterdir()))
+
+
+def test_rgb_nifti_is_rejected_as_not_ct(tmp_path):
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    with pytest.raises(VolumeError, match="not a scalar intensity"):
+        P.load_volume(path)

@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from typing import Sequence
@@ -200,6 +201,13 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
 
     rows, manifest_labels = read_manifest(manifest)
     label_names = list(manifest_labels if label_names is None else label_names)
+    ignored = [n for n in manifest_labels if n not in label_names]
+    absent = [n for n in label_names if n not in manifest_labels]
+    if ignored:
+        print(f"prepare: manifest columns not in the label names, not stored: {ignored}", file=sys.stderr)
+    if absent:
+        print(f"prepare: label names without a manifest column, stored as unknown (NaN): {absent}",
+              file=sys.stderr)
 
     errors: list[dict] = []
 

@@ -158,6 +158,9 @@ def _load_nifti(path: pathlib.Path) -> Volume:
     uses_pixdim = int(raw_header["sform_code"]) == 0  # else the affine comes from the sform
     if not all(math.isfinite(z) for z in pixdim) or (uses_pixdim and not all(z > 0 for z in pixdim)):
         raise VolumeError(f"{path}: voxel spacing (pixdim) {pixdim} in the header is zero, negative or NaN")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: voxel type {dtype} is not a scalar intensity (RGB/complex images are not CT)")
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except Exception as err:  # truncated gzip, short file, bad zlib stream, ...
