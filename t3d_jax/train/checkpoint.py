@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import signal
 import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -56,7 +58,8 @@ def from_storable(tree, abstract_tree):
     def one(x, a):
         if not _is_key(a):
             return x
-        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(a))
+        impl = a.dtype._impl if hasattr(a.dtype, "_impl") else jax.random.key_impl(a)
+        return jax.random.wrap_key_data(x, impl=impl)
     return jax.tree.map(one, tree, abstract_tree)
 
 
@@ -102,17 +105,40 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
     """(state, step) of the newest readable checkpoint, or (None, None) when there is none.
 
-    A listed step that fails to read is reported and skipped; the previous one is used.
+    A listed step that fails to read is reported and skipped; the previous one is used. If
+    there are checkpoints but none can be read, this raises instead of silently starting over.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
         try:
             state = restore(manager, step, abstract_state, data_iterator)
         except Exception as e:  # unreadable/incomplete step: fall back, say why
             log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous",
                         step, manager.directory, type(e).__name__, str(e)[:300])
+            errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+            _quarantine(manager, step)
             continue
         return state, step
+    if steps:
+        raise RuntimeError(f"{manager.directory}: none of the checkpoints {steps} can be restored "
+                           f"(starting over would overwrite them):\n" + "\n".join(errors))
     return None, None
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves an unreadable step aside (kept for inspection) so the run can save that step again."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        src = pathlib.Path(os.fspath(manager.directory)) / str(step)
+        dst = src.with_name(f"{step}.unreadable-{int(time.time())}")
+        if src.exists():
+            src.rename(dst)
+            log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"t3d_quarantine_{step}")
+    manager.reload()
 
 
 def restore_params(directory: str | os.PathLike, abstract_state, step: int = -1):

@@ -9,8 +9,8 @@ checkpoint.py, metrics.py, hooks.py (evaluators).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -118,16 +118,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
                                process_count=jax.process_count())
 
     # ======================================================================================
-    # Program: sharded state + jitted step, compiled once up front
+    # Program: sharded state layout + the jitted step (cached per config and mesh)
     # ======================================================================================
-    program = step_lib.make_train_program(config, mesh, model_factory)
-    t0 = time.perf_counter()
-    compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
-    flops = step_lib.flops_per_step(compiled)
+    program = step_lib.get_train_program(config, mesh, model_factory)
     total, trainable = optim_lib.count_params(program.abstract_state["params"], program.frozen_mask)
-    log.info("compiled the train step in %.1fs; %s parameters (%s trainable); %.3g GFLOP/step/device",
-             time.perf_counter() - t0, f"{total:,}", f"{trainable:,}", flops / 1e9)
-    log.info("%s", metrics_lib.describe_memory(compiled))
+    log.info("model %s: %s parameters (%s trainable)", config.model.name, f"{total:,}", f"{trainable:,}")
 
     # ======================================================================================
     # State: resume from WORKDIR, else initialise (optionally from pretrained weights)
@@ -142,6 +137,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
         state = program.init()
         state = init_from_pretrained(config, program, state)
     start = int(start)
+
+    # ======================================================================================
+    # Compile: trace + compile the step once on the first real batch; log memory and FLOPs
+    # ======================================================================================
+    first_local = next(data_iter) if start < num_steps else None
+    flops = math.nan
+    if first_local is not None:
+        t0 = time.perf_counter()
+        compiled = program.step.lower(
+            state, step_lib.global_batch(first_local, program.batch_shardings)).compile()
+        flops = step_lib.flops_per_step(compiled)
+        log.info("compiled the train step in %.1fs; %.3g GFLOP/step/device",
+                 time.perf_counter() - t0, flops / 1e9)
+        log.info("%s", metrics_lib.describe_memory(compiled))
     watcher = ckpt_lib.PreemptionWatcher(manager)
     logger = metrics_lib.MetricLogger(
         workdir, total_steps=num_steps, start_step=start, log_every=int(config.train.log_every),
@@ -160,11 +169,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
     step = start
     try:
         while step < num_steps:
-            local = next(data_iter)
+            local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
             if step + 1 in nan_steps:  # debug knob: poison this step's batch
                 local = dict(local, views=np.full_like(local["views"], np.nan))
             batch = step_lib.global_batch(local, program.batch_shardings)
-            state, metrics = compiled(state, batch)
+            state, metrics = program.step(state, batch)  # traced and compiled once (above)
             step += 1
             previous = logger.push(step, metrics)  # reads the *previous* step's metrics
             _check_bad_steps(previous, max_bad, manager, ckpt_dir)

@@ -91,7 +91,7 @@ def make_optimizer(optim_config, params, num_steps: int
     schedule = learning_rate_schedule(optim_config, num_steps)
     labels, decay_mask = param_labels(params, optim_config)
     multipliers = dict(optim_config.lr_multipliers or {})
-    used = set(jax.tree.leaves(labels))
+    used = sorted(set(jax.tree.leaves(labels)))
 
     def adamw(mult: float) -> optax.GradientTransformation:
         return optax.adamw(

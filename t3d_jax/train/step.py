@@ -47,10 +47,11 @@ ModelFactory = Callable[[nnx.Rngs], nnx.Module]
 
 
 def default_model_factory(config) -> ModelFactory:
-    """`t3d_jax.models.build_model(config.model, rngs=...)` (imported lazily)."""
+    """`t3d_jax.models.build_model_from_config(config, rngs=...)` (imported lazily): the model
+    named by config.model.name with config.loss and the view size of config.data."""
     def factory(rngs: nnx.Rngs) -> nnx.Module:
-        from t3d_jax.models import build_model
-        return build_model(config.model, rngs=rngs)
+        from t3d_jax.models import build_model_from_config
+        return build_model_from_config(config, rngs=rngs)
     return factory
 
 
@@ -96,6 +97,12 @@ class TrainProgram:
     def with_shardings(self, tree_abstract, shardings):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             tree_abstract, shardings)
+
+
+def _strong_type(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x
+    return jax.lax.convert_element_type(x, x.dtype)
 
 
 def _split_model(model: nnx.Module):
@@ -146,7 +153,10 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     def init() -> dict:
         model = _build_model(factory, seed)
         _, params, rest = _split_model(model)
-        params = params.to_pure_dict()
+        # Strong types throughout: a weak-typed leaf (e.g. from jnp.asarray(2.6)) would come
+        # back strong from the step and force a second trace.
+        params = jax.tree.map(_strong_type, params.to_pure_dict())
+        rest = jax.tree.map(_strong_type, rest)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -281,6 +291,28 @@ def mirror_param_shardings(opt_state, params, param_shardings, default):
         return default
 
     return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+_PROGRAMS: dict[tuple, TrainProgram] = {}
+# Config sections that shape the compiled program (everything else is host-side).
+_PROGRAM_KEYS = ("model", "loss", "optim", "mesh", "sharding_rules", "preprocess")
+
+
+def get_train_program(config, mesh: jax.sharding.Mesh,
+                      model_factory: ModelFactory | None = None) -> TrainProgram:
+    """`make_train_program`, memoised per (program-relevant config, mesh, factory), so calling
+    `train_and_evaluate` again in one process (tests, notebooks) reuses the compiled step."""
+    import json
+
+    sections = {k: config[k].to_dict() for k in _PROGRAM_KEYS if k in config}
+    sections["train"] = {k: config.train[k] for k in
+                         ("global_batch_size", "grad_accum_steps", "num_steps", "seed")}
+    sections["data"] = {k: config.data[k] for k in ("num_views", "view_size", "label_names")}
+    key = (json.dumps(sections, sort_keys=True, default=str), mesh.shape_tuple,
+           tuple(d.id for d in mesh.devices.flat), model_factory)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = make_train_program(config, mesh, model_factory)
+    return _PROGRAMS[key]
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict) -> dict[str, jax.Array]:
