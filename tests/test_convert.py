@@ -56,7 +56,10 @@ def test_torch_bin_with_bert_prefix_and_assign_into_submodule(tmp_path):
     cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=48, max_position_embeddings=32)
     mlm = transformers.BertForMaskedLM(cfg).eval()  # keys 'bert.*' plus 'cls.*' head
-    torch.save(mlm.state_dict(), tmp_path / "pytorch_model.bin")
+    # TF-era names for LayerNorm parameters (gamma/beta) must load too.
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in mlm.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert any(k.startswith("bert.") for k in mlm.state_dict())
 
@@ -91,6 +94,9 @@ def test_torch_bin_with_bert_prefix_and_assign_into_submodule(tmp_path):
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
     with pytest.raises(KeyError, match="no parameters under"):
         convert.into_state(params, state, prefix=("image",))
+    sd["bert.encoder.layer.0.attention.self.distance_embedding.weight"] = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="not understood.*distance_embedding"):
+        convert.hf_bert_state_from_dict({k: v.numpy() for k, v in sd.items()}, bcfg)
 
 
 def test_bin_is_read_weights_only(tmp_path):

@@ -213,6 +213,9 @@ def hf_bert_state_from_dict(sd: Mapping[str, np.ndarray], cfg: BertConfig, where
                            and int(m.group(1)) >= cfg.num_layers})
     if extra_layers:
         raise ValueError(f"{where}: has encoder layers {extra_layers} beyond num_hidden_layers={cfg.num_layers}")
+    leftover = sorted(k for k in sd if k not in used and not k.endswith("position_ids"))
+    if leftover:
+        raise ValueError(f"{where}: BERT weights not understood (unsupported architecture?): {leftover[:10]}")
     return {k: np.ascontiguousarray(v) for k, v in st.items()}
 
 

@@ -82,7 +82,7 @@ class ViT3DConfig:
             raise ValueError(f"patch_dropout is the dropped fraction, in [0, 1): got {self.patch_dropout}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        for i, (s, p) in enumerate(zip(self.image_size, self.patch_size)):
+        for s, p in zip(self.image_size, self.patch_size):
             if s % p:
                 raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         layers.remat_policy(self.remat)  # validates the name
