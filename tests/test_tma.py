@@ -258,7 +258,7 @@ def test_tokens_outside_the_overlap_contribute_nothing():
 # ------------------------------------------------------------------- sharded batch
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("mesh_shape", [(2, 4)])
 def test_sharded_equals_single_device(mesh_shape):
     case = _random_case(13, batch=8, grid=(2, 3, 2), keep=10)
     fn = _jax_value_and_grad(case["grid"], 0.3)
