@@ -151,6 +151,59 @@ def bench_config(name: str, steps: int, overrides: dict, peak: float) -> dict:
     }
 
 
+def _timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown(name: str, overrides: dict, peak: float, repeats: int = 5) -> list[dict]:
+    """Where the step's time goes: each part jitted alone (fwd+bwd), timed, with XLA's FLOPs.
+
+    Parts: image encoder on all views, text encoder, the whole model loss (both encoders,
+    projections, contrastive + TMA), and the full train step (loss + AdamW + guards); the
+    difference between the last two is the optimizer/bookkeeping share.
+    """
+    from flax import nnx
+
+    from t3d_jax.models import build_model_from_config
+
+    config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides})
+    full = JaxTrainStep(config)
+    model = build_model_from_config(config, rngs=nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config, np.random.default_rng(0)).items()}
+    b, v = batch["views"].shape[:2]
+    views = batch["views"].reshape(b * v, *batch["views"].shape[2:])
+
+    def part(loss_of_module, module, *args):
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def f(p, r, *a):  # the non-param state (RNG streams) goes in as an argument: it mutates
+            return loss_of_module(nnx.merge(graphdef, p, r), *a)
+
+        fn = jax.jit(jax.value_and_grad(f))
+        compiled = fn.lower(params, rest, *args).compile()
+        flops = float(compiled.cost_analysis().get("flops", float("nan")))
+        return _timed(compiled, params, rest, *args, repeats=repeats), flops
+
+    rows = []
+    t, f = part(lambda m, x: jnp.sum(m(x, deterministic=False)["pooled"]), model.image_encoder, views)
+    rows.append(("image encoder fwd+bwd", t, f))
+    t, f = part(lambda m, i, a: jnp.sum(m(i, a, deterministic=False)["hidden"][:, 0]), model.text_encoder,
+                batch["input_ids"], batch["attention_mask"])
+    rows.append(("text encoder fwd+bwd", t, f))
+    t, f = part(lambda m, bt: m.loss(bt, step=0, deterministic=False)[0], model, batch)
+    rows.append(("model loss fwd+bwd (all)", t, f))
+    step_t = statistics.median(full() for _ in range(repeats))
+    rows.append(("train step (loss + AdamW + guards)", step_t, full.flops))
+    return [{"config": name, "part": p, "ms": 1e3 * t, "gflop": fl / 1e9, "gflop_per_s": fl / t / 1e9,
+             "fraction_of_peak": fl / t / peak, "fraction_of_step_time": t / step_t} for p, t, fl in rows]
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -171,6 +224,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per config (0 = per-config default)")
     parser.add_argument("--set", action="append", default=[], metavar="CONFIG:KEY=VALUE",
                         help="extra override for one config, e.g. small:train.global_batch_size=4")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the step's parts (image/text encoder, loss, optimizer) per config")
     parser.add_argument("--out", default="bench_train_step.json")
     args = parser.parse_args(argv)
 
@@ -193,6 +248,10 @@ def main(argv=None) -> dict:
         row = bench_config(name, args.steps or DEFAULT_STEPS.get(name, 10), extra.get(name, {}), peak)
         rows.append(row)
         print(f"  {name}: {row['step_s_median'] * 1e3:.1f} ms/step", flush=True)
+    parts = []
+    if args.breakdown:
+        for name in names:
+            parts += breakdown(name, extra.get(name, {}), peak)
     peak_end = measure_matmul_peak()
     header = f"{'config':8} {'batch':>5} {'views':>14} {'params':>8} {'step ms':>9} {'ex/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'MFU':>6}"
     print(header)
@@ -201,7 +260,12 @@ def main(argv=None) -> dict:
         print(f"{r['config']:8} {r['global_batch_size']:5d} {views:>14} {r['params'] / 1e6:7.1f}M "
               f"{r['step_s_median'] * 1e3:9.1f} {r['examples_per_s']:8.1f} {r['flops_per_step'] / 1e9:11.2f} "
               f"{r['achieved_flops_per_s'] / 1e9:8.1f} {100 * r['mfu']:5.1f}%")
-    result = {"machine": {**info, "loadavg_end": os.getloadavg()},
+    if parts:
+        print(f"{'config':8} {'part':36} {'ms':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'of peak':>8} {'of step':>8}")
+        for p in parts:
+            print(f"{p['config']:8} {p['part']:36} {p['ms']:9.1f} {p['gflop']:8.2f} {p['gflop_per_s']:8.1f} "
+                  f"{100 * p['fraction_of_peak']:7.1f}% {100 * p['fraction_of_step_time']:7.1f}%")
+    result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts,
               "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,
               "peak_definition": "best of 5 jitted float32 2048x2048x2048 matmuls, same process",
               "command": " ".join(["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),

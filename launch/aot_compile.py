@@ -15,9 +15,10 @@ from `compiled.cost_analysis()`; the step time the chip's bf16 peak would give (
 roofline: FLOPs / peak, i.e. the time at 100% MFU), XLA's own roofline estimate of the step
 (`optimal_seconds`, which also counts memory-bound ops) and the MFU that estimate implies.
 
-libtpu: jax 0.10.2's `jax[tpu]` extra asks for libtpu==0.0.42.*; this tool uses the installed
-`libtpu` package, or the libtpu.so named by TPU_LIBRARY_PATH, and says how to install it if
-neither is there. It forces JAX_PLATFORMS=cpu so the host never tries to attach a real TPU.
+libtpu: jax 0.10.2's `jax[tpu]` extra asks for libtpu==0.0.42.*; this tool uses the libtpu.so
+named by TPU_LIBRARY_PATH, else the installed `libtpu` package, and says how to install it if
+neither is there. Run as a script it sets JAX_PLATFORMS=cpu, so the host never tries to
+attach a real TPU (the TPU devices here are compile-only).
 """
 
 from __future__ import annotations
@@ -30,15 +31,21 @@ import re
 import sys
 import time
 
-# Compile-only use of libtpu: never attach a TPU, and give libtpu the host facts it would
-# otherwise look up on a TPU VM's metadata server (that lookup only prints errors here).
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu looks these up on a TPU VM's metadata server; for compile-only use it is told them
+# instead (otherwise it prints errors). Set only while the plugin loads, then restored, so a
+# test process that imports this module keeps a clean environment (TPU_WORKER_HOSTNAMES
+# would make jax.distributed think it runs on a pod).
+_LIBTPU_COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # compile-only: no chip to guard
+                            "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
 
-import jax  # noqa: E402  (after the environment above)
+if __name__ == "__main__":
+    # Never attach a real accelerator from this tool: the TPU devices are compile-only.
+    # (Before importing jax: it reads JAX_PLATFORMS at import.)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -98,7 +105,7 @@ def topology_devices(topology: str, num_slices: int = 1):
     from jax.experimental import topologies
 
     chip, dims = parse_topology(topology)
-    ensure_libtpu()
+    library = ensure_libtpu()
     kwargs = {}
     if CHIPS[chip].megacore:
         # One jax device per chip (both TensorCores), as on a real v4/v5p VM; without this
@@ -106,7 +113,17 @@ def topology_devices(topology: str, num_slices: int = 1):
         full = len(dims) == 3 and all(d >= 4 for d in dims)
         kwargs = dict(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
                       wrap=(full, full, full))
-    desc = topologies.get_topology_desc(topology, platform="tpu", num_slices=num_slices, **kwargs)
+    saved = {k: os.environ.get(k) for k in (*_LIBTPU_COMPILE_ONLY_ENV, "TPU_LIBRARY_PATH")}
+    os.environ.update({k: v for k, v in _LIBTPU_COMPILE_ONLY_ENV.items() if k not in os.environ})
+    os.environ["TPU_LIBRARY_PATH"] = library
+    try:
+        desc = topologies.get_topology_desc(topology, platform="tpu", num_slices=num_slices, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return list(desc.devices)
 
 
