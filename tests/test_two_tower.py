@@ -29,13 +29,13 @@ import t3d as t3d_config  # noqa: E402
 BATCH, VIEWS, LENGTH = 4, 2, 12
 # Float32 model vs float64 oracle on the model's own embeddings: only the oracle's arithmetic
 # differs (see test_contrastive / test_tma), so the same relative tolerance applies.
-RTOL = 1e-4
-# bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op); through a 2-layer ViT,
-# a 2-layer BERT and a projection the normalised embeddings move by ~1e-2. We require every
-# embedding to stay within 0.05 (max abs, unit vectors) and cosine > 0.995 of the float32 one,
-# and the losses within 2% relative: far below the change a wrong cast or a dropped
-# residual produces (O(1)).
-BF16_EMB_ATOL, BF16_MIN_COS, BF16_LOSS_RTOL = 0.05, 0.995, 0.02
+RTOL = 1e-5
+# bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op); through the tiny ViT,
+# BERT, projection and TMA head we measured max |emb_bf16 - emb_f32| = 2.5e-3 (volume) and
+# 3.4e-3 (text), cosine >= 0.99998, and losses within 0.3% relative. Tolerances: embeddings
+# within 0.02 (unit vectors) and cosine > 0.999, losses within 2% relative: several times the
+# measured drift, far below what a wrong cast or a dropped residual produces (O(1)).
+BF16_EMB_ATOL, BF16_MIN_COS, BF16_LOSS_RTOL = 0.02, 0.999, 0.02
 
 
 def _config(name="t3d", **loss):
