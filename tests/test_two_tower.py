@@ -65,7 +65,7 @@ def _batch(seed=0, size=16):
 
 def _jit_loss(model, deterministic=True):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     @jax.jit
     def loss_fn(params, rest, batch, step):
@@ -173,7 +173,7 @@ def test_padding_tokens_do_not_change_tma(t3d_loss, batch):
 def test_prototypes_frozen_for_first_steps(t3d_model):
     """model.loss takes its prototypes from model.prototypes(step): no gradient while step < 3."""
     graphdef, params, rest = nnx.split(t3d_model, nnx.Param, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     weights = jnp.asarray(np.random.default_rng(0).standard_normal((8, 32)), jnp.float32)
 
     @jax.jit
