@@ -198,8 +198,10 @@ def _unit(rng, bias=(0.0, 0.0, 0.0)):
 class _Chest:
     """Draws one chest: anatomy first, then the findings of the positive labels."""
 
-    def __init__(self, rng, shape, spacing):
+    def __init__(self, rng, shape, spacing, positive, label_rngs):
         self.rng, self.cv = rng, _Canvas(shape, spacing)
+        self.positive = set(positive)  # names of the labels to draw
+        self.rngs = label_rngs  # one random stream per label
         u = rng.uniform
         half_xy, half_z = self.cv.extent[0], self.cv.extent[2]
         self.zb, self.zt = -half_z, half_z
@@ -689,9 +691,8 @@ def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "d
     # Separate streams for anatomy, noise and each label: toggling one label changes
     # only that label's rendering (the tests compare such pairs voxel by voxel).
     streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2 + len(CT_RATE_LABELS))]
-    chest = _Chest(streams[0], shape, spacing)
-    chest.rngs = dict(zip(CT_RATE_LABELS, streams[2:]))
-    chest.positive = {n for n, v in labels.items() if v}
+    chest = _Chest(streams[0], shape, spacing, positive={n for n, v in labels.items() if v},
+                   label_rngs=dict(zip(CT_RATE_LABELS, streams[2:])))
     chest.anatomy()
     chest.findings_all()
     hu = chest.cv.hu
@@ -789,21 +790,25 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, i, size) for i in range(num)]
     if workers is None:
-        workers = min(len(os.sched_getaffinity(0)), 8)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(cpus or 1, 8)
+
+    def collect(results):
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=num, desc="synthetic volumes")
+        return list(results)
+
     if workers <= 1 or num < 4:
-        results = map(_write_one, jobs)
+        done = collect(map(_write_one, jobs))
     else:
         import multiprocessing
 
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_write_one, jobs, chunksize=max(1, num // (8 * workers)))
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=num, desc="synthetic volumes")
-    rows, details = zip(*list(results))
-    if workers > 1 and num >= 4:
-        pool.shutdown()
+        # spawn, not fork: callers may have started threads (JAX, TensorFlow) already.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = collect(pool.map(_write_one, jobs, chunksize=max(1, num // (8 * workers))))
+    rows, details = zip(*done)
     manifest = out / "manifest.csv"
     with open(manifest.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["id", "volume", "report", "split", *CT_RATE_LABELS])
