@@ -116,7 +116,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optim.lr_multipliers = ml_collections.ConfigDict(
         {"image": 1.0, "text": 1.0, "tma": 1.0, "logit": 1.0})
     c.optim.freeze = ()  # regexes on parameter paths, e.g. r"^text_encoder/embeddings/"
-    c.optim.no_decay = ("pos_embed", "position_embeddings", "prototypes")  # + every 0/1-D param
+    # Regexes on parameter paths exempt from weight decay, besides every 0-/1-D parameter
+    # (biases, norm scales, logit scale): position embeddings and the TMA prototypes.
+    c.optim.no_decay = ("pos_embed", "/position/", "position_embeddings", "prototypes")
 
     # --- Device mesh and sharding (t3d_jax/train/mesh.py) --------------------------------
     c.mesh = ml_collections.ConfigDict()

@@ -84,16 +84,9 @@ def sync_config_with_data(config) -> ml_collections.ConfigDict:
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *,
                        model_factory: step_lib.ModelFactory | None = None) -> TrainResult:
-    # ======================================================================================
-    # Set-up: workdir, mesh
-    # ======================================================================================
-    workdir = pathlib.Path(workdir)
+    """Trains (or resumes) `config` in `workdir`; every process of a job calls this."""
     check_data_config(config)
     config = sync_config_with_data(config)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     peak = float(config.metrics.peak_flops_per_device)
     if peak <= 0:  # measured before the mesh is set: a single-device matmul
         # All devices of a CPU host share its cores, so the host's measured matmul rate
@@ -102,7 +95,18 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
             jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1)
         log.info("MFU peak: measured float32 matmul %.3g GFLOP/s per device", peak / 1e9)
     mesh = mesh_lib.make_mesh(config.mesh)
-    jax.set_mesh(mesh)
+    with jax.set_mesh(mesh):
+        return _train(config, pathlib.Path(workdir), mesh, model_factory, peak)
+
+
+def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> TrainResult:
+    # ======================================================================================
+    # Set-up
+    # ======================================================================================
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     log.info("mesh %s over %d devices in %d process(es)", mesh_lib.describe(mesh),
              jax.device_count(), jax.process_count())
     num_steps = int(config.train.num_steps)

@@ -92,7 +92,7 @@ class TrainProgram:
 
     def model(self, state: dict) -> nnx.Module:
         """An nnx model holding `state`'s params (for evaluation and export)."""
-        return nnx.merge(self.graphdef, nnx.State(state["params"]), nnx.State(state["model_state"]))
+        return nnx.merge(self.graphdef, state["params"], state["model_state"])
 
     def with_shardings(self, tree_abstract, shardings):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -140,9 +140,9 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     def abstract_model():
         graphdef, params, rest = _split_model(_build_model(factory, seed))
         static["graphdef"] = graphdef
-        static["param_specs"] = nnx.get_partition_spec(params).to_pure_dict()
-        static["rest_specs"] = nnx.get_partition_spec(rest).to_pure_dict()
-        return params.to_pure_dict(), rest.to_pure_dict()
+        static["param_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(params))
+        static["rest_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(rest))
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     abs_params, abs_rest = jax.eval_shape(abstract_model)
     graphdef, param_specs, rest_specs = static["graphdef"], static["param_specs"], static["rest_specs"]
@@ -155,12 +155,12 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         _, params, rest = _split_model(model)
         # Strong types throughout: a weak-typed leaf (e.g. from jnp.asarray(2.6)) would come
         # back strong from the step and force a second trace.
-        params = jax.tree.map(_strong_type, params.to_pure_dict())
+        params = jax.tree.map(_strong_type, nnx.to_pure_dict(params))
         rest = jax.tree.map(_strong_type, rest)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "model_state": rest.to_pure_dict(),
+            "model_state": nnx.to_pure_dict(rest),
             "opt_state": tx.init(params),
             "bad_steps": jnp.zeros((), jnp.int32),
             "skipped_steps": jnp.zeros((), jnp.int32),
@@ -185,10 +185,10 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     trace_count = [0]
 
     def loss_fn(params, model_state, microbatch, step):
-        model = nnx.merge(graphdef, nnx.State(params), nnx.State(model_state))
+        model = nnx.merge(graphdef, params, model_state)
         loss, metrics = model.loss(microbatch, step=step, deterministic=False)
         _, _, rest = _split_model(model)
-        return loss, (metrics, rest.to_pure_dict())
+        return loss, (metrics, nnx.to_pure_dict(rest))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -224,7 +224,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         trace_count[0] += 1  # runs at trace time only: counts compilations of the step
         loss, metrics, model_state, grads = compute_grads(state, batch)
         grads = optim_lib.zero_frozen(grads, frozen)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -241,7 +241,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         out = dict(metrics)  # the model's loss terms etc., as it names them
         out.update({
             "loss": loss, "grad_norm": grad_norm, "lr": lr,
-            "param_norm": optax.global_norm(state["params"]),
+            "param_norm": optax.tree.norm(state["params"]),
             "skipped": (~ok).astype(jnp.int32),
             "bad_steps": new_state["bad_steps"], "skipped_steps": new_state["skipped_steps"],
         })

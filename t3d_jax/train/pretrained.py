@@ -1,0 +1,101 @@
+"""`config.init_from`: start training from a Hugging Face BERT and/or a MONAI ViT checkpoint.
+
+The converters of `t3d_jax.models.convert` turn a checkpoint into a flat state
+`{path tuple: array}` keyed by our encoder's parameter paths; here those arrays replace the
+freshly initialised `text_encoder` / `image_encoder` parameters of the *sharded* train
+state, one leaf at a time (`jax.device_put` with the leaf's own sharding), so a large
+encoder is never assembled on one device. Used only for a fresh run; a resumed run takes
+everything from its own checkpoint.
+
+Why not `config.model.text.hf_dir`? That builds the encoder *from* the checkpoint inside
+model construction, which the trainer traces under `jit` (the weights would become
+constants of the init program). For training set `model.text.size` to the checkpoint's
+size (e.g. 'minilm', 'base') and point `init_from.hf_bert_dir` at it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Checkpoint weights our encoders have no place for, by design (BERT's tanh pooler is unused).
+OPTIONAL_PREFIXES = (("pooler",),)
+
+
+def _flat(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _copy(tree):
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def apply_flat_state(params: dict, shardings: dict, flat: dict, submodule: str, source: str) -> tuple[dict, int]:
+    """Returns params with `params[submodule][path] = flat[path]` (cast, sharded); checks that
+    every checkpoint weight has a place of the same shape and every submodule param is covered."""
+    if submodule not in params:
+        raise KeyError(f"{source}: the model has no {submodule!r} to load into")
+    targets = _flat(params[submodule])
+    target_shardings = _flat(shardings[submodule])
+    flat = {tuple(p): v for p, v in flat.items()}
+    unknown = [p for p in flat if p not in targets and not any(p[:len(o)] == o for o in OPTIONAL_PREFIXES)]
+    if unknown:
+        raise KeyError(f"{source}: weights with no place in {submodule}: {unknown[:8]}")
+    missing = [p for p in targets if p not in flat]
+    if missing:
+        raise KeyError(f"{source}: no weights for {submodule} parameters {missing[:8]} (does "
+                       f"config.model's size match the checkpoint's?)")
+    out = _copy(params)
+    for path, value in flat.items():
+        if path not in targets:
+            continue
+        target = targets[path]
+        if tuple(np.shape(value)) != tuple(target.shape):
+            raise ValueError(f"{source}: {submodule}/{'/'.join(map(str, path))} has shape "
+                             f"{tuple(np.shape(value))} in the checkpoint but {tuple(target.shape)} in "
+                             f"the model; set config.model to the checkpoint's size")
+        _set(out[submodule], path, jax.device_put(np.asarray(value, dtype=target.dtype),
+                                                   target_shardings[path]))
+    return out, len(flat)
+
+
+def load_into_state(config, program, state: dict) -> dict:
+    from t3d_jax.models import convert
+
+    init = config.init_from
+    params = state["params"]
+    shardings = program.state_shardings["params"]
+    if init.hf_bert_dir:
+        _, flat = convert.hf_bert_state(init.hf_bert_dir)
+        params, n = apply_flat_state(params, shardings, flat, "text_encoder", init.hf_bert_dir)
+        log.info("text_encoder: %d tensors from Hugging Face BERT %s", n, init.hf_bert_dir)
+    if init.monai_vit:
+        image = config.model.image
+        _, flat = convert.monai_vit_state(
+            init.monai_vit, img_size=tuple(config.data.view_size), patch_size=tuple(image.patch_size),
+            num_heads=int(image.get("num_heads", 0) or _image_heads(config)))
+        params, n = apply_flat_state(params, shardings, flat, "image_encoder", init.monai_vit)
+        log.info("image_encoder: %d tensors from MONAI ViT %s", n, init.monai_vit)
+    return dict(state, params=params)
+
+
+def _image_heads(config) -> int:
+    from t3d_jax.models.vit3d import SIZES
+
+    return int(SIZES[config.model.image.size][2])
