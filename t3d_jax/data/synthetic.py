@@ -595,7 +595,7 @@ class _Chest:
         F["Hiatal hernia"] = {"center": c.round(1).tolist()}
 
     def _arterial_calcification(self, rng, u, cv, F):
-        """8-15 bright foci (700-1300 HU, 3-4.5 mm radius) on the aortic arch/descending wall."""
+        """8-15 bright foci (900-1500 HU, 3-4.5 mm radius; brighter than bone) on the aortic arch/descending wall."""
         foci = []
         for _ in range(int(rng.integers(8, 16))):
             p0, p1, r = self.aorta[int(rng.integers(2, len(self.aorta)))]
@@ -605,11 +605,11 @@ class _Chest:
             d /= max(np.linalg.norm(d), 1e-9)
             q = p0 + (p1 - p0) * rng.uniform(0, 1)
             foci.append(q + d * (r + 0.5))
-            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(700, 1300))
+            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(900, 1500))
         F["Arterial wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
 
     def _coronary_calcification(self, rng, u, cv, F):
-        """6-10 bright foci (650-1200 HU, 3-4.5 mm radius) on the heart surface along the AV groove ring."""
+        """6-10 bright foci (900-1500 HU, 3-4.5 mm radius) on the heart surface along the AV groove ring."""
         a = self.heart_angle
         long_axis = np.array([math.cos(a), math.sin(a), 0.0])
         foci, n_foci = [], int(rng.integers(6, 11))
@@ -622,7 +622,7 @@ class _Chest:
             world = np.array([local[0] * math.cos(a) - local[1] * math.sin(a),
                               local[0] * math.sin(a) + local[1] * math.cos(a), local[2]])
             foci.append(self.heart_c + world + d * 2.0)
-            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(650, 1200))
+            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(900, 1500))
             if len(foci) >= n_foci:
                 break
         F["Coronary artery wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
