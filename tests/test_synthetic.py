@@ -295,3 +295,12 @@ def test_reports_vary_in_wording_and_order():
     firsts = {t.split(": ", 1)[1].split(". ")[0] for t in texts}
     assert len(firsts) > 5
     assert all("14 mm" in t and "left upper lobe" in t for t in texts)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown labels.*Pneumothorax"):
+        S.make_volume(np.random.default_rng(0), {"Pneumothorax": 1})
+    with pytest.raises(ValueError, match="orientation must be"):
+        S.make_volume(np.random.default_rng(0), NONE, orientation="LAS")
+    with pytest.raises(ValueError, match="--num must be >= 1"):
+        S.write_dataset(tmp_path, 0, seed=0)
