@@ -72,7 +72,8 @@ class CLIPModel(nnx.Module):
         loss_cfg = {k: _get(loss_config, k, v) for k, v in DEFAULT_LOSS.items()}
         self.loss_kind = str(loss_cfg["kind"])
         if self.loss_kind not in ("clip", "siglip"):
-            raise ValueError(f"config.loss.kind: unknown contrastive loss {self.loss_kind!r}; choose 'clip' or 'siglip'")
+            raise ValueError(f"config.loss.kind: unknown contrastive loss {self.loss_kind!r}; "
+                             "choose 'clip' or 'siglip'")
         self.chunked = bool(loss_cfg["chunked"])
         self.logit_scale_max = float(loss_cfg["logit_scale_max"])
 
