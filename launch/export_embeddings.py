@@ -30,6 +30,7 @@ flags.DEFINE_string("output", None, "Output file: .npz or .parquet.")
 flags.DEFINE_string("texts", None, "Optional text file: one free text per line to embed.")
 flags.DEFINE_bool("tokens", False, "Also export the image encoder's patch tokens and their grid.")
 flags.DEFINE_integer("checkpoint", None, "Step to use; default: the latest checkpoint.")
+flags.DEFINE_string("split", None, "With a manifest: export only the rows of this split (e.g. valid).")
 flags.DEFINE_integer("batch_size", None, "Volumes per batch (rounded up to the device count).")
 flags.mark_flags_as_required(["config", "workdir", "input", "output"])
 
@@ -42,7 +43,8 @@ def main(argv):
     from t3d_jax.export import errors_path, run_export
 
     result = run_export(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, texts_file=FLAGS.texts,
-                        tokens=FLAGS.tokens, step=FLAGS.checkpoint, batch_size=FLAGS.batch_size)
+                        tokens=FLAGS.tokens, step=FLAGS.checkpoint, batch_size=FLAGS.batch_size,
+                        split=FLAGS.split)
     logging.info("done")
     print(f"Exported {len(result.ids)} volume(s)"
           f"{'' if result.report_embedding is None else ' with reports'}, {len(result.texts)} text(s) "

@@ -87,8 +87,11 @@ def _stem(path: pathlib.Path) -> str:
     return name
 
 
-def discover_inputs(path: str | os.PathLike) -> tuple[list[InputItem], list[dict]]:
-    """The volumes PATH names, and the entries that cannot be volumes (as error records)."""
+def discover_inputs(path: str | os.PathLike, split: str | None = None) -> tuple[list[InputItem], list[dict]]:
+    """The volumes PATH names, and the entries that cannot be volumes (as error records).
+
+    ``split`` keeps only a manifest's rows of that split (e.g. the held-out ``valid``).
+    """
     from t3d_jax.data.manifest import read_manifest
 
     path = pathlib.Path(path)
@@ -99,6 +102,8 @@ def discover_inputs(path: str | os.PathLike) -> tuple[list[InputItem], list[dict
         rows, _ = read_manifest(path)
         items, seen = [], set()
         for row in rows:
+            if split and row.split != split and not row.error:
+                continue
             if row.error or not row.id or not row.volume:
                 errors.append({"id": row.id, "path": row.volume, "line": row.line,
                                "error": f"{path}:{row.line}: {row.error or 'no id / volume'}"})
@@ -110,6 +115,8 @@ def discover_inputs(path: str | os.PathLike) -> tuple[list[InputItem], list[dict
             seen.add(row.id)
             items.append(InputItem(row.id, row.volume, row.report))
         return items, errors
+    if split:
+        raise ValueError(f"{path}: --split {split!r} selects manifest rows, but the input is not a manifest")
     if path.is_file():
         return [InputItem(_stem(path), str(path))], errors
     if _looks_like_dicom_folder(path):
@@ -371,12 +378,12 @@ def dataset_preprocessing(config) -> tuple[object, dict | None]:
 
 
 def run_export(config, workdir, input_path, output, *, texts_file=None, tokens=False, step=None,
-               batch_size=None, progress=True) -> ExportResult:
+               batch_size=None, split=None, progress=True) -> ExportResult:
     """What ``launch/export_embeddings.py`` does."""
     from t3d_jax.evaluate.runner import Embedder, load_checkpoint, make_tokenizer
 
     preset, tok_info = dataset_preprocessing(config)
-    items, errors = discover_inputs(input_path)
+    items, errors = discover_inputs(input_path, split)
     texts = read_text_lines(texts_file) if texts_file else []
     model, got, mesh, config = load_checkpoint(config, workdir, step, require_data=False)
     embedder = Embedder(model, mesh, config.sharding_rules)

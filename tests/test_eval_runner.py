@@ -25,8 +25,9 @@ from t3d_jax.train import hooks
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import step as step_lib
 
-# Same inputs, same compiled math, different batch padding: float32 reassociation only.
-EMB_TOL = 1e-5
+# The reference runs the model eagerly on other batch sizes: float32 reassociation, ~1e-6 in
+# a cosine, times a logit scale of ~14, halved by the softmax slope: well under 2e-5.
+SCORE_TOL = 2e-5
 
 
 def tiny_config(data_dir):
@@ -106,14 +107,15 @@ def test_latest_checkpoint_files_and_figures(run, capsys):
     ids, scores, labels = read_predictions(out / "predictions.csv")
     ref_ids, ref = reference_scores(program, states[7], config)
     assert ids == ref_ids and len(ids) == 8
-    np.testing.assert_allclose(scores, ref, atol=2e-6)  # csv keeps 6 decimals
+    np.testing.assert_allclose(scores, ref, atol=SCORE_TOL)
 
     # metrics.json agrees with an independent recomputation from predictions.csv.
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["step"] == 7 and saved["split"] == "valid" and saved["num_volumes"] == 8
     aucs = [roc_auc_score(labels[:, c], scores[:, c]) for c in range(18) if len(set(labels[:, c])) == 2]
     assert saved["zeroshot"]["num_labels_in_mean"] == len(aucs)
-    assert saved["zeroshot"]["mean"]["auc"]["value"] == pytest.approx(np.mean(aucs), abs=1e-4)
+    # predictions.csv keeps 9 significant digits, so the recomputation is exact but for rounding.
+    assert saved["zeroshot"]["mean"]["auc"]["value"] == pytest.approx(np.mean(aucs), abs=1e-12)
     assert saved["zeroshot"]["num_bootstrap"] == 40
     assert set(saved["retrieval"]["report_to_volume"]) == {"R@1", "R@5", "R@10", "R@50", "R@100"}
     assert "zeroshot_leakfree" in saved and "train" in saved["zeroshot_leakfree"]["thresholds_from"]
@@ -135,7 +137,7 @@ def test_explicit_checkpoint_step_and_errors(run):
     assert out.name == "3"
     _, scores, _ = read_predictions(out / "predictions.csv")
     _, ref = reference_scores(program, states[3], config)
-    np.testing.assert_allclose(scores, ref, atol=2e-6)
+    np.testing.assert_allclose(scores, ref, atol=SCORE_TOL)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5; have \[3, 7\]"):
         runner.load_checkpoint(config, workdir, 5)
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):

@@ -150,11 +150,13 @@ def test_bad_inputs_are_listed_and_skipped(setup, tmp_path):
 def test_manifest_reports_and_free_texts(setup, tmp_path):
     manifest = tmp_path / "m.csv"
     vols = setup["vols"]
-    manifest.write_text("id,volume,report\n"
-                        f"a,{vols / 'ct0.nii.gz'},Emphysema is present.\n"
-                        f"b,{tmp_path / 'missing.nii.gz'},Cardiomegaly.\n"
-                        f"c,{vols / 'ct4.nii.gz'},No acute findings.\n")
-    items, errors = export.discover_inputs(manifest)
+    manifest.write_text("id,volume,report,split\n"
+                        f"a,{vols / 'ct0.nii.gz'},Emphysema is present.,valid\n"
+                        f"b,{tmp_path / 'missing.nii.gz'},Cardiomegaly.,valid\n"
+                        f"t,{vols / 'ct1.nii.gz'},Training row.,train\n"
+                        f"c,{vols / 'ct4.nii.gz'},No acute findings.,valid\n")
+    assert [i.id for i in export.discover_inputs(manifest)[0]] == ["a", "b", "t", "c"]
+    items, errors = export.discover_inputs(manifest, split="valid")
     texts = ["Lung nodule is present.", "Pleural effusion is not present."]
     result = _export(setup, items, errors=errors, texts=texts)
     assert result.ids == ["a", "c"]

@@ -315,7 +315,7 @@ def write_outputs(out_dir: str | os.PathLike, metrics: dict, arrays: dict, label
         w.writerow(["id"] + [f"score:{n}" for n in label_names] + [f"label:{n}" for n in label_names])
         for i, vid in enumerate(arrays["id"]):
             labels = ["" if np.isnan(v) else int(v) for v in arrays["labels"][i]]
-            w.writerow([vid] + [f"{s:.6f}" for s in arrays["scores"][i]] + labels)
+            w.writerow([vid] + [f"{s:.9g}" for s in arrays["scores"][i]] + labels)
 
     plots.plot_roc_grid(arrays["scores"], arrays["labels"], label_names, out / "roc_grid.png",
                         aucs=[zs[n]["auc"]["value"] for n in label_names],
