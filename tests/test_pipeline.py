@@ -160,9 +160,9 @@ def test_process_slices_are_disjoint_and_recompose_the_global_batch(data_dir):
     for step in range(4):
         a, b = parts[0][step], parts[1][step]
         assert a["views"].shape[0] == 2 and b["views"].shape[0] == 2
-        # process p holds the global elements p, p + 2 of the step: interleave them back
+        # process p holds the contiguous global elements 2p, 2p + 1 of the step
         for key in whole[step]:
-            recomposed = np.stack([a[key][0], b[key][0], a[key][1], b[key][1]])
+            recomposed = np.concatenate([a[key], b[key]])
             np.testing.assert_array_equal(recomposed, whole[step][key], err_msg=key)
     seen = [k for step in range(2) for p in range(2) for k in _record_of(parts[p][step])]
     first_epoch = seen[:7]  # 8 global elements: one epoch of 7 and one of the next

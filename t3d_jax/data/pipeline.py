@@ -6,8 +6,8 @@ Training (infinite, per process)::
       -> shuffle(seed)             # reshuffled every epoch (grain folds in the epoch)
       -> repeat()                  # infinite; global index = epoch * n + position
       -> map_with_index(decode + views, rng = f(seed, global index))
-      -> slice[process_index::process_count]
       -> batch(global_batch_size // process_count, drop_remainder)
+      -> slice[process_index::process_count]   # contiguous blocks of each global batch
       -> to_iter_dataset(ReadOptions) -> mp_prefetch(worker_count)
 
 The random views of an element depend only on (seed, global index), never on the
@@ -15,8 +15,9 @@ worker count, the thread count or the process count: the map sits before the
 per-process slice (Grain datasets are lazy, so each process still decodes only its own
 elements), and batching happens before ``mp_prefetch`` so each worker produces whole
 batches that are interleaved back in order. A process's batch ``s`` therefore holds
-the global elements ``s*G + process_index + k*process_count`` (G = global batch), and
-the union over processes is the same global batch for any number of processes.
+the global elements ``s*G + process_index*G/P + k`` (G = global batch, P = process count,
+k < G/P): the processes' batches, concatenated in process order, are the single-process
+global batch, row for row, for any number of processes.
 
 The iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` give a
 JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
@@ -231,8 +232,11 @@ def train_dataset(
     source = open_split(_data_dir(data_config), _get(data_config, "train_split", "train"))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.map_with_index(TrainExample(options, seed))
-    ds = ds.slice(slice(process_index, None, process_count))
+    # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
+    # contiguous slice of every global batch, the layout make_array_from_process_local_data
+    # assembles, so the global batch (row order included) is the same for any process count.
     ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    ds = ds.slice(slice(process_index, None, process_count))
     return _to_iterable(ds, data_config, worker_count)
 
 
