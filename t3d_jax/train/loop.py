@@ -223,6 +223,8 @@ def _check_bad_steps(values: dict[str, float] | None, max_bad: int, manager, ckp
 def _save_unless_bad(manager, step: int, state, data_iter) -> None:
     """Saves unless the newest steps were skipped as non-finite (never checkpoint a run that
     is diverging; the previous checkpoint stays the newest)."""
+    if step in manager.all_steps():  # e.g. a preemption right after a scheduled save
+        return
     if int(jax.device_get(state["bad_steps"])) > 0:
         log.warning("step %d: not checkpointing, the last step was non-finite", step)
         return

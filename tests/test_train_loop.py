@@ -1,0 +1,255 @@
+"""The training loop end to end: real T3D model (tiny), real Grain pipeline, tiny prepared data.
+
+In process (8 fake CPU devices): the step is traced once, parameters and optimizer state are
+FSDP-sharded, a non-finite step is skipped with parameters unchanged, and too many in a row
+stop training with the last good checkpoint intact.
+
+Subprocesses (`launch/train.py`, as users run it): a run killed with SIGKILL and restarted
+(past an incomplete checkpoint) logs exactly the losses of an uninterrupted run; two
+processes with 4 CPU devices each log the losses of one process with 8. The subprocesses
+share a persistent compilation cache so only the first compile of each program is paid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from t3d_jax.train import checkpoint as ckpt_lib
+from t3d_jax.train.loop import NonFiniteTrainingError, train_and_evaluate
+
+from test_train_optim import load_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NUM_STEPS = 6
+
+
+def tiny_config(data_dir, **train):
+    c = load_config("t3d.py", "tiny")
+    c.data.dir = str(data_dir)
+    c.train.num_steps = NUM_STEPS
+    c.train.update(train)
+    return c
+
+
+def read_losses(workdir) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[int(row["step"])] = row["loss"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# In process
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_run(tiny_prepared_dir, tmp_path_factory):
+    """Six steps; step 3's batch is all-NaN (config.debug.nan_at_steps)."""
+    config = tiny_config(tiny_prepared_dir)
+    config.debug.nan_at_steps = (3,)
+    workdir = tmp_path_factory.mktemp("nan_run")
+    result = train_and_evaluate(config, workdir)
+    history = {int(h["step"]): h for h in result.history if "loss" in h}
+    return result, history, workdir
+
+
+def test_step_is_traced_once(nan_run):
+    result, history, _ = nan_run
+    assert result.step == NUM_STEPS and sorted(history) == list(range(1, NUM_STEPS + 1))
+    assert result.program.trace_count == [1]
+
+
+def test_params_and_optimizer_state_are_fsdp_sharded(nan_run):
+    result, _, _ = nan_run
+    params = result.state["params"]
+    word = params["text_encoder"]["embeddings"]["word"]["embedding"]  # logical ('vocab', 'embed')
+    assert word.shape == (30522, 64)
+    assert word.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert {s.data.shape for s in word.addressable_shards} == {(30522, 8)}
+    assert len({s.device for s in word.addressable_shards}) == 8
+    # Every parameter is laid out as the program's rules say, and most bytes are split 8 ways.
+    total = split = 0
+    for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(result.program.state_shardings["params"])):
+        assert x.sharding == s
+        total += x.size
+        split += x.size if x.addressable_shards[0].data.size * 8 == x.size else 0
+    assert split > 0.95 * total
+    # Adam's moments live where their parameters live.
+    mu = result.state["opt_state"][2].inner_states["text"].inner_state[0].mu
+    assert mu["text_encoder"]["embeddings"]["word"]["embedding"].sharding == word.sharding
+
+
+def test_nonfinite_step_is_skipped_with_params_unchanged(nan_run):
+    result, history, _ = nan_run
+    assert history[3]["skipped"] == 1 and np.isnan(history[3]["loss"])
+    assert history[3]["bad_steps"] == 1 and history[4]["bad_steps"] == 0
+    assert all(history[s]["skipped"] == 0 and np.isfinite(history[s]["loss"]) for s in (1, 2, 4, 5, 6))
+    # param_norm is measured on the params a step starts from: step 4 starts from exactly
+    # the params step 3 started from, because step 3's update was discarded.
+    assert history[4]["param_norm"] == history[3]["param_norm"]
+    assert history[3]["param_norm"] != history[2]["param_norm"]
+    assert history[NUM_STEPS]["skipped_steps"] == 1
+    # The optimizer did not count the skipped step either.
+    count = result.state["opt_state"][2].inner_states["image"].inner_state[0].count
+    assert int(count) == NUM_STEPS - 1
+    assert int(result.state["step"]) == NUM_STEPS
+
+
+def test_too_many_bad_steps_stop_with_last_good_checkpoint(nan_run, tiny_prepared_dir, tmp_path):
+    result, _, _ = nan_run
+    config = tiny_config(tiny_prepared_dir, max_bad_steps=2)
+    config.debug.nan_at_steps = (3, 4)
+    config.checkpoint.every_steps = 2
+    with pytest.raises(NonFiniteTrainingError, match=r"2 consecutive steps.*last good checkpoint is step 2"):
+        train_and_evaluate(config, tmp_path)
+    manager = ckpt_lib.make_manager(tmp_path / "checkpoints", config.checkpoint)
+    assert list(manager.all_steps()) == [2]  # step 4 came after a bad step: not saved
+    state, step = ckpt_lib.restore_latest(manager, result.program.abstract_state)
+    manager.close()
+    assert step == 2 and int(state["step"]) == 2 and int(state["bad_steps"]) == 0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert result.program.trace_count == [1]  # same program as the first run: not retraced
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses: launch/train.py as users run it
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(compile_cache, devices: int | None = 8) -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _train_cmd(data_dir, workdir, num_steps, *extra):
+    return [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/t3d.py:tiny",
+            f"--config.data.dir={data_dir}", f"--config.train.num_steps={num_steps}",
+            "--config.checkpoint.every_steps=2", f"--workdir={workdir}", *extra]
+
+
+def _run(cmd, env, log_path, timeout=400):
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{pathlib.Path(log_path).read_text()[-4000:]}")
+
+
+RESUME_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_prepared_dir, compile_cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _run(_train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS), _env(compile_cache), workdir / "log.txt")
+    return read_losses(workdir)
+
+
+def _finalized_steps(ckpt_dir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def test_sigkill_and_incomplete_checkpoint_resume_exactly(uninterrupted, tiny_prepared_dir, compile_cache, tmp_path):
+    assert sorted(uninterrupted) == list(range(1, RESUME_STEPS + 1))
+    workdir = tmp_path / "run"
+    env = _env(compile_cache)
+    with open(tmp_path / "killed.txt", "w") as log:
+        proc = subprocess.Popen(_train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS), cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        metrics = workdir / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and max(read_losses(workdir), default=0) >= 5:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
+    killed_at = max(read_losses(workdir))
+    assert killed_at < RESUME_STEPS
+
+    # Simulate a kill in the middle of writing the next checkpoint: a step folder whose array
+    # data never landed (non-atomic filesystems), and orbax's own temporary folder.
+    ckpt_dir = workdir / "checkpoints"
+    good = _finalized_steps(ckpt_dir)[-1]
+    broken = ckpt_dir / str(good + 2)
+    shutil.copytree(ckpt_dir / str(good), broken)
+    removed = [f for f in (broken / "state").rglob("*") if f.is_file() and not f.name.startswith("_")]
+    assert removed
+    for f in removed:
+        f.unlink()
+    (ckpt_dir / f"{good + 4}.orbax-checkpoint-tmp").mkdir()
+
+    _run(_train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS), env, tmp_path / "resumed.txt")
+    log = (tmp_path / "resumed.txt").read_text()
+    assert f"step {good + 2} in" in log and "cannot be restored" in log
+    assert f"resumed from {ckpt_dir} step {good}" in log
+    assert list(ckpt_dir.glob(f"{good + 2}.unreadable-*"))  # moved aside, kept for inspection
+    resumed = read_losses(workdir)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
+    # Same device count, same compiled program, same data order: bit-identical losses.
+    assert resumed == uninterrupted
+
+
+def test_two_processes_log_the_losses_of_one(uninterrupted, tiny_prepared_dir, compile_cache, tmp_path):
+    """Two local processes x 4 CPU devices (gloo collectives) vs one process x 8 devices.
+
+    Each process feeds its own contiguous block of every global batch; the assembled batch is
+    the single-process one row for row (BERT's dropout masks included), so the losses agree
+    up to float32 rounding of cross-process all-reduces (rtol 1e-5).
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "two"
+    env = _env(compile_cache, devices=None)
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"p{i}.txt", "w"))
+        cmd = _train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS, f"--coordinator_address=localhost:{port}",
+                         "--num_processes=2", f"--process_id={i}", "--cpu_devices=4")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    for i, code in enumerate(codes):
+        assert code == 0, (tmp_path / f"p{i}.txt").read_text()[-4000:]
+    assert "process 1 of 2" in (tmp_path / "p1.txt").read_text()
+    two = read_losses(workdir)
+    assert sorted(two) == sorted(uninterrupted)
+    steps = sorted(two)
+    np.testing.assert_allclose([two[s] for s in steps], [uninterrupted[s] for s in steps], rtol=1e-5)
+    assert len({round(v, 3) for v in two.values()}) > 1  # training moved: not a constant
