@@ -124,6 +124,12 @@ def test_too_many_bad_steps_stop_with_last_good_checkpoint(nan_run, tiny_prepare
     assert step == 2 and int(state["step"]) == 2 and int(state["bad_steps"]) == 0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert result.program.trace_count == [1]  # same program as the first run: not retraced
+    # init_from.checkpoint reads just these params into a new run's sharded layout.
+    params, from_step = ckpt_lib.restore_params(tmp_path / "checkpoints", result.program.abstract_state)
+    assert from_step == 2
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,28 +181,45 @@ def _finalized_steps(ckpt_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
 
 
-def test_sigkill_and_incomplete_checkpoint_resume_exactly(uninterrupted, tiny_prepared_dir, compile_cache, tmp_path):
+def _start_and_signal(cmd, env, log_path, workdir, at_step: int, sig) -> int:
+    """Starts a training run and sends `sig` once metrics.jsonl shows `at_step`; returns the code."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+        metrics = pathlib.Path(workdir) / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and max(read_losses(workdir), default=0) >= at_step:
+                break
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        return proc.wait(timeout=400)
+
+
+def test_preemption_sigkill_and_incomplete_checkpoint_resume_exactly(uninterrupted, tiny_prepared_dir,
+                                                                       compile_cache, tmp_path):
+    """SIGTERM (preemption) -> clean exit with a checkpoint of the current step; restart; SIGKILL
+    mid-run; a half-written newer checkpoint appears; restart: the losses of every step equal
+    the uninterrupted run's, bit for bit."""
     assert sorted(uninterrupted) == list(range(1, RESUME_STEPS + 1))
     workdir = tmp_path / "run"
     env = _env(compile_cache)
-    with open(tmp_path / "killed.txt", "w") as log:
-        proc = subprocess.Popen(_train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS), cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 400
-        metrics = workdir / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and max(read_losses(workdir), default=0) >= 5:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
-    killed_at = max(read_losses(workdir))
-    assert killed_at < RESUME_STEPS
+    cmd = _train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS)
+    ckpt_dir = workdir / "checkpoints"
+
+    code = _start_and_signal(cmd, env, tmp_path / "preempted.txt", workdir, 2, signal.SIGTERM)
+    log = (tmp_path / "preempted.txt").read_text()
+    assert code == 0, log[-3000:]
+    assert "preempted: saving step" in log
+    stopped_at = max(read_losses(workdir))
+    assert stopped_at < RESUME_STEPS and stopped_at in _finalized_steps(ckpt_dir)
+
+    code = _start_and_signal(cmd, env, tmp_path / "killed.txt", workdir, stopped_at + 3, signal.SIGKILL)
+    assert code == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
+    assert f"resumed from {ckpt_dir} step {stopped_at}" in (tmp_path / "killed.txt").read_text()
+    assert max(read_losses(workdir)) < RESUME_STEPS
 
     # Simulate a kill in the middle of writing the next checkpoint: a step folder whose array
     # data never landed (non-atomic filesystems), and orbax's own temporary folder.
-    ckpt_dir = workdir / "checkpoints"
     good = _finalized_steps(ckpt_dir)[-1]
     broken = ckpt_dir / str(good + 2)
     shutil.copytree(ckpt_dir / str(good), broken)
@@ -204,9 +227,9 @@ def test_sigkill_and_incomplete_checkpoint_resume_exactly(uninterrupted, tiny_pr
     assert removed
     for f in removed:
         f.unlink()
-    (ckpt_dir / f"{good + 4}.orbax-checkpoint-tmp").mkdir()
+    (ckpt_dir / f"{good + 4}.orbax-checkpoint-tmp").mkdir(exist_ok=True)
 
-    _run(_train_cmd(tiny_prepared_dir, workdir, RESUME_STEPS), env, tmp_path / "resumed.txt")
+    _run(cmd, env, tmp_path / "resumed.txt")
     log = (tmp_path / "resumed.txt").read_text()
     assert f"step {good + 2} in" in log and "cannot be restored" in log
     assert f"resumed from {ckpt_dir} step {good}" in log

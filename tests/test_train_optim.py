@@ -243,7 +243,7 @@ class _LinearProbe(nnx.Module):
 
 def test_gradient_accumulation_matches_the_full_batch_step(config):
     c = config.copy_and_resolve_references()
-    c.train.global_batch_size = 16
+    c.train.global_batch_size = 32  # 4 micro-batches of 8, one example per device each
     mesh = mesh_lib.make_mesh(c.mesh)
     rng = np.random.default_rng(0)
     batch = {k: rng.normal(size=v.shape).astype(v.dtype)
@@ -259,9 +259,11 @@ def test_gradient_accumulation_matches_the_full_batch_step(config):
                 state, metrics = program.step(state, step_lib.global_batch(batch, program.batch_shardings))
             results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
-    # float32, different summation order: agree to ~1e-6 relative.
+    # float32 with a different summation order: loss and gradient norm to ~1e-6 relative.
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    # Adam moves each weight by up to lr per step, and for near-zero gradients m/sqrt(v) is
+    # sensitive to that rounding; so params must agree to 1% of one step's peak lr (1e-3).
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(initial)[0])  # the steps did update

@@ -142,22 +142,17 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
 
 
 def restore_params(directory: str | os.PathLike, abstract_state, step: int = -1):
-    """Only the params of another run's checkpoint (config.init_from.checkpoint)."""
+    """Only the params of another run's checkpoint (config.init_from.checkpoint), read into
+    this program's abstract sharded params (so the other run may have used another mesh)."""
     with ocp.CheckpointManager(os.fspath(directory),
-                               item_handlers={STATE: ocp.StandardCheckpointHandler()}) as mngr:
+                               item_handlers={STATE: ocp.PyTreeCheckpointHandler()}) as mngr:
         steps = sorted(mngr.all_steps())
         if not steps:
             raise FileNotFoundError(f"init_from.checkpoint={directory}: no finalized checkpoint there")
         step = steps[-1] if step is None or step < 0 else int(step)
         if step not in steps:
             raise FileNotFoundError(f"init_from.checkpoint={directory}: no step {step}; have {steps}")
-        metadata = mngr.item_metadata(step)[STATE]
-        target = abstract_storable(abstract_state)
-        # Restore only the params subtree; the other items of the saved state are skipped.
-        saved_keys = set(metadata.keys()) if hasattr(metadata, "keys") else {"params"}
-        if "params" not in saved_keys:
-            raise ValueError(f"init_from.checkpoint={directory} step {step}: no 'params' in the state")
-        partial = {"params": target["params"]}
+        partial = {"params": abstract_storable(abstract_state["params"])}
         restored = mngr.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeRestore(
                 item=partial,

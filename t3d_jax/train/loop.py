@@ -182,11 +182,13 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
             previous = logger.push(step, metrics)  # reads the *previous* step's metrics
             _check_bad_steps(previous, max_bad, manager, ckpt_dir)
 
-            if step % int(config.checkpoint.every_steps) == 0 or step == num_steps:
+            scheduled = step % int(config.checkpoint.every_steps) == 0 or step == num_steps
+            if scheduled:
                 _save_unless_bad(manager, step, state, data_iter)
             if watcher.reached(step):
                 log.warning("preempted: saving step %d and stopping", step)
-                _save_unless_bad(manager, step, state, data_iter)
+                if not scheduled:
+                    _save_unless_bad(manager, step, state, data_iter)
                 preempted = True
                 break
             if evaluators and ((eval_every and step % eval_every == 0) or step == num_steps):
@@ -223,8 +225,6 @@ def _check_bad_steps(values: dict[str, float] | None, max_bad: int, manager, ckp
 def _save_unless_bad(manager, step: int, state, data_iter) -> None:
     """Saves unless the newest steps were skipped as non-finite (never checkpoint a run that
     is diverging; the previous checkpoint stays the newest)."""
-    if step in manager.all_steps():  # e.g. a preemption right after a scheduled save
-        return
     if int(jax.device_get(state["bad_steps"])) > 0:
         log.warning("step %d: not checkpointing, the last step was non-finite", step)
         return

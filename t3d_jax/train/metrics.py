@@ -106,7 +106,7 @@ class MetricLogger:
         now = time.perf_counter()
         steps_done = step - self.last_step
         if self.bar is not None:
-            self.bar.update(steps_done)
+            self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", refresh=False)
         if step % self.log_every and step != self.total_steps:
             return result
