@@ -120,6 +120,7 @@ def test_latest_checkpoint_files_and_figures(run, capsys):
     assert set(saved["retrieval"]["report_to_volume"]) == {"R@1", "R@5", "R@10", "R@50", "R@100"}
     assert "zeroshot_leakfree" in saved and "train" in saved["zeroshot_leakfree"]["thresholds_from"]
     assert "linear_probe" in saved
+    assert 0.0 <= saved["zeroshot_reports"]["mean_auc"] <= 1.0
     # Labels with one class only carry null (JSON has no NaN), never a number.
     never = CT_RATE_LABELS[17]
     assert saved["zeroshot"]["per_label"][never]["auc"]["value"] is None

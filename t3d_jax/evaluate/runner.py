@@ -238,6 +238,16 @@ def evaluate_embeddings(
     zs.update(templates=list(templates), logit_scale=logit_scale,
               score="softmax over (present, not present) of logit_scale * cosine; 'present' entry")
     metrics: dict[str, Any] = {"num_volumes": int(len(labels)), "zeroshot": zs}
+    # Diagnostic: the same protocol with each volume's *report* in place of the volume. It
+    # shows whether the text tower itself tells "present" from "not present" -- the ceiling
+    # that aligning volumes to their reports can reach zero-shot.
+    by_report = zeroshot.evaluate_scores(
+        zeroshot.pair_softmax_scores(evaluated["text"], positive, negative, logit_scale), labels, label_names,
+        num_bootstrap=0, threshold_rule=threshold_rule)
+    metrics["zeroshot_reports"] = {
+        "mean_auc": by_report["mean"]["auc"]["value"],
+        "per_label_auc": {n: by_report["per_label"][n]["auc"]["value"] for n in label_names},
+        "note": "reports scored against the prompts instead of volumes (text-tower diagnostic, not a result)"}
     arrays: dict[str, Any] = {"scores": scores, "labels": labels, "id": evaluated["id"]}
 
     if threshold_set is not None:
@@ -329,7 +339,7 @@ def format_table(metrics: dict, label_names: Sequence[str]) -> str:
     """The short console summary: per-label zero-shot figures, means with intervals, retrieval."""
     zs = metrics["zeroshot"]
     f = lambda v: "  n/a" if v is None or not np.isfinite(v) else f"{v:5.3f}"  # noqa: E731
-    width = max(len(n) for n in label_names)
+    width = max(5, *(len(n) for n in label_names))
     lines = [f"Zero-shot (CT-CLIP protocol, {zs['num_volumes']} volumes, threshold chosen on this set)",
              f"{'label':<{width}}   AUC    ACC    F1w    PREC   n+"]
     for name in label_names:
@@ -347,6 +357,9 @@ def format_table(metrics: dict, label_names: Sequence[str]) -> str:
         lines.append(f"Leak-free (thresholds from {metrics['zeroshot_leakfree']['thresholds_from']}): "
                      f"ACC {f(lm['accuracy']['value'])}  F1w {f(lm['f1_weighted']['value'])}  "
                      f"PREC {f(lm['precision']['value'])}")
+    if "zeroshot_reports" in metrics:
+        lines.append(f"Text-tower check (reports instead of volumes vs the prompts): mean AUC "
+                     f"{f(metrics['zeroshot_reports']['mean_auc'])}")
     r = metrics["retrieval"]
     for d in ("report_to_volume", "volume_to_report"):
         lines.append(f"Retrieval {d.replace('_', ' ')} (N={r['num_items']}): " + "  ".join(
