@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -181,9 +182,10 @@ def breakdown(name: str, overrides: dict, peak: float, repeats: int = 5) -> list
 
     def part(loss_of_module, module, *args):
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        params, rest = params.to_pure_dict(), rest.to_pure_dict()
 
         def f(p, r, *a):  # the non-param state (RNG streams) goes in as an argument: it mutates
-            return loss_of_module(nnx.merge(graphdef, p, r), *a)
+            return loss_of_module(nnx.merge(graphdef, nnx.State(p), nnx.State(r)), *a)
 
         fn = jax.jit(jax.value_and_grad(f))
         compiled = fn.lower(params, rest, *args).compile()
@@ -202,6 +204,61 @@ def breakdown(name: str, overrides: dict, peak: float, repeats: int = 5) -> list
     rows.append(("train step (loss + AdamW + guards)", step_t, full.flops))
     return [{"config": name, "part": p, "ms": 1e3 * t, "gflop": fl / 1e9, "gflop_per_s": fl / t / 1e9,
              "fraction_of_peak": fl / t / peak, "fraction_of_step_time": t / step_t} for p, t, fl in rows]
+
+
+# XLA:CPU kernel names -> what they do (ynn_fusion = XNNPACK/YNNPACK matmul fusions).
+KERNEL_CATEGORIES = (
+    ("matmul / conv", re.compile(r"^(ynn_fusion|xnn_fusion|dot|convolution|custom-call)")),
+    ("copy / transpose", re.compile(r"(copy|transpose|bitcast|concatenate|slice|pad|gather|scatter)")),
+    ("reduction", re.compile(r"reduce")),
+    ("loop (while)", re.compile(r"^while")),
+    ("elementwise fusion", re.compile(r"fusion|^(add|multiply|subtract|select|broadcast|exp|divide)")),
+)
+CONTAINER_EVENTS = re.compile(r"^(ThunkExecutor|Thunk|ExecuteHelper|XlaModule|\$|Pjit|Common)")
+
+
+def profile_step(name: str, overrides: dict, steps: int = 3, trace_dir: str | None = None) -> dict:
+    """jax.profiler trace of `steps` train steps; XLA:CPU kernel time by category.
+
+    Kernel time is summed over XLA's worker threads (CPU-seconds in kernels per step); the
+    step's wall time x threads minus that is time the cores spent outside kernels (dispatch,
+    waits between dependent small kernels, other processes on a shared machine).
+    """
+    import collections
+    import glob
+    import tempfile
+
+    config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides})
+    step = JaxTrainStep(config)
+    step(), step()
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix=f"t3d_trace_{name}_")
+    jax.profiler.start_trace(trace_dir)
+    wall = sum(step() for _ in range(steps)) / steps
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    data = jax.profiler.ProfileData.from_file(path)
+    per_cat, counts, per_kernel, threads = collections.Counter(), collections.Counter(), collections.Counter(), set()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:
+                continue
+            threads.add(line.name)
+            for ev in line.events:
+                if CONTAINER_EVENTS.search(ev.name):
+                    continue
+                cat = next((c for c, rx in KERNEL_CATEGORIES if rx.search(ev.name)), "other")
+                per_cat[cat] += ev.duration_ns / 1e9 / steps
+                counts[cat] += 1 / steps
+                per_kernel[ev.name] += ev.duration_ns / 1e9 / steps
+    kernel_total = sum(per_cat.values())
+    return {
+        "config": name, "wall_s": wall, "threads": len(threads), "kernel_cpu_s": kernel_total,
+        "outside_kernels_cpu_s": max(0.0, wall * max(len(threads), 1) - kernel_total),
+        "categories": {c: {"cpu_s": t, "kernels_per_step": counts[c], "share": t / kernel_total}
+                       for c, t in per_cat.most_common()},
+        "top_kernels": [{"name": k, "cpu_s": t} for k, t in per_kernel.most_common(10)],
+        "trace_dir": trace_dir,
+    }
 
 
 def machine_info() -> dict:
@@ -226,6 +283,8 @@ def main(argv=None) -> dict:
                         help="extra override for one config, e.g. small:train.global_batch_size=4")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the step's parts (image/text encoder, loss, optimizer) per config")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace 3 steps per config with jax.profiler: XLA:CPU kernel time by category")
     parser.add_argument("--out", default="bench_train_step.json")
     args = parser.parse_args(argv)
 
@@ -252,6 +311,7 @@ def main(argv=None) -> dict:
     if args.breakdown:
         for name in names:
             parts += breakdown(name, extra.get(name, {}), peak)
+    profiles = [profile_step(n, extra.get(n, {})) for n in names] if args.profile else []
     peak_end = measure_matmul_peak()
     header = f"{'config':8} {'batch':>5} {'views':>14} {'params':>8} {'step ms':>9} {'ex/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'MFU':>6}"
     print(header)
@@ -265,7 +325,12 @@ def main(argv=None) -> dict:
         for p in parts:
             print(f"{p['config']:8} {p['part']:36} {p['ms']:9.1f} {p['gflop']:8.2f} {p['gflop_per_s']:8.1f} "
                   f"{100 * p['fraction_of_peak']:7.1f}% {100 * p['fraction_of_step_time']:7.1f}%")
-    result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts,
+    for prof in profiles:
+        print(f"{prof['config']}: {prof['wall_s'] * 1e3:.1f} ms/step wall on {prof['threads']} XLA threads; "
+              f"{prof['kernel_cpu_s'] * 1e3:.1f} CPU-ms in kernels, {prof['outside_kernels_cpu_s'] * 1e3:.1f} CPU-ms outside")
+        for cat, v in prof["categories"].items():
+            print(f"    {cat:20} {v['cpu_s'] * 1e3:9.1f} CPU-ms {100 * v['share']:5.1f}%  {v['kernels_per_step']:7.0f} kernels/step")
+    result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts, "profiles": profiles,
               "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,
               "peak_definition": "best of 5 jitted float32 2048x2048x2048 matmuls, same process",
               "command": " ".join(["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),

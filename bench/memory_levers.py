@@ -1,0 +1,102 @@
+r"""Memory levers for `base`, each measured by the compiled step's memory analysis, one table.
+
+  python bench/memory_levers.py [--topology v5e:16x16] [--results bench/results/aot] \
+      [--levers default,remat_none,...] [--out bench_memory_levers.json]
+
+Each lever is `configs/t3d.py:base` with one change, compiled ahead of time for the TPU
+topology by `launch/aot_compile.py` (a child process per lever: the compiles are heavy and
+independent). A lever whose report already exists in --results (same topology, same
+overrides) is read instead of recompiled, so the table can be rebuilt from the committed
+reports. `base` itself is: bfloat16 compute, full remat of the ViT blocks, every chip on the
+`fsdp` axis, patch dropout 0, no gradient accumulation, global batch 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# name -> (what it changes, overrides of configs/t3d.py:base); topology-independent.
+LEVERS = {
+    "default": ("base as configured (bf16, remat full, FSDP over all chips)", []),
+    "remat_none": ("no rematerialisation", ["--config.model.image.remat=none"]),
+    "remat_dots": ("remat keeping matmul outputs (dots_with_no_batch_dims_saveable)",
+                   ["--config.model.image.remat=dots_with_no_batch_dims_saveable"]),
+    "float32": ("float32 compute instead of bfloat16", ["--config.model.dtype=float32"]),
+    "patch_dropout": ("patch dropout 0.5 (half the tokens)", ["--config.model.image.patch_dropout=0.5"]),
+    "no_fsdp": ("pure data parallel (params + Adam state replicated)", ["--config.mesh.shape=(-1,1)"]),
+    "no_fsdp_remat_none": ("pure data parallel and no remat",
+                           ["--config.mesh.shape=(-1,1)", "--config.model.image.remat=none"]),
+    "batch_x4": ("global batch x4 (1024)", ["--config.train.global_batch_size=1024"]),
+    "batch_x4_accum4": ("global batch 1024 in 4 accumulated micro-batches",
+                        ["--config.train.global_batch_size=1024", "--config.train.grad_accum_steps=4"]),
+}
+
+
+def report_name(topology: str, lever: str) -> str:
+    return f"base_{topology.replace(':', '_')}_{lever}.json"
+
+
+def compile_lever(topology: str, lever: str, results: pathlib.Path) -> dict:
+    path = results / report_name(topology, lever)
+    overrides = LEVERS[lever][1]
+    if path.exists():
+        report = json.loads(path.read_text())
+        if report.get("lever_overrides") == overrides:
+            return report
+    cmd = [sys.executable, str(ROOT / "launch" / "aot_compile.py"), "--config=configs/t3d.py:base",
+           f"--topology={topology}", *overrides, f"--out={path}"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lever {lever}: aot_compile failed:\n{proc.stderr[-3000:]}")
+    report = json.loads(path.read_text())
+    report["lever_overrides"] = overrides
+    path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| lever | global batch (per chip) | arguments | temporaries | total / chip | fits HBM | "
+             "TFLOP / chip / step | roofline step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for lever, r in rows:
+        m, c = r["memory"], r["cost"]
+        lines.append(
+            f"| {lever}: {LEVERS[lever][0]} | {r['global_batch_size']} ({r['per_chip_batch']:g}) | "
+            f"{m['argument_bytes'] / GIB:.2f} GiB | {m['temp_bytes'] / GIB:.2f} GiB | "
+            f"{m['total_bytes'] / GIB:.2f} GiB | {'yes' if m['fits_hbm'] else 'NO'} ({m['hbm_gib']:.0f} GiB) | "
+            f"{c['flops_per_chip'] / 1e12:.2f} | {1e3 * c['roofline_step_s']:.0f} ms |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topology", default="v5e:16x16")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "aot"))
+    parser.add_argument("--levers", default=",".join(LEVERS))
+    parser.add_argument("--out", default="bench_memory_levers.json")
+    args = parser.parse_args(argv)
+    results = pathlib.Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for lever in [x for x in args.levers.split(",") if x]:
+        if lever not in LEVERS:
+            parser.error(f"unknown lever {lever!r}; choose from {sorted(LEVERS)}")
+        try:
+            rows.append((lever, compile_lever(args.topology, lever, results)))
+        except RuntimeError as err:
+            print(f"{lever}: {err}", file=sys.stderr)
+    print(table(rows))
+    pathlib.Path(args.out).write_text(json.dumps({lever: r for lever, r in rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
