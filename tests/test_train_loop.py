@@ -31,7 +31,7 @@ from t3d_jax.train.loop import NonFiniteTrainingError, train_and_evaluate
 from test_train_optim import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NUM_STEPS = 6
+NUM_STEPS = 10  # every run here uses this many steps, so all share one compiled program
 
 
 def tiny_config(data_dir, **train):
@@ -58,13 +58,34 @@ def read_losses(workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def nan_run(tiny_prepared_dir, tmp_path_factory):
-    """Six steps; step 3's batch is all-NaN (config.debug.nan_at_steps)."""
-    config = tiny_config(tiny_prepared_dir)
-    config.debug.nan_at_steps = (3,)
-    workdir = tmp_path_factory.mktemp("nan_run")
-    result = train_and_evaluate(config, workdir)
+def nan_run(tiny_prepared_dir, tmp_path_factory, uninterrupted, compile_cache):
+    """Ten steps in this process; step 3's batch is all-NaN (config.debug.nan_at_steps).
+
+    The program is the one the `uninterrupted` subprocess compiled (the NaN knob acts on the
+    host), so it is loaded from the shared persistent compilation cache instead of compiled
+    again; the cache settings are restored afterwards.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+                jax.config.jax_persistent_cache_min_entry_size_bytes)
+    cc.set_cache_dir(str(compile_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    try:
+        config = tiny_config(tiny_prepared_dir)
+        config.debug.nan_at_steps = (3,)
+        workdir = tmp_path_factory.mktemp("nan_run")
+        result = train_and_evaluate(config, workdir)
+    finally:
+        cc.set_cache_dir(previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])
+        cc.reset_cache()
     history = {int(h["step"]): h for h in result.history if "loss" in h}
+    # Same program and data as the uninterrupted run: identical losses until the NaN step.
+    assert [history[s]["loss"] for s in (1, 2)] == [uninterrupted[s] for s in (1, 2)]
     return result, history, workdir
 
 
@@ -98,7 +119,8 @@ def test_nonfinite_step_is_skipped_with_params_unchanged(nan_run):
     result, history, _ = nan_run
     assert history[3]["skipped"] == 1 and np.isnan(history[3]["loss"])
     assert history[3]["bad_steps"] == 1 and history[4]["bad_steps"] == 0
-    assert all(history[s]["skipped"] == 0 and np.isfinite(history[s]["loss"]) for s in (1, 2, 4, 5, 6))
+    assert all(history[s]["skipped"] == 0 and np.isfinite(history[s]["loss"])
+               for s in range(1, NUM_STEPS + 1) if s != 3)
     # param_norm is measured on the params a step starts from: step 4 starts from exactly
     # the params step 3 started from, because step 3's update was discarded.
     assert history[4]["param_norm"] == history[3]["param_norm"]
@@ -167,7 +189,7 @@ def _run(cmd, env, log_path, timeout=400):
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{pathlib.Path(log_path).read_text()[-4000:]}")
 
 
-RESUME_STEPS = 10
+RESUME_STEPS = NUM_STEPS
 
 
 @pytest.fixture(scope="module")
