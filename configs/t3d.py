@@ -163,6 +163,17 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0 = only at the end (if evaluators are named)
     c.eval.evaluators = ()  # registered names, e.g. ("zeroshot", "retrieval")
     c.eval.batch_size = 8
+    # Read by t3d_jax/evaluate (launch/evaluate.py and the periodic evaluators); docs/evaluation.md.
+    c.eval.split = ""  # "" = data.eval_split
+    c.eval.templates = ("{label} is present.", "{label} is not present.")  # zero-shot prompts
+    c.eval.threshold_rule = "roc"  # roc | ct_clip_grid
+    c.eval.threshold_split = "train"  # split the leak-free threshold is chosen on
+    c.eval.num_bootstrap = 1000
+    c.eval.periodic_num_bootstrap = 0  # during training: no intervals
+    c.eval.retrieval_ks = (1, 5, 10, 50, 100)
+    c.eval.probe_split = "train"
+    c.eval.probe_C = 1.0
+    c.eval.use_logit_scale = True
 
     # --- Debug knobs (tests) ----------------------------------------------------------------
     c.debug = ml_collections.ConfigDict()
