@@ -3,7 +3,8 @@ and the memory / FLOP figures it reports, checked against quantities known in cl
 
 Compiles small functions (seconds), never the `base` model (minutes; that is the tool's job,
 not a test). Needs libtpu (compile-only use works on a CPU machine): `pip install
-libtpu==0.0.42.1`, the version jax 0.10.2's [tpu] extra pins.
+libtpu==0.0.42.1`, the version jax 0.10.2's [tpu] extra pins; without it the module is
+skipped with that install line as the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def aot():
     return module
 
 
+@pytest.fixture(scope="module")
+def aot_tpu(aot):
+    """The module, once libtpu is known to be there (it is the optional TPU extra)."""
+    try:
+        aot.ensure_libtpu()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    return aot
+
+
 def test_parse_topology_accepts_known_chips_and_rejects_the_rest(aot):
     assert aot.parse_topology("v5e:16x16") == ("v5e", (16, 16))
     assert aot.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
@@ -35,37 +46,37 @@ def test_parse_topology_accepts_known_chips_and_rejects_the_rest(aot):
             aot.parse_topology(bad)
 
 
-def test_topology_devices_one_per_chip_and_env_left_clean(aot, monkeypatch):
+def test_topology_devices_one_per_chip_and_env_left_clean(aot_tpu, monkeypatch):
     import os
 
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
-    devices = aot.topology_devices("v5e:4x4")
+    devices = aot_tpu.topology_devices("v5e:4x4")
     assert len(devices) == 16 and {d.platform for d in devices} == {"tpu"}
     assert "v5 lite" in devices[0].device_kind.lower()
     # v4/v5p: megacore, one device per chip (without it libtpu lists 2 cores per chip)
-    v4 = aot.topology_devices("v4:2x2x1")
+    v4 = aot_tpu.topology_devices("v4:2x2x1")
     assert len(v4) == 4 and {d.core_on_chip for d in v4} == {0}
     # the compile-only settings must not leak: jax.distributed treats TPU_WORKER_HOSTNAMES as a pod
     assert "TPU_WORKER_HOSTNAMES" not in os.environ
 
 
-def test_hybrid_mesh_puts_slices_on_the_data_axis(aot):
+def test_hybrid_mesh_puts_slices_on_the_data_axis(aot_tpu):
     import ml_collections
 
-    devices = aot.topology_devices("v5e:2x2", num_slices=2)
+    devices = aot_tpu.topology_devices("v5e:2x2", num_slices=2)
     assert len(devices) == 8
     cfg = ml_collections.ConfigDict({"shape": (2, -1), "axes": ("data", "fsdp")})
-    mesh = aot.make_topology_mesh(cfg, devices, num_slices=2)
+    mesh = aot_tpu.make_topology_mesh(cfg, devices, num_slices=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     # each row of the data axis is one whole slice: fsdp collectives never cross DCN
     assert (slices == np.arange(2)[:, None]).all()
     bad = ml_collections.ConfigDict({"shape": (1, -1), "axes": ("data", "fsdp")})
     with pytest.raises(ValueError, match="multiple of the slice count"):
-        aot.make_topology_mesh(bad, devices, num_slices=2)
+        aot_tpu.make_topology_mesh(bad, devices, num_slices=2)
 
 
-def test_memory_and_flops_of_a_sharded_matmul_match_closed_form(aot):
+def test_memory_and_flops_of_a_sharded_matmul_match_closed_form(aot_tpu):
     """y = x @ w with x [1024, 512] split over 4 chips by rows, w [512, 2048] replicated, bf16.
 
     Per chip: arguments = x/4 + w = (256*512 + 512*2048) * 2 bytes; output = 256*2048*2
@@ -75,18 +86,18 @@ def test_memory_and_flops_of_a_sharded_matmul_match_closed_form(aot):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    devices = aot.topology_devices("v5e:2x2")
+    devices = aot_tpu.topology_devices("v5e:2x2")
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     x = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
     w = jax.ShapeDtypeStruct((512, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
     compiled = jax.jit(jnp.matmul, out_shardings=NamedSharding(mesh, P("data"))).lower(x, w).compile()
-    chip = aot.CHIPS["v5e"]
-    mem = aot.memory_report(compiled, chip)
+    chip = aot_tpu.CHIPS["v5e"]
+    mem = aot_tpu.memory_report(compiled, chip)
     assert mem["argument_bytes"] == (256 * 512 + 512 * 2048) * 2
     assert mem["output_bytes"] == 256 * 2048 * 2
     assert mem["total_bytes"] >= mem["argument_bytes"] + mem["output_bytes"]
     assert mem["fits_hbm"] and mem["hbm_gib"] == 16
-    cost = aot.cost_report(compiled, chip, num_devices=4)
+    cost = aot_tpu.cost_report(compiled, chip, num_devices=4)
     assert cost["flops_per_chip"] == pytest.approx(2 * 256 * 512 * 2048, rel=0.01)
     assert cost["flops_per_step"] == pytest.approx(4 * cost["flops_per_chip"])
     assert cost["step_time_at_peak_s"] == pytest.approx(cost["flops_per_chip"] / 197e12)
