@@ -46,6 +46,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.flip_lr = False  # reports name sides; no left-right flips by default
     c.data.worker_count = 2
     c.data.prefetch_buffer_size = 2
+    c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without
     c.data.label_names = CT_RATE_LABELS
 
     # --- Preprocessing (prepare_data.py and export use the same) ---------------------
@@ -69,6 +70,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.image.qkv_bias = True
     c.model.image.patch_dropout = 0.0  # fraction of tokens dropped in training
     c.model.image.remat = "none"  # none | full | dots_saveable | ...
+    c.model.image.layer_norm_eps = 1e-6  # 1e-5 to match MONAI-pretrained ViT weights
     c.model.text = ml_collections.ConfigDict()
     c.model.text.size = "tiny"  # tiny | mini | base, or hf_dir
     c.model.text.hf_dir = ""  # a local Hugging Face BERT directory
@@ -82,6 +84,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.tma.weight = 1.0  # lambda
     c.model.tma.hist_weight = 0.0
     c.model.tma.freeze_prototypes_steps = 0
+    c.model.tma.num_heads = 0  # cross-attention heads; 0 = the image encoder's
+    c.model.tma.mlp_dim = 0  # projection MLP hidden width; 0 = 2x the image width
 
     # --- Loss ---------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -89,6 +93,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.loss.chunked = False  # never materialise B x B on one device
     c.loss.logit_scale_init = 2.659260036932778  # log(1/0.07)
     c.loss.logit_scale_max = 100.0
+    c.loss.siglip_logit_scale_init = 2.302585092994046  # log(10), SigLIP's init
+    c.loss.siglip_logit_bias_init = -10.0
 
     # --- Training loop (t3d_jax/train/loop.py) -------------------------------------------
     c.train = ml_collections.ConfigDict()

@@ -202,7 +202,7 @@ def _to_iterable(dataset: grain.MapDataset, data_config: Any, worker_count: int 
     # Elements here are whole batches; one thread per worker process keeps memory at
     # `buffer` batches per process, and in-process mode uses the two-thread default
     # because NumPy's gathers and arithmetic release the GIL.
-    threads = int(_get(data_config, "read_threads", 1 if workers else 2))
+    threads = int(_get(data_config, "read_threads", 0)) or (1 if workers else 2)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers:
         _allow_unparsed_absl_flags()
