@@ -288,7 +288,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
-    report = compile_train_step(config, FLAGS.topology, FLAGS.num_slices)
+    try:
+        report = compile_train_step(config, FLAGS.topology, FLAGS.num_slices)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:  # bad topology/mesh/batch, no libtpu
+        print(f"launch/aot_compile.py: {err}", file=sys.stderr)
+        sys.exit(2)
     report["command"] = " ".join(["python", "launch/aot_compile.py", *sys.argv[1:]])
     print(format_report(report))
     if FLAGS.out:
