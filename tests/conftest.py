@@ -150,3 +150,14 @@ def write_tiny_prepared(root: pathlib.Path, num_train: int = 24, num_valid: int 
 @pytest.fixture(scope="session")
 def tiny_prepared_dir(tmp_path_factory) -> pathlib.Path:
     return write_tiny_prepared(tmp_path_factory.mktemp("tiny_prepared"))
+
+
+# --- No test may leave a global mesh behind (a leaked `jax.set_mesh` changes later tests) ---
+@pytest.fixture(autouse=True)
+def _no_leaked_global_mesh():
+    yield
+    import jax
+
+    if not jax.sharding.get_abstract_mesh().empty:
+        jax.set_mesh(None)  # reset so the tests after this one are not affected
+        pytest.fail("the test left a global mesh set: use `with jax.set_mesh(mesh):`")

@@ -43,9 +43,9 @@ def tiny_config(data_dir):
 def write_checkpoints(config, workdir, steps_and_scales):
     """Saves the initial params scaled by each factor at each step; returns the states."""
     mesh = mesh_lib.make_mesh(config.mesh)
-    jax.set_mesh(mesh)
-    program = step_lib.make_train_program(config, mesh)
-    base = program.init()
+    with jax.set_mesh(mesh):
+        program = step_lib.make_train_program(config, mesh)
+        base = program.init()
     manager = ckpt_lib.make_manager(workdir / "checkpoints", config.checkpoint)
     states = {}
     for step, scale in steps_and_scales:

@@ -52,10 +52,11 @@ def setup(tmp_path_factory, bert_vocab):
     config.checkpoint.async_save = False
     workdir = root / "run"
     mesh = mesh_lib.make_mesh(config.mesh)
-    jax.set_mesh(mesh)
-    program = step_lib.make_train_program(config, mesh)
+    with jax.set_mesh(mesh):
+        program = step_lib.make_train_program(config, mesh)
+        state = program.init()
     manager = ckpt_lib.make_manager(workdir / "checkpoints", config.checkpoint)
-    ckpt_lib.save(manager, 1, program.init(), None, force=True)
+    ckpt_lib.save(manager, 1, state, None, force=True)
     manager.wait_until_finished()
     manager.close()
     model, _, mesh, config = runner.load_checkpoint(config, workdir, require_data=False)

@@ -124,19 +124,22 @@ class Embedder:
     def volumes(self, volume: np.ndarray) -> np.ndarray:
         """[B, X, Y, Z, 1] float32 model-input volumes -> [B, D] L2-normalised embeddings."""
         arr, n = self._place(np.asarray(volume, np.float32))
-        return self._fetch(self._vol(self._state, arr), n)
+        with jax.set_mesh(self.mesh):
+            return self._fetch(self._vol(self._state, arr), n)
 
     def texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         ids, n = self._place(np.asarray(input_ids, np.int32))
         mask, _ = self._place(np.asarray(attention_mask, np.int32))
-        return self._fetch(self._txt(self._state, ids, mask), n)
+        with jax.set_mesh(self.mesh):
+            return self._fetch(self._txt(self._state, ids, mask), n)
 
     def volume_tokens(self, volume: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int] | None]:
         """Patch tokens [B, N, d] of the image encoder and their grid (gx, gy, gz)."""
         if self._tok is None:
             raise NotImplementedError(f"{type(self.model).__name__} has no volume_tokens(volume) method")
         arr, n = self._place(np.asarray(volume, np.float32))
-        tokens = self._fetch(self._tok(self._state, arr), n)
+        with jax.set_mesh(self.mesh):
+            tokens = self._fetch(self._tok(self._state, arr), n)
         return tokens, self._grid.get("grid")
 
 
@@ -437,8 +440,11 @@ def load_checkpoint(config, workdir: str | os.PathLike, step: int | None = None,
         check_data_config(config)
         config = sync_config_with_data(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    jax.set_mesh(mesh)
-    program = step_lib.make_train_program(config, mesh)
+    with jax.set_mesh(mesh):  # scoped: a library call never leaves a global mesh behind
+        return _restore_model(config, workdir, step, mesh, step_lib.make_train_program(config, mesh), ckpt_lib)
+
+
+def _restore_model(config, workdir, step, mesh, program, ckpt_lib):
     ckpt_dir = pathlib.Path(config.checkpoint.get("dir") or pathlib.Path(workdir) / "checkpoints").absolute()
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder; train first (launch/train.py --workdir {workdir})")
