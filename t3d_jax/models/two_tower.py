@@ -16,8 +16,12 @@ path prefixes): ``image_encoder``, ``image_proj``, ``text_encoder``, ``text_proj
 ``tma_head``, ``logit_scale``, ``logit_bias``.
 
 Embeddings: image = normalize(W_i pooled_tokens) (pooling as ``model.image.pool``); text =
-normalize(W_t h_CLS) with h_CLS the last hidden state of [CLS] (as CT-CLIP; BERT's tanh pooler
-is not used, many medical BERT checkpoints ship it untrained).
+normalize(W_t h) with h chosen by ``model.text.pool``: 'cls' = the last hidden state of [CLS]
+(as CT-CLIP; BERT's tanh pooler is not used, many medical BERT checkpoints ship it untrained) or
+'mean' = the mean of the last hidden states over the non-padding tokens. A randomly initialised
+post-LN BERT gives an almost constant [CLS] state (every report looks alike to it), so a
+from-scratch text tower uses 'mean', whose average over the report's own tokens differs between
+reports from the first step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from t3d_jax.models.bert import BertConfig, BertEncoder
 from t3d_jax.models.tma_head import TMAHead, l2_normalize
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
+TEXT_POOLS = ("cls", "mean")
 DEFAULT_LOSS = {"kind": "clip", "chunked": False, "logit_scale_init": contrastive.CLIP_LOGIT_SCALE_INIT,
                 "logit_scale_max": 100.0}
 
@@ -80,6 +85,9 @@ class CLIPModel(nnx.Module):
         self.image_encoder = ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype),
                                    rngs=rngs)
         self.text_encoder = build_text_encoder(model_config.text, dtype=dtype, rngs=rngs)
+        self.text_pool = str(_get(model_config.text, "pool", "cls"))
+        if self.text_pool not in TEXT_POOLS:
+            raise ValueError(f"config.model.text.pool: unknown pooling {self.text_pool!r}; choose one of {TEXT_POOLS}")
         image_width = self.image_encoder.cfg.width
         text_width = self.text_encoder.cfg.hidden_size
         kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
@@ -104,7 +112,13 @@ class CLIPModel(nnx.Module):
 
     def _text_forward(self, input_ids, attention_mask, deterministic):
         out = self.text_encoder(input_ids, attention_mask, deterministic=deterministic)
-        return out["hidden"], l2_normalize(self.text_proj(out["hidden"][:, 0]))
+        hidden = out["hidden"]
+        if self.text_pool == "mean":
+            weights = jnp.asarray(attention_mask, hidden.dtype)[..., None]
+            pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        else:
+            pooled = hidden[:, 0]
+        return hidden, l2_normalize(self.text_proj(pooled))
 
     def embed_volume(self, volume: jax.Array) -> jax.Array:
         """L2-normalised float32 [B, D] volume embeddings (deterministic)."""
