@@ -255,3 +255,26 @@ def test_text_tower_from_hugging_face_dir(minilm_dir):
         for ours, key in [(model.text_encoder.embeddings.word.embedding, "embeddings.word_embeddings.weight"),
                           (model.text_encoder.embeddings.position.embedding, "embeddings.position_embeddings.weight")]:
             np.testing.assert_array_equal(np.asarray(ours[...]), f.get_tensor(key))
+
+
+def test_text_mean_pool_over_non_padding_tokens(batch):
+    """model.text.pool='mean': normalize(W_t mean of the hidden states over mask=1), padding ignored."""
+    c = _config("clip")
+    c.model.text.pool = "mean"
+    model = build_model_from_config(c, rngs=nnx.Rngs(4))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden = np.asarray(nnx.jit(lambda m, i, a: m.text_encoder(i, a)["hidden"])(model, ids, mask), np.float64)
+    kernel = np.asarray(model.text_proj.kernel[...], np.float64)
+    pooled = np.stack([hidden[b, mask[b] > 0].mean(axis=0) for b in range(BATCH)])
+    expected = pooled @ kernel
+    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    got = np.asarray(_embed_text(model, ids, mask))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6)
+    # Ids under the mask are not attended to and not averaged: the embedding does not move.
+    other = np.where(mask > 0, ids, 1234).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(_embed_text(model, other, mask)), got, rtol=RTOL, atol=1e-6)
+    cls = np.asarray(_embed_text(build_model_from_config(_config("clip"), rngs=nnx.Rngs(4)), ids, mask))
+    assert np.max(np.abs(cls - got)) > 1e-3  # 'cls' (the default) really is a different pooling
+    c.model.text.pool = "max"
+    with pytest.raises(ValueError, match="model.text.pool"):
+        build_model_from_config(c, rngs=nnx.Rngs(4))
