@@ -9,7 +9,7 @@ DEMO_DIR ?= demo_out
 
 $(BIN)/.installed: setup.cfg requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements-lock.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c requirements-lock.txt -e '.[test,aot]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -8,6 +8,7 @@ OUT=${DEMO_DIR:-demo_out}
 NUM=${DEMO_NUM:-200}
 mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}  # TF (tokenizer) stays off any GPU
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}  # the demo is sized for a CPU; libtpu (AOT extra) must not probe
 CFG=(--config=configs/t3d.py:demo --config.data.dir="$OUT/prepared")
 
 echo "== 1/5 synthetic data: $NUM chest CTs + reports -> $OUT/raw"

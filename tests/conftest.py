@@ -16,6 +16,7 @@ import sys
 import tarfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (AOT tests) is installed: never probe for a TPU
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # keep TF (tokenizer) off any GPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
