@@ -76,6 +76,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.text.hf_dir = ""  # a local Hugging Face BERT directory
     c.model.text.vocab_size = 30522
     c.model.text.max_len = 128
+    c.model.text.remat = "none"  # per-layer rematerialisation policy, as model.image.remat
     # Report embedding: "cls" (the [CLS] state, for pretrained text towers) or "mean" (mean over
     # the non-padding tokens; a from-scratch BERT's [CLS] state is nearly the same for every report).
     c.model.text.pool = "cls"
