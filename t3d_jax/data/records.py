@@ -28,11 +28,18 @@ The names of the label columns and the preset live once per dataset in
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any, Mapping
 
 import numpy as np
 
 STRING_KEYS = ("id", "split", "report", "source_orientation")
+
+# np.load parses each member's header with `ast`, which CPython 3.11 does not make safe to
+# run from several threads at once (seen as "SystemError: AST constructor recursion depth
+# mismatch" under Grain's read threads). Decoding is serialised within a process; worker
+# processes still decode in parallel.
+_DECODE_LOCK = threading.Lock()
 
 
 def encode_record(example: Mapping[str, Any]) -> bytes:
@@ -50,7 +57,7 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
 
 def decode_record(data: bytes) -> dict[str, Any]:
     """Inverse of :func:`encode_record`; strings come back as Python ``str``."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    with _DECODE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
         out = {key: npz[key] for key in npz.files}
     for key in STRING_KEYS:
         if key in out:
