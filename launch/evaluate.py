@@ -31,6 +31,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from t3d_jax.console import quiet_library_logs
+
+    quiet_library_logs()
     from t3d_jax.evaluate.runner import evaluate_checkpoint
 
     config = FLAGS.config

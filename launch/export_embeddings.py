@@ -38,6 +38,9 @@ flags.mark_flags_as_required(["config", "workdir", "input", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from t3d_jax.console import quiet_library_logs
+
+    quiet_library_logs()
     if not FLAGS.output.lower().endswith((".npz", ".parquet")):
         raise app.UsageError(f"--output {FLAGS.output}: must end in .npz or .parquet")
     from t3d_jax.export import errors_path, run_export

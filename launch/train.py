@@ -12,7 +12,6 @@ The loop itself is t3d_jax.train.loop.train_and_evaluate.
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 
@@ -32,22 +31,12 @@ flags.DEFINE_integer("cpu_devices", None, "CPU only: number of (fake) devices of
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's/grain's per-save INFO chatter off the console (warnings still show);
-    --verbosity=1 shows everything."""
-
-    NOISY = ("/orbax/", "/grain/", "/etils/")
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if record.levelno >= pylogging.WARNING or logging.get_verbosity() >= 1:
-            return True
-        return not any(part in record.pathname for part in self.NOISY)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from t3d_jax.console import quiet_library_logs
+
+    quiet_library_logs()
     from t3d_jax.train import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
