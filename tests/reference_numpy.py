@@ -195,3 +195,12 @@ def finite_difference(fn, x, eps=1e-6):
         x[idx] = orig
         grad[idx] = (up - down) / (2 * eps)
     return grad
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """max |actual - expected| / max |expected| <= rtol (error relative to the reference's scale)."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    scale = max(np.max(np.abs(expected)), 1e-12)
+    err = np.max(np.abs(actual - expected)) / scale
+    assert err <= rtol, f"{what}: max abs error / max |ref| = {err:.3g} > {rtol}"
