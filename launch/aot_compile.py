@@ -179,30 +179,15 @@ def cost_report(compiled, chip: ChipSpec, num_devices: int) -> dict:
 
 
 def make_topology_mesh(mesh_config, devices, num_slices: int = 1) -> jax.sharding.Mesh:
-    """The config's mesh over compile-only TPU devices; across slices, a hybrid mesh.
-
-    One slice: exactly what training builds (`t3d_jax.train.mesh.make_mesh`). Several slices:
-    the first mesh axis ('data') is split over the slices (data-centre network, DCN) and
-    everything else stays inside a slice (ICI), because 'data' only all-reduces gradients
-    once per step while 'fsdp' gathers weights every layer.
-    """
-    from jax.experimental import mesh_utils
-
+    """The config's mesh over compile-only TPU devices: exactly the trainer's
+    `t3d_jax.train.mesh.make_mesh`, which builds the hybrid (DCN x ICI) mesh itself when the
+    devices span several slices. `num_slices` only double-checks the topology."""
     from t3d_jax.train import mesh as mesh_lib
 
-    if num_slices == 1:
-        return mesh_lib.make_mesh(mesh_config, devices)
-    axes = tuple(mesh_config.axes)
-    shape = mesh_lib.resolve_mesh_shape(mesh_config.shape, len(devices))
-    if shape[0] % num_slices:
-        raise ValueError(
-            f"--num_slices={num_slices}: the first mesh axis ({axes[0]}={shape[0]}, from "
-            f"config.mesh.shape={tuple(mesh_config.shape)}) must be a multiple of the slice count; "
-            f"e.g. --config.mesh.shape='({num_slices},-1)'")
-    ici = (shape[0] // num_slices, *shape[1:])
-    dcn = (num_slices,) + (1,) * (len(shape) - 1)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-    return jax.sharding.Mesh(grid, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+    found = mesh_lib.slice_count(devices)
+    if found != num_slices:
+        raise ValueError(f"--num_slices={num_slices} but the topology's devices span {found} slices")
+    return mesh_lib.make_mesh(mesh_config, devices)
 
 
 def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:

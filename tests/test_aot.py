@@ -103,3 +103,19 @@ def test_memory_and_flops_of_a_sharded_matmul_match_closed_form(aot_tpu):
     assert cost["flops_per_step"] == pytest.approx(4 * cost["flops_per_chip"])
     assert cost["step_time_at_peak_s"] == pytest.approx(cost["flops_per_chip"] / 197e12)
     assert 0 < cost["mfu_at_roofline"] <= 1
+
+
+def test_topology_mesh_is_the_trainers_mesh(aot_tpu):
+    """One mechanism: the AOT tool's mesh is `t3d_jax.train.mesh.make_mesh`'s, device for device."""
+    import ml_collections
+
+    from t3d_jax.train import mesh as mesh_lib
+
+    devices = aot_tpu.topology_devices("v5e:2x2", num_slices=2)
+    cfg = ml_collections.ConfigDict({"shape": (4, -1), "axes": ("data", "fsdp")})
+    mesh = aot_tpu.make_topology_mesh(cfg, devices, num_slices=2)
+    trainer = mesh_lib.make_mesh(cfg, devices)
+    assert mesh.shape == trainer.shape
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in trainer.devices.flat]
+    with pytest.raises(ValueError, match="--num_slices=1 but the topology's devices span 2 slices"):
+        aot_tpu.make_topology_mesh(cfg, devices, num_slices=1)

@@ -49,12 +49,35 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
+def slice_count(devices: Sequence) -> int:
+    """How many TPU slices `devices` span (multi-slice jobs join slices over DCN).
+
+    Counted from the devices' `slice_index` on TPU only. CPU devices have no slice; GPU
+    devices do carry a `slice_index` (one per NVLink domain, usually one per host), but
+    `jax.make_mesh` already lays GPUs out in global device-id order, which is host-major, so
+    a `(hosts, -1)` mesh keeps `fsdp` inside a host without a hybrid construction, and the
+    default `(1, -1)` keeps working across hosts (fsdp over the network, as configured).
+    """
+    devices = list(devices)
+    if not devices or devices[0].platform != "tpu":
+        return 1
+    return len({int(getattr(d, "slice_index", 0)) for d in devices})
+
+
 def make_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Mesh:
     """Builds the mesh of `config.mesh` (axes e.g. ('data','fsdp') or ('data','fsdp','tensor')).
 
     `devices` defaults to all devices of the job; AOT compilation passes a TPU topology's.
     Axis types are given explicitly as Auto: the compiler propagates shardings inside the step
     (jax >= 0.9 defaults to Explicit, which would require annotating every intermediate).
+
+    One slice (a single host, a GPU cluster, one TPU pod slice): `jax.make_mesh`. Several
+    TPU slices (multi-slice, `slice_index` differs; `jax.make_mesh` refuses such device sets):
+    a hybrid mesh from `mesh_utils.create_hybrid_device_mesh`. The first mesh axis ('data')
+    is split over the slices -- the data-centre network (DCN) then carries only the one
+    gradient all-reduce per step -- and every other axis ('fsdp', 'tensor') stays inside a
+    slice on ICI, because FSDP gathers weights every layer. So the first axis must be a
+    multiple of the slice count.
     """
     axes = tuple(mesh_config.axes)
     devices = list(jax.devices() if devices is None else devices)
@@ -62,8 +85,28 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Mesh
     if len(shape) != len(axes):
         raise ValueError(f"config.mesh.shape={tuple(mesh_config.shape)} has {len(shape)} entries "
                          f"but config.mesh.axes={axes} has {len(axes)}")
-    return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+    num_slices = slice_count(devices)
+    if num_slices == 1:
+        return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
+
+    from jax.experimental import mesh_utils
+
+    if shape[0] % num_slices:
+        raise ValueError(
+            f"config.mesh.shape={tuple(mesh_config.shape)} (resolved {shape} over "
+            f"{len(devices)} devices): the devices span {num_slices} TPU slices, and the first "
+            f"mesh axis ('{axes[0]}'={shape[0]}) is split over the slices, so it must be a "
+            f"multiple of the slice count ({num_slices}); e.g. "
+            f"--config.mesh.shape='({num_slices},-1)' puts '{axes[0]}' across the slices and "
+            f"the rest of each slice on '{axes[-1]}'")
+    ici_shape = (shape[0] // num_slices, *shape[1:])
+    dcn_shape = (num_slices,) + (1,) * (len(shape) - 1)
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                allow_split_physical_axes=True)
+    log.info("multi-slice mesh: %d slices over DCN on '%s'; within each slice %s (ICI)",
+             num_slices, axes[0], " x ".join(f"{a}={n}" for a, n in zip(axes, ici_shape)))
+    return jax.sharding.Mesh(grid, axes, axis_types=axis_types)
 
 
 def rules_dict(rules) -> dict[str, tuple[str, ...]]:
