@@ -70,6 +70,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.image.qkv_bias = True
     c.model.image.patch_dropout = 0.0  # fraction of tokens dropped in training
     c.model.image.remat = "none"  # none | full | dots_saveable | ...
+    # Stack the blocks and run them with nnx.scan: one compiled block body instead of `depth`
+    # copies (compile time and code size independent of depth; parameters get a leading
+    # 'layers' axis). Off for the CPU configs (unrolled is a little faster there).
+    c.model.image.scan_layers = False
     c.model.image.layer_norm_eps = 1e-6  # 1e-5 to match MONAI-pretrained ViT weights
     c.model.text = ml_collections.ConfigDict()
     c.model.text.size = "tiny"  # tiny | mini | base, or hf_dir
@@ -77,6 +81,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.text.vocab_size = 30522
     c.model.text.max_len = 128
     c.model.text.remat = "none"  # per-layer rematerialisation policy, as model.image.remat
+    c.model.text.scan_layers = False  # as model.image.scan_layers
     # Report embedding: "cls" (the [CLS] state, for pretrained text towers) or "mean" (mean over
     # the non-padding tokens; a from-scratch BERT's [CLS] state is nearly the same for every report).
     c.model.text.pool = "cls"
@@ -146,6 +151,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         "kv": (),
         "patch": (),
         "prototypes": (),
+        "layers": (),  # the stacked-layer axis of scan_layers models: never split
     })
 
     # --- Checkpoints (t3d_jax/train/checkpoint.py) ---------------------------------------
@@ -250,7 +256,9 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.model.image.size = "base"
         c.model.image.patch_size = (16, 16, 8)
         c.model.image.remat = "full"
+        c.model.image.scan_layers = True
         c.model.text.size = "base"
+        c.model.text.scan_layers = True
         c.model.tma.num_prototypes = 64
         c.train.global_batch_size = 256
         c.train.num_steps = 50_000

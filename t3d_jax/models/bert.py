@@ -12,6 +12,8 @@ Parameter paths (what :mod:`t3d_jax.models.convert` maps Hugging Face names onto
   layers/i/attn/{query,key,value}/{kernel [h, heads, dh], bias [heads, dh]},
   layers/i/attn/out/{kernel [heads, dh, h], bias}, layers/i/attn_norm,
   layers/i/mlp/{fc1,fc2}, layers/i/mlp_norm, pooler/{kernel,bias}.
+With ``scan_layers`` the ``layers/i/...`` entries become one ``layers/...`` entry per weight with
+a leading layer axis (the converters stack into that layout; see ``convert.match_layer_stacks``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     remat: str = "none"
+    scan_layers: bool = False  # layers stacked and run by nnx.scan (see layers.make_layer_stack)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -163,7 +166,8 @@ class BertEncoder(nnx.Module):
         self.cfg = cfg
         init = nnx.initializers.normal(cfg.initializer_range)
         self.embeddings = Embeddings(cfg, rngs=rngs)
-        self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = layers.make_layer_stack(lambda r: BertLayer(cfg, rngs=r), cfg.num_layers, rngs,
+                                              scanned=cfg.scan_layers)
         self.pooler = layers.Dense((cfg.hidden_size,), (cfg.hidden_size,), ("embed",), ("mlp",), kernel_init=init,
                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -179,8 +183,8 @@ class BertEncoder(nnx.Module):
         x = self.embeddings(input_ids, jnp.asarray(token_type_ids, jnp.int32), deterministic=deterministic)
         mask = jnp.asarray(attention_mask) > 0
         forward = layers.maybe_remat(_layer_forward, self.cfg.remat, static_argnums=(3,))
-        for layer in self.layers:
-            x = forward(layer, x, mask, deterministic)
+        x = layers.apply_layer_stack(lambda layer, h: forward(layer, h, mask, deterministic), self.layers, x,
+                                     scanned=self.cfg.scan_layers)
         pooled = jnp.tanh(self.pooler(x[:, 0]))
         return {"hidden": x, "pooled": pooled}
 

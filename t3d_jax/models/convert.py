@@ -89,6 +89,36 @@ def _tensors_to_numpy(obj: Any, where: str) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- assigning
+def match_layer_stacks(state: Mapping[tuple, Any], targets: Mapping[tuple, tuple]) -> dict[tuple, Any]:
+    """Rewrites per-layer entries for a model built with ``scan_layers``.
+
+    Converters name each layer's weights ``(container, i, *rest)`` (``('layers', 3, 'attn',
+    'query', 'kernel')``); a scanned model holds ``(container, *rest)`` with the layers stacked
+    on a new leading axis. Every group ``(container, 0..n-1, *rest)`` whose stacked path is a
+    target (and is not itself a target per layer) becomes one stacked array; a gap in the
+    layer indices is an error naming the path. Other entries pass through unchanged, so this
+    is a no-op for unscanned models.
+    """
+    groups: dict[tuple, dict[int, Any]] = {}
+    out: dict[tuple, Any] = {}
+    for path, value in state.items():
+        path = tuple(path)
+        index = next((k for k, part in enumerate(path) if isinstance(part, int)), None)
+        if index is not None and path not in targets:
+            stacked = path[:index] + path[index + 1:]
+            if stacked in targets:
+                groups.setdefault(stacked, {})[path[index]] = value
+                continue
+        out[path] = value
+    for stacked, by_layer in groups.items():
+        count = int(targets[stacked][0])
+        if sorted(by_layer) != list(range(count)):
+            raise KeyError(f"checkpoint has layers {sorted(by_layer)} for {'/'.join(map(str, stacked))}, "
+                           f"the scanned model has {count}")
+        out[stacked] = np.stack([np.asarray(by_layer[i]) for i in range(count)])
+    return out
+
+
 def _check_paths(targets: Mapping[tuple, tuple], state: Mapping[tuple, Any], allow_missing, what: str) -> None:
     """Every state path must be a target path with the same shape, and every target be covered."""
     unknown = sorted(set(state) - set(targets), key=str)
@@ -106,7 +136,9 @@ def _check_paths(targets: Mapping[tuple, tuple], state: Mapping[tuple, Any], all
 def assign(module: nnx.Module, state: Mapping[tuple, Any], *, allow_missing: tuple[tuple, ...] = ()) -> nnx.Module:
     """Writes a flat state ``{path: array}`` into ``module``'s ``nnx.Param`` leaves, in place."""
     params = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)}
-    _check_paths({p: v[...].shape for p, v in params.items()}, state, allow_missing, type(module).__name__)
+    targets = {p: v[...].shape for p, v in params.items()}
+    state = match_layer_stacks(state, targets)
+    _check_paths(targets, state, allow_missing, type(module).__name__)
     for p, value in state.items():
         var = params[p]
         var[...] = jnp.asarray(np.asarray(value), dtype=var[...].dtype)
@@ -131,8 +163,9 @@ def into_state(params: nnx.State, state: Mapping[tuple, Any], *, prefix: tuple =
     def raw(leaf):
         return leaf[...] if isinstance(leaf, nnx.Variable) else leaf
 
-    _check_paths({p: raw(v).shape for p, v in leaves.items()}, state, allow_missing,
-                 "/".join(map(str, prefix)) or "state")
+    targets = {p: raw(v).shape for p, v in leaves.items()}
+    state = match_layer_stacks(state, targets)
+    _check_paths(targets, state, allow_missing, "/".join(map(str, prefix)) or "state")
     out = []
     for p, leaf in flat:
         rel = tuple(p)[len(prefix):]

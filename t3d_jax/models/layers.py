@@ -214,3 +214,51 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+
+
+# ----------------------------------------------------------------------------- layer stacks
+# Logical name of the leading axis of stacked (scanned) layer parameters. No sharding rule
+# names it, so it is never split: each device holds every layer's shard of the other axes.
+LAYERS_AXIS = "layers"
+
+
+def make_layer_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs, *,
+                     scanned: bool):
+    """``count`` layers built by ``make_layer(rngs)``.
+
+    ``scanned=False``: an ``nnx.List`` of independent modules (paths ``.../i/...``).
+    ``scanned=True``: ONE module whose every variable has a leading axis of size ``count``
+    (paths ``.../...``, logical name ``'layers'`` prepended to each parameter's axes), built
+    with ``nnx.vmap`` over split RNG streams. :func:`apply_layer_stack` runs it with
+    ``nnx.scan``, so the compiled program holds one layer body instead of ``count`` copies:
+    compile time and code size stop growing with depth (maxtext's ``scan_layers``), which is
+    what makes a ViT-B + BERT-base step compile in minutes for a TPU pod on a small CPU.
+    """
+    if not scanned:
+        return nnx.List([make_layer(rngs) for _ in range(count)])
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def build(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return build(rngs)
+
+
+def apply_layer_stack(forward: Callable, stack, x: jax.Array, *, scanned: bool) -> jax.Array:
+    """``x = forward(layer, x)`` for each layer of a :func:`make_layer_stack` stack, in order.
+
+    ``forward`` may be wrapped in ``nnx.remat`` (:func:`maybe_remat`); other inputs (masks,
+    flags) are closed over. Variables a layer updates (RNG counters) are written back per layer.
+    """
+    if not scanned:
+        for layer in stack:
+            x = forward(layer, x)
+        return x
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+              transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def run(layer, carry):
+        return forward(layer, carry)
+
+    return run(stack, x)

@@ -55,13 +55,15 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs) -> BertEncoder:
     """``model.text.hf_dir`` (a local Hugging Face BERT, loaded by the converter) or ``model.text.size``."""
     hf_dir = _get(text_cfg, "hf_dir", "")
     remat = _get(text_cfg, "remat", "none")
+    scan_layers = bool(_get(text_cfg, "scan_layers", False))
     if hf_dir:
         from t3d_jax.models import convert  # reads torch/safetensors files: import only when used
 
-        return convert.load_hf_bert(hf_dir, dtype=dtype, rngs=rngs, remat=remat)
+        return convert.load_hf_bert(hf_dir, dtype=dtype, rngs=rngs, remat=remat, scan_layers=scan_layers)
     max_len = int(_get(text_cfg, "max_len", 128))
     cfg = BertConfig.from_size(_get(text_cfg, "size", "tiny"), vocab_size=int(_get(text_cfg, "vocab_size", 30522)),
-                               max_position_embeddings=max(512, max_len), remat=remat, dtype=dtype)
+                               max_position_embeddings=max(512, max_len), remat=remat,
+                               scan_layers=scan_layers, dtype=dtype)
     return BertEncoder(cfg, rngs=rngs)
 
 

@@ -67,6 +67,7 @@ class ViT3DConfig:
     qkv_bias: bool = True
     patch_dropout: float = 0.0  # fraction of tokens DROPPED when deterministic=False (keep = 1 - this)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | nothing_saveable
+    scan_layers: bool = False  # blocks stacked and run by nnx.scan (see layers.make_layer_stack)
     layer_norm_eps: float = 1e-6
     dtype: Any = "float32"
     param_dtype: Any = "float32"
@@ -107,6 +108,7 @@ class ViT3DConfig:
             in_channels=c.get("in_channels", 1), pos_embed=c.get("pos_embed", "sincos"),
             pool=c.get("pool", "mean"), qkv_bias=c.get("qkv_bias", True),
             patch_dropout=c.get("patch_dropout", 0.0), remat=c.get("remat", "none"),
+            scan_layers=bool(c.get("scan_layers", False)),
             layer_norm_eps=c.get("layer_norm_eps", 1e-6),  # 1e-5 to match MONAI-pretrained weights
             dtype=dtype, param_dtype=param_dtype)
 
@@ -182,7 +184,8 @@ class ViT3D(nnx.Module):
             self.pos_embed = nnx.data(None)
         self.cls_token = (layers.param(rngs, nnx.initializers.zeros_init(), (cfg.width,), ("embed",), pdt)
                           if cfg.pool == "cls" else nnx.data(None))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = layers.make_layer_stack(lambda r: Block(cfg, rngs=r), cfg.depth, rngs,
+                                              scanned=cfg.scan_layers)
         self.norm = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdt, rngs=rngs)
         self.dropout_rngs = rngs["dropout"].fork() if cfg.patch_dropout > 0 else nnx.data(None)
 
@@ -232,8 +235,7 @@ class ViT3D(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b, 1, cfg.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
         forward = layers.maybe_remat(_block_forward, cfg.remat)
-        for block in self.blocks:
-            tokens = forward(block, tokens)
+        tokens = layers.apply_layer_stack(forward, self.blocks, tokens, scanned=cfg.scan_layers)
         tokens = self.norm(tokens)
         if cfg.pool == "cls":
             pooled, tokens = tokens[:, 0], tokens[:, 1:]

@@ -53,7 +53,10 @@ def apply_flat_state(params: dict, shardings: dict, flat: dict, submodule: str, 
         raise KeyError(f"{source}: the model has no {submodule!r} to load into")
     targets = _flat(params[submodule])
     target_shardings = _flat(shardings[submodule])
-    flat = {tuple(p): v for p, v in flat.items()}
+    from t3d_jax.models import convert
+
+    flat = convert.match_layer_stacks({tuple(p): v for p, v in flat.items()},
+                                      {p: tuple(v.shape) for p, v in targets.items()})
     unknown = [p for p in flat if p not in targets and not any(p[:len(o)] == o for o in OPTIONAL_PREFIXES)]
     if unknown:
         raise KeyError(f"{source}: weights with no place in {submodule}: {unknown[:8]}")
