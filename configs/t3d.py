@@ -72,7 +72,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.image.remat = "none"  # none | full | dots_saveable | ...
     # Stack the blocks and run them with nnx.scan: one compiled block body instead of `depth`
     # copies (compile time and code size independent of depth; parameters get a leading
-    # 'layers' axis). Off for the CPU configs (unrolled is a little faster there).
+    # 'layers' axis). Off by default: measured for `base` on v5e (docs/performance.md, memory
+    # levers) it compiles ~2x faster but XLA plans more temporaries, and XLA's FLOP count
+    # sees the loop body once (launch/aot_compile.py reports FLOPs of the unrolled step).
     c.model.image.scan_layers = False
     c.model.image.layer_norm_eps = 1e-6  # 1e-5 to match MONAI-pretrained ViT weights
     c.model.text = ml_collections.ConfigDict()
@@ -256,9 +258,7 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.model.image.size = "base"
         c.model.image.patch_size = (16, 16, 8)
         c.model.image.remat = "full"
-        c.model.image.scan_layers = True
         c.model.text.size = "base"
-        c.model.text.scan_layers = True
         c.model.tma.num_prototypes = 64
         c.train.global_batch_size = 256
         c.train.num_steps = 50_000
