@@ -10,11 +10,17 @@ Writes its own synthetic shards (CT-like int16 volumes in the prepared-folder fo
 
 Cases (stored volume -> view size):
   demo     64x64x64    -> 48x48x48     (the demo preset's stored grid)
+  demo_config  64x64x64 -> 32x32x32, batch 16, 85-100% crops, no jitter/noise (configs/t3d.py:demo)
   ct_clip  480x480x240 -> 160x160x96   (the ct_clip preset's grid -> the `base` config's view)
   ct_clip_224  480x480x240 -> 224x224x112  (optional: a larger view some CT papers use)
 
   python bench/input_pipeline.py --out bench_input_pipeline.json
   python bench/input_pipeline.py --cases demo --workers 0,2
+  python bench/input_pipeline.py --cases demo_config --vs_step demo   # loader vs the demo train step
+
+``--vs_step CONFIG`` also times the trainer's compiled step of ``configs/t3d.py:CONFIG`` (the
+one bench/train_step.py measures, float32, one CPU device) in the same run and prints how many
+times the views/s the step consumes each worker count delivers.
 
 The figures depend on the free cores: the script records ``os.cpu_count()`` and the
 load average next to them.
@@ -40,6 +46,8 @@ from t3d_jax.data.views import ViewOptions, make_views
 
 CASES = {
     "demo": dict(stored=(64, 64, 64), view=(48, 48, 48), batch=8, records=32, batches=40),
+    "demo_config": dict(stored=(64, 64, 64), view=(32, 32, 32), batch=16, records=32, batches=20,
+                        crop_min=0.85, intensity_jitter=0.0, noise_std=0.0),
     "ct_clip": dict(stored=(480, 480, 240), view=(160, 160, 96), batch=2, records=6, batches=6),
     "ct_clip_224": dict(stored=(480, 480, 240), view=(224, 224, 112), batch=2, records=6, batches=6),
 }
@@ -87,15 +95,17 @@ def data_config(root, case):
     import ml_collections
 
     return ml_collections.ConfigDict(dict(
-        dir=str(root), train_split="train", num_views=NUM_VIEWS, view_size=case["view"], crop_min=0.5,
-        crop_max=1.0, intensity_jitter=0.05, noise_std=0.02, flip_lr=False, worker_count=0,
+        dir=str(root), train_split="train", num_views=NUM_VIEWS, view_size=case["view"],
+        crop_min=case.get("crop_min", 0.5), crop_max=1.0, intensity_jitter=case.get("intensity_jitter", 0.05),
+        noise_std=case.get("noise_std", 0.02), flip_lr=False, worker_count=0,
         prefetch_buffer_size=2))
 
 
 def stage_times(root, case, repeats: int = 3) -> dict:
     """Median seconds of each stage for one example, in this process, one thread."""
     source = pipeline.open_split(root, "train")
-    options = ViewOptions(num_views=1, view_size=case["view"])
+    options = ViewOptions(num_views=1, view_size=case["view"], crop_min=case.get("crop_min", 0.5),
+                          intensity_jitter=case.get("intensity_jitter", 0.05), noise_std=case.get("noise_std", 0.02))
     read, decode, view = [], [], []
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -128,11 +138,31 @@ def pipeline_rate(root, case, workers: int) -> dict:
             "batches_per_s": case["batches"] / elapsed, "timed_views": views}
 
 
+def step_consumption(config_name: str, repeats: int) -> dict:
+    """Median wall time of the trainer's compiled step for `configs/t3d.py:config_name` (float32,
+    one CPU device, synthetic batch), via bench/train_step.py's harness."""
+    import statistics
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import train_step  # bench/train_step.py
+
+    config = train_step.load_config(config_name, train_step.BENCH_OVERRIDES.get(config_name, {}))
+    step = train_step.JaxTrainStep(config)
+    step()
+    times = [step() for _ in range(repeats)]
+    views = int(config.train.global_batch_size) * int(config.data.num_views)
+    median = statistics.median(times)
+    return {"config": config_name, "step_s": median, "views_per_step": views, "views_per_s": views / median,
+            "view_size": list(config.data.view_size)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="demo,ct_clip", help=f"comma list of {sorted(CASES)}")
     parser.add_argument("--workers", default="0,1,2", help="comma list of worker counts")
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--vs_step", default="", help="also time this config's train step (e.g. demo)")
+    parser.add_argument("--step_repeats", type=int, default=5)
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -161,6 +191,16 @@ def main(argv=None) -> int:
         rows.append(f"{'':<12} one thread: read {stages['read_s'] * 1e3:.1f} ms + decode "
                     f"{stages['decode_s'] * 1e3:.1f} ms per record ({stages['record_mb']:.1f} MB), "
                     f"views {stages['view_s'] * 1e3:.1f} ms each -> {1 / per_view:.2f} views/s/core")
+    if args.vs_step:
+        step = step_consumption(args.vs_step, args.step_repeats)
+        results["step"] = step
+        rows.append(f"train step {args.vs_step}: {step['step_s'] * 1e3:.0f} ms for {step['views_per_step']} views "
+                    f"-> consumes {step['views_per_s']:.1f} views/s")
+        for name in cases:
+            for run in results["cases"][name]["runs"]:
+                run["times_step_need"] = run["views_per_s"] / step["views_per_s"]
+                rows.append(f"  {name} with {run['workers']} workers delivers "
+                            f"{run['times_step_need']:.2f}x what the step consumes")
     results["machine"]["loadavg_end"] = os.getloadavg()
     print(f"input pipeline, {NUM_VIEWS} views per example, {os.cpu_count()} CPUs, "
           f"load {results['machine']['loadavg_start'][0]:.2f}")
