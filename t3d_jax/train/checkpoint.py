@@ -12,7 +12,10 @@ Why it is safe to kill training at any moment:
 * `restore_latest` additionally falls back to the previous step when a listed step cannot be
   read (e.g. files deleted or truncated), logging why, instead of dying or restoring garbage;
 * restoring reads into *abstract sharded targets* (the shapes and shardings of the current
-  program), so a run saved on one mesh resumes on another (orbax reshards on read).
+  program), so a run saved on one mesh resumes on another (orbax reshards on read);
+* a run saved with another number of processes has no `data` file for this process
+  (grain names them `process_{i}-of-{n}.json`); `restore` then sets this process's iterator
+  to a state the old run saved (see `_restore_data_from_other_layout`), with a warning.
 
 PRNG key arrays (nnx's RNG streams) are stored as their raw uint32 key data.
 """
@@ -96,10 +99,54 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     import grain
 
     args = {STATE: ocp.args.StandardRestore(abstract_storable(abstract_state))}
-    if data_iterator is not None:
+    other_layout = _data_files_of_other_layout(manager, step) if data_iterator is not None else []
+    if data_iterator is not None and not other_layout:
         args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(int(step), args=ocp.args.Composite(**args))
+    if other_layout:
+        _restore_data_from_other_layout(data_iterator, other_layout, step)
     return from_storable(restored[STATE], abstract_state)
+
+
+def _process_layout() -> tuple[int, int]:
+    """(index, count) of this process, as grain's handler names the data files."""
+    return jax.process_index(), jax.process_count()
+
+
+def _data_files_of_other_layout(manager: ocp.CheckpointManager, step: int) -> list:
+    """The step's data files when they were written by another number of processes, else []."""
+    from etils import epath
+
+    index, count = _process_layout()
+    data_dir = epath.Path(manager.directory) / str(int(step)) / DATA
+    if not data_dir.exists() or (data_dir / f"process_{index}-of-{count}.json").exists():
+        return []
+    return sorted(data_dir.glob("process_*-of-*.json"))
+
+
+def _restore_data_from_other_layout(data_iterator, files: list, step: int) -> None:
+    """Positions `data_iterator` after the restored step when the process count changed.
+
+    Every process consumes one of its own batches per step, and a process's batch s holds the
+    global elements of global batch s whatever the process count (t3d_jax.data.pipeline), so
+    after step S every process of any layout is at position S of its own batch sequence. A
+    Grain iterator state records only that position (and the read-worker round-robin), not the
+    process layout, so the old processes' states are all equal and any of them, set on this
+    process's iterator, resumes exactly at batch S + 1 (same seed, worker count and data).
+    """
+    import json
+
+    states = [json.loads(f.read_text()) for f in files]
+    if any(s != states[0] for s in states[1:]):
+        log.warning("checkpoint step %d: the data iterator states of the previous processes "
+                    "differ; using %s", step, files[0].name)
+    index, count = _process_layout()
+    log.warning("checkpoint step %d was saved by another number of processes (%s; this is process "
+                "%d of %d): restored the train state and started this process's data iterator at "
+                "the batch after step %d, from %s", step, ", ".join(f.name for f in files),
+                index, count, step, files[0].name)
+    data_iterator.set_state(states[0])
+    data_iterator.start_prefetch()  # as grain's own restore does
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
