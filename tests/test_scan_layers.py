@@ -55,8 +55,8 @@ def test_scanned_vit_equals_unrolled_values_and_gradients(remat):
         out = model(x)
         return jnp.sum(out["pooled"] ** 2) + jnp.mean(out["tokens"])
 
-    l0, g0 = nnx.value_and_grad(loss)(unrolled)
-    l1, g1 = nnx.value_and_grad(loss)(scanned)
+    l0, g0 = nnx.jit(nnx.value_and_grad(loss))(unrolled)
+    l1, g1 = nnx.jit(nnx.value_and_grad(loss))(scanned)
     np.testing.assert_allclose(float(l1), float(l0), rtol=SAME_OPS_ATOL)
     g0, g1 = nnx.to_pure_dict(g0), nnx.to_pure_dict(g1)
     for name in ("query", "out"):
@@ -81,7 +81,7 @@ def test_scanned_bert_loaded_from_transformers_matches_it():
     mask = (ids > 0).astype(np.int64)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    out = ours(jnp.asarray(ids), jnp.asarray(mask))
+    out = nnx.jit(lambda m, i, a: m(i, a))(ours, jnp.asarray(ids), jnp.asarray(mask))
     diff = float(np.abs(np.asarray(out["hidden"]) - ref.last_hidden_state.numpy()).max())
     print(f"\nscanned BERT vs transformers: max|dh|={diff:.2e}")
     assert diff < HF_TOL
@@ -138,8 +138,8 @@ def test_scanned_t3d_model_loss_and_gradients_equal_unrolled():
     def loss(model):
         return model.loss(batch, step=jnp.int32(0), deterministic=True)[0]
 
-    l0, g0 = nnx.value_and_grad(loss)(unrolled)
-    l1, g1 = nnx.value_and_grad(loss)(scanned)
+    l0, g0 = nnx.jit(nnx.value_and_grad(loss))(unrolled)
+    l1, g1 = nnx.jit(nnx.value_and_grad(loss))(scanned)
     np.testing.assert_allclose(float(l1), float(l0), rtol=SAME_OPS_ATOL)
     stacked = convert.match_layer_stacks(_flat_params_of_state(g0), _shapes_of_state(g1))
     flat1 = _flat_params_of_state(g1)
