@@ -23,7 +23,8 @@ The iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` giv
 JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
 ``CheckpointManager`` args, one ``process_{i}-of-{n}.json`` per process) store it next
 to the model state. A state restores into an iterator built with the same config,
-seed, process layout and worker count.
+seed and worker count; the saved state does not depend on the process layout (a step restores
+onto another process count, see `t3d_jax.train.checkpoint`).
 
 Evaluation is finite and deterministic: records in shard order, the whole volume
 resampled to ``view_size``, padded at the end to whole batches (``valid`` False on
