@@ -11,6 +11,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 import pytest
 from flax import nnx
@@ -264,3 +265,194 @@ def test_gradient_accumulation_matches_the_full_batch_step(config):
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(initial)[0])  # the steps did update
+
+
+# ---------------------------------------------------------------------------------------
+# Flattened AdamW (optim.flatten), the cheap global norm, the 'layers' decay rule, the guard
+# ---------------------------------------------------------------------------------------
+
+
+def test_flatten_setting_resolves_by_mesh_size():
+    assert optim_lib.resolve_flatten("auto", 1) is True
+    assert optim_lib.resolve_flatten("auto", 8) is False
+    assert optim_lib.resolve_flatten("on", 8) is True and optim_lib.resolve_flatten(True, 8) is True
+    assert optim_lib.resolve_flatten("off", 1) is False and optim_lib.resolve_flatten(False, 1) is False
+    with pytest.raises(ValueError, match="optim.flatten"):
+        optim_lib.resolve_flatten("sometimes", 1)
+
+
+def test_flattened_adamw_matches_per_leaf_adamw(config, params):
+    """Three AdamW steps on the real tiny T3D tree with a text lr multiplier of 0.25, a frozen
+    block, weight decay (vectors and position embeddings exempt) and clipping that triggers:
+    the flattened groups give the per-leaf optimizer's updates and parameters.
+
+    Tolerance: per element both run the same float32 Adam arithmetic, but compiled as other
+    kernels (vectorised over one long vector instead of per leaf; the clip's global norm
+    summed in another order), so results differ by a few float32 ulp (measured: at most
+    3e-9 with lr 1e-2). Adam moves an element by at most ~lr per step, and where m nearly
+    cancels m/sqrt(v) amplifies relative rounding, so the bound is absolute: 1e-5 x lr."""
+    c = config.copy_and_resolve_references()
+    c.optim.schedule, c.optim.lr, c.optim.weight_decay, c.optim.clip_norm = "constant", 1e-2, 0.05, 1.0
+    c.optim.lr_multipliers.text = 0.25
+    c.optim.freeze = (r"^image_encoder/blocks/0/",)
+    per_leaf, _, _ = optim_lib.make_optimizer(c.optim, params, 100)
+    flat, _, mult = optim_lib.make_optimizer(c.optim, params, 100, flatten=True)
+    assert mult == {"image": 1.0, "text": 0.25, "tma": 1.0, "logit": 1.0}
+    # The real tree exercises every kind of group: flattened decay / no-decay groups and the
+    # word embedding (1.95 M elements > FLATTEN_MAX_LEAF_SIZE) in a per-leaf group.
+    groups = flat.init(params)[2].inner_states
+    assert {"image/decay", "image/no_decay", "text/decay", "text/no_decay", "text/decay/leaf",
+            "frozen"} <= set(groups)
+    assert jax.tree.leaves(groups["text/decay"].inner_state[0].mu)[0].ndim == 1  # one vector
+    rng = np.random.default_rng(0)
+    state_a, state_b = per_leaf.init(params), flat.init(params)
+    pa = pb = jax.tree.map(jnp.asarray, params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p: (0.05 * rng.normal(size=p.shape)).astype(np.float32), params)
+        assert float(optax.tree.norm(grads)) > 1.0  # the clip is active
+        ua, state_a = per_leaf.update(grads, state_a, pa)
+        ub, state_b = flat.update(grads, state_b, pb)
+        for path, a, b in zip(_paths(params), jax.tree.leaves(ua), jax.tree.leaves(ub)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * 1e-2,
+                                       err_msg=f"step {step}: {path}")
+            if path.startswith("image_encoder/blocks/0/"):
+                assert not np.any(np.asarray(b)), path
+        pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+    for path, a, b in zip(_paths(params), jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=3 * 1e-5 * 1e-2, err_msg=path)
+
+
+def test_global_norm_over_concatenated_leaves_matches_optax(params):
+    eligible = optim_lib.flat_eligible(params)
+    flags = jax.tree.leaves(eligible)
+    assert any(flags) and not all(flags)  # small leaves concatenated, the word embedding not
+    # float32 sums in another order: ~1e-7 relative.
+    np.testing.assert_allclose(float(optim_lib.global_norm(params, eligible)),
+                               float(optax.tree.norm(params)), rtol=1e-6)
+    ref = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(params)))
+    np.testing.assert_allclose(float(optim_lib.global_norm(params, eligible)), ref, rtol=1e-6)
+
+
+def _decay_of(tx, params) -> dict[str, bool]:
+    """Which leaves the optimizer decays: with zero gradients (and no clipping) AdamW's
+    update is exactly -lr*wd*param for decayed leaves and 0 for the others."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    out = {}
+    for path, u, p in zip(_paths(params), jax.tree.leaves(updates), jax.tree.leaves(params)):
+        u, p = np.asarray(u), np.asarray(p)
+        if np.allclose(u, -0.1 * 0.5 * p, rtol=1e-6, atol=0):
+            out[path] = True
+        else:
+            np.testing.assert_array_equal(u, 0, err_msg=path)
+            out[path] = False
+    return out
+
+
+def test_weight_decay_does_not_count_the_stacked_layers_axis(config):
+    """Scanned layers give every block parameter a leading 'layers' axis: a stacked LayerNorm
+    scale [layers, width] is still a vector per layer and is not decayed; a stacked kernel
+    [layers, in, out] is. Without logical specs (paths-only callers) every dim counts."""
+    c = config.optim.copy_and_resolve_references()
+    c.schedule, c.lr, c.weight_decay, c.clip_norm = "constant", 0.1, 0.5, 0.0
+    c.no_decay = ("pos_embed",)
+    rng = np.random.default_rng(0)
+    shapes = {"blocks": {"norm": {"scale": (3, 8), "bias": (3, 8)},
+                         "mlp": {"kernel": (3, 8, 16), "bias": (3, 16)}},
+              "pos_embed": (4, 8), "proj": {"kernel": (8, 4)}, "scale": ()}
+    params = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                          is_leaf=lambda s: isinstance(s, tuple))
+    specs = {"blocks": {"norm": {"scale": P("layers", "embed"), "bias": P("layers", "embed")},
+                        "mlp": {"kernel": P("layers", "embed", "mlp"), "bias": P("layers", "mlp")}},
+             "pos_embed": P(None, "embed"), "proj": {"kernel": P("embed", "joint")}, "scale": P()}
+    expected = {"blocks/norm/scale": False, "blocks/norm/bias": False, "blocks/mlp/kernel": True,
+                "blocks/mlp/bias": False, "pos_embed": False, "proj/kernel": True, "scale": False}
+    for flatten in (False, True):
+        tx, _, _ = optim_lib.make_optimizer(c, params, 10, logical_specs=specs, flatten=flatten)
+        assert _decay_of(tx, params) == expected, flatten
+    # Paths only: today's rule, every dim counts, so the stacked vectors look like matrices.
+    tx, _, _ = optim_lib.make_optimizer(c, params, 10)
+    assert _decay_of(tx, params) == {**expected, "blocks/norm/scale": True, "blocks/norm/bias": True,
+                                     "blocks/mlp/bias": True}
+    # Specs of another tree are an error, not a silent fallback.
+    with pytest.raises(ValueError, match="blocks/norm/scale"):
+        bad = {**specs, "blocks": {**specs["blocks"], "norm": {"bias": P("layers", "embed")}}}
+        optim_lib.make_optimizer(c, params, 10, logical_specs=bad)[0].init(params)
+
+
+def test_scanned_model_program_exempts_stacked_norm_scales_from_decay(config):
+    """The program passes the model's logical specs to the optimizer: with scanned ViT blocks
+    the stacked LayerNorm scales ([2, 64]) are not decayed, the stacked kernels are."""
+    c = config.copy_and_resolve_references()
+    c.model.image.scan_layers = True
+    c.optim.schedule, c.optim.lr, c.optim.weight_decay, c.optim.clip_norm = "constant", 0.1, 0.5, 0.0
+    mesh = mesh_lib.make_mesh(c.mesh)
+    program = step_lib.make_train_program(c, mesh)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32),
+                          program.abstract_state["params"])
+    decay = _decay_of(program.tx, params)
+    scale = "image_encoder/blocks/norm1/scale"
+    assert _paths(params)[scale].shape == (2, 64) and decay[scale] is False
+    assert decay["image_encoder/blocks/mlp/fc1/kernel"] is True
+    assert decay["image_encoder/blocks/mlp/fc1/bias"] is False
+
+
+def test_flatten_on_a_sharded_mesh_keeps_fsdp_state_sharded(config):
+    """optim.flatten=on with FSDP x tensor sharding: every split parameter keeps per-leaf
+    moments with its own sharding; only replicated leaves are concatenated, into replicated
+    vectors. Layout only (nothing compiled)."""
+    c = config.copy_and_resolve_references()
+    c.mesh.shape, c.mesh.axes = (2, 2, 2), ("data", "fsdp", "tensor")
+    c.optim.flatten = "on"
+    program = step_lib.make_train_program(c, mesh_lib.make_mesh(c.mesh))
+    param_sh = _paths(program.state_shardings["params"])
+    shapes = _paths(program.abstract_state["params"])
+    opt_sh = _paths(program.state_shardings["opt_state"])
+    opt_abs = _paths(program.abstract_state["opt_state"])
+    split = [p for p, s in param_sh.items() if not s.is_fully_replicated]
+    assert len(split) > 10
+    for p in split:
+        mu = [k for k in opt_sh if k.endswith("/mu/" + p)]
+        assert len(mu) == 1 and opt_sh[mu[0]] == param_sh[p], p
+    flat_mu = [k for k in opt_abs if k.endswith("/mu") and opt_abs[k].ndim == 1]
+    assert flat_mu and all(opt_sh[k].is_fully_replicated for k in flat_mu)
+    small_replicated = sum(int(np.prod(shapes[p].shape)) for p, s in param_sh.items()
+                           if s.is_fully_replicated and np.prod(shapes[p].shape) <= optim_lib.FLATTEN_MAX_LEAF_SIZE)
+    assert sum(int(opt_abs[k].shape[0]) for k in flat_mu) == small_replicated
+
+
+def test_one_device_flattened_step_skips_a_nonfinite_batch_exactly(config):
+    """On one device (optim.flatten=auto -> flattened, the CPU bench's path): a NaN batch
+    leaves params, optimizer state and model state bit-identical and counts itself; the next
+    good step trains again; the optimizer counts only good steps; one trace."""
+    c = config.copy_and_resolve_references()
+    c.mesh.shape = (1, 1)
+    c.train.global_batch_size = 8
+    c.optim.warmup_steps = 0
+    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    good = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in step_lib.abstract_batch(c).items()}
+    bad = {**good, "views": np.full_like(good["views"], np.nan)}
+    with jax.set_mesh(mesh):
+        program = step_lib.make_train_program(c, mesh, _LinearProbe)
+        state = program.init()
+        flat_mu = [x for p, x in _paths(state["opt_state"]).items() if p.endswith("/mu") and x.ndim == 1]
+        assert flat_mu  # the optimizer really is flattened here
+        feed = lambda b: step_lib.global_batch(b, program.batch_shardings)
+        state, m1 = program.step(state, feed(good))
+        before = jax.device_get(state)
+        state, m2 = program.step(state, feed(bad))
+        after = jax.device_get(state)
+        state, m3 = program.step(state, feed(good))
+    assert int(m1["skipped"]) == 0 and int(m2["skipped"]) == 1 and int(m3["skipped"]) == 0
+    assert int(m2["bad_steps"]) == 1 and int(m3["bad_steps"]) == 0 and int(m3["skipped_steps"]) == 1
+    for key in ("params", "opt_state", "model_state"):
+        for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])):
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    assert int(after["step"]) == 2 and int(state["step"]) == 3
+    counts = [int(x) for p, x in _paths(jax.device_get(state["opt_state"])).items() if p.endswith("/count")]
+    assert counts and set(counts) == {2}
+    assert not np.allclose(jax.tree.leaves(jax.device_get(state["params"]))[0],
+                           jax.tree.leaves(after["params"])[0])
+    assert program.trace_count == [1]

@@ -12,19 +12,32 @@ so that the same rules work for any model the registry builds:
   Frozen parameters get no update and no optimizer state, and their gradients are zeroed
   before clipping so they do not eat into the clip budget.
 * weight decay: not applied to vectors (biases, norm scales, the logit scale) nor to paths
-  matched by `optim.no_decay` (position embeddings), as is standard for transformers.
+  matched by `optim.no_decay` (position embeddings), as is standard for transformers. A
+  stacked (scanned) layer axis, logical name 'layers', does not make a vector a matrix:
+  given the logical specs, a [layers, width] LayerNorm scale is not decayed either.
+* flattening (`optim.flatten`): AdamW over one concatenated vector per group of leaves
+  instead of leaf by leaf -- far fewer kernels per step for small models on one device.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
+
+from t3d_jax.models.layers import LAYERS_AXIS
 
 FROZEN = "frozen"
+# Leaves above this many elements keep their own (per-leaf) AdamW even when flattening: their
+# kernels are long enough that a dispatch does not matter, and concatenating them would add a
+# copy of the array per step (measured on `tiny`, whose 30522x64 word embedding is 90% of
+# the parameters: flattening it too made the optimizer slower than per-leaf; 2^16 beat 2^14).
+FLATTEN_MAX_LEAF_SIZE = 1 << 16
 
 
 def path_str(path) -> str:
@@ -56,8 +69,38 @@ def tower_of(path: str, multipliers: dict[str, float]) -> str:
     return max(matches, key=len) if matches else ""
 
 
-def param_labels(params, optim_config) -> tuple[dict, dict]:
-    """Per-parameter label trees: the optax.multi_transform label and the weight-decay mask."""
+def logical_names(logical_specs) -> dict[str, tuple]:
+    """{parameter path: logical axis names} from a tree of logical PartitionSpecs (the
+    `nnx.get_partition_spec` of the params, as `make_train_program` collects them); a
+    parameter without names maps to ()."""
+    if logical_specs is None:
+        return {}
+    is_spec = lambda s: s is None or isinstance(s, P)
+    flat = jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)[0]
+    return {path_str(p): (tuple(s) if s is not None else ()) for p, s in flat}
+
+
+def _is_layers_axis(name) -> bool:
+    return name == LAYERS_AXIS or (isinstance(name, tuple) and LAYERS_AXIS in name)
+
+
+def matrix_rank(x, names: tuple | None) -> int:
+    """Number of dims of `x` that are not a stacked-layers axis (logical name 'layers').
+
+    A scanned model stores each block's parameters with a leading 'layers' axis, so a
+    LayerNorm scale is [layers, width] -- still a vector per layer, never weight-decayed.
+    Without logical names every dim counts (unscanned models have no such axis)."""
+    if names is None:
+        return x.ndim
+    return sum(1 for d in range(x.ndim) if not _is_layers_axis(names[d] if d < len(names) else None))
+
+
+def param_labels(params, optim_config, logical_specs=None) -> tuple[dict, Callable]:
+    """Per-parameter label trees: the optax.multi_transform label and the weight-decay mask.
+
+    `logical_specs` (optional, same tree as `params`, leaves logical PartitionSpecs): dims
+    named 'layers' do not count towards the decay rule's "matrix" test (see `matrix_rank`).
+    """
     multipliers = dict(optim_config.lr_multipliers or {})
     freeze = [re.compile(p) for p in (optim_config.freeze or ())]
 
@@ -68,48 +111,155 @@ def param_labels(params, optim_config) -> tuple[dict, dict]:
             return FROZEN
         return tower or "default"
 
-    return jax.tree_util.tree_map_with_path(label, params), decay_mask_fn(optim_config)
+    return (jax.tree_util.tree_map_with_path(label, params),
+            decay_mask_fn(optim_config, logical_specs))
 
 
-def decay_mask_fn(optim_config):
-    """A callable mask (not a tree) so it also applies to multi_transform's masked sub-trees."""
+def decay_mask_fn(optim_config, logical_specs=None):
+    """A callable mask (not a tree) so it also applies to multi_transform's masked sub-trees.
+
+    Decayed: parameters with more than one non-'layers' dim whose path no `optim.no_decay`
+    pattern matches. Paths absent from `logical_specs` (when given) are an error: the specs
+    must describe the same parameter tree.
+    """
     no_decay = [re.compile(p) for p in (optim_config.no_decay or ())]
+    names = logical_names(logical_specs) if logical_specs is not None else None
 
     def decay(path, x):
         name = path_str(path)
-        return x.ndim > 1 and not any(p.search(name) for p in no_decay)
+        if names is not None and name not in names:
+            raise ValueError(f"weight decay: parameter {name!r} has no logical axis names in the "
+                             f"specs passed to the optimizer (they describe another model?)")
+        rank = matrix_rank(x, None if names is None else names[name])
+        return rank > 1 and not any(p.search(name) for p in no_decay)
 
     return lambda tree: jax.tree_util.tree_map_with_path(decay, tree)
 
 
-def make_optimizer(optim_config, params, num_steps: int
+def resolve_flatten(setting, num_devices: int) -> bool:
+    """`optim.flatten`: "auto" (flatten on a one-device mesh only), "on"/True, "off"/False.
+
+    "auto" keeps per-leaf AdamW on multi-device meshes: there the optimizer state must stay
+    sharded like the parameters (FSDP), and flattening was only measured to pay on one CPU
+    device (docs/performance.md). "on" still never flattens a parameter that is split over
+    devices (see `make_optimizer`)."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return num_devices == 1
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no", "none"):
+        return False
+    raise ValueError(f"config.optim.flatten={setting!r}: use auto | on | off")
+
+
+def flat_eligible(params, param_shardings=None):
+    """Tree of bools: leaves that flattening may concatenate -- not split over devices
+    (concatenating those would gather them) and at most FLATTEN_MAX_LEAF_SIZE elements."""
+    small = jax.tree.map(lambda x: math.prod(x.shape) <= FLATTEN_MAX_LEAF_SIZE, params)
+    if param_shardings is None:
+        return small
+    return jax.tree.map(lambda s, sh: s and sh.is_fully_replicated, small, param_shardings)
+
+
+def global_norm(tree, eligible=None) -> jax.Array:
+    """The L2 norm of all leaves of `tree`, as `optax.tree.norm`; with `eligible` (a bool tree
+    from `flat_eligible`) the eligible leaves are concatenated and reduced in ONE kernel
+    instead of one square-and-reduce per leaf."""
+    if eligible is None:
+        return optax.tree.norm(tree)
+    leaves = jax.tree.leaves(tree)
+    flags = jax.tree.leaves(eligible)
+    if len(flags) != len(leaves):
+        raise ValueError(f"global_norm: {len(leaves)} leaves but {len(flags)} eligibility flags")
+    small = [jnp.ravel(x) for x, f in zip(leaves, flags) if f]
+    parts = [jnp.sum(jnp.square(x)) for x, f in zip(leaves, flags) if not f]
+    if small:
+        parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+    return jnp.sqrt(sum(parts)) if parts else jnp.zeros((), jnp.float32)
+
+
+def clip_by_global_norm(max_norm: float, eligible=None) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same arithmetic, same empty state) with its norm from
+    `global_norm(.., eligible)`."""
+    def update(updates, state, params=None):
+        del params
+        g_norm = global_norm(updates, eligible)
+        trigger = jnp.squeeze(g_norm < max_norm)
+        clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(optim_config, params, num_steps: int, *, logical_specs=None,
+                   flatten: bool = False, param_shardings=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, dict[str, float]]:
     """Builds the optax transformation for `params` (a pytree of arrays or abstract arrays).
 
     Returns (tx, base schedule, {label: lr multiplier}) so metrics can report each tower's lr.
+
+    The chain is always (zero frozen gradients, clip by global norm, multi_transform by label).
+    `flatten=False`: one AdamW per lr label, applied leaf by leaf, weight decay by mask.
+    `flatten=True`: the leaves are grouped by (lr label, decayed or not) and each group's
+    AdamW runs on ONE concatenated vector (`optax.flatten`): a handful of kernels instead of
+    several per leaf, which is what the step of a small model pays for on CPU. Decay is then
+    by group (adamw vs adam) rather than by mask -- the same arithmetic per element. Leaves
+    that `param_shardings` splits over devices stay per-leaf in their own group, so FSDP
+    optimizer state is never replaced by a replicated vector.
     """
     schedule = learning_rate_schedule(optim_config, num_steps)
-    labels, decay_mask = param_labels(params, optim_config)
+    labels, decay_mask = param_labels(params, optim_config, logical_specs)
     multipliers = dict(optim_config.lr_multipliers or {})
     used = sorted(set(jax.tree.leaves(labels)))
+    hyper = dict(b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps))
+
+    def lr(mult: float) -> optax.Schedule:
+        return lambda count: schedule(count) * mult
 
     def adamw(mult: float) -> optax.GradientTransformation:
-        return optax.adamw(
-            learning_rate=lambda count: schedule(count) * mult,
-            b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps),
-            weight_decay=float(optim_config.weight_decay), mask=decay_mask)
+        return optax.adamw(learning_rate=lr(mult), weight_decay=float(optim_config.weight_decay),
+                           mask=decay_mask, **hyper)
 
     label_mult = {lab: (1.0 if lab == "default" else float(multipliers[lab]))
                   for lab in used if lab != FROZEN}
-    transforms: dict[str, optax.GradientTransformation] = {
-        lab: adamw(m) for lab, m in label_mult.items()}
+    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
+    if flatten:
+        labels, transforms = _flat_groups(labels, decay_mask(params), params, param_shardings, label_mult,
+                                          lr, float(optim_config.weight_decay), hyper)
+    else:
+        transforms = {lab: adamw(m) for lab, m in label_mult.items()}
     transforms[FROZEN] = optax.set_to_zero()
-    frozen_mask = jax.tree.map(lambda lab: lab == FROZEN, labels)
-    chain = [optax.masked(optax.set_to_zero(), frozen_mask)]
+    chain = [optax.masked(optax.set_to_zero(), frozen)]
     if optim_config.clip_norm and float(optim_config.clip_norm) > 0:
-        chain.append(optax.clip_by_global_norm(float(optim_config.clip_norm)))
+        clip = float(optim_config.clip_norm)
+        chain.append(clip_by_global_norm(clip, flat_eligible(params, param_shardings))
+                     if flatten else optax.clip_by_global_norm(clip))
     chain.append(optax.multi_transform(transforms, labels))
     return optax.chain(*chain), schedule, label_mult
+
+
+def _flat_groups(labels, decayed, params, param_shardings, label_mult, lr, weight_decay, hyper):
+    """Group labels "<lr label>/decay|no_decay[/leaf]" and their transforms: a flattened
+    AdamW (decay) or Adam (no decay) per group of small replicated leaves; "/leaf" groups
+    (device-split or large leaves) stay per-leaf."""
+    eligible = flat_eligible(params, param_shardings)
+
+    def group(lab, dec, flat):
+        if lab == FROZEN:
+            return FROZEN
+        return f"{lab}/{'decay' if dec else 'no_decay'}" + ("" if flat else "/leaf")
+
+    groups = jax.tree.map(group, labels, decayed, eligible)
+    transforms = {}
+    for name in sorted(set(jax.tree.leaves(groups)) - {FROZEN}):
+        lab, kind, *per_leaf = name.split("/")
+        if kind == "decay":
+            inner = optax.adamw(learning_rate=lr(label_mult[lab]), weight_decay=weight_decay, **hyper)
+        else:
+            inner = optax.adam(learning_rate=lr(label_mult[lab]), **hyper)
+        transforms[name] = inner if per_leaf else optax.flatten(inner)
+    return groups, transforms
 
 
 def frozen_mask(params, optim_config):

@@ -22,8 +22,11 @@ The train state is a plain dict of arrays (simple to checkpoint, shard and inspe
 The step is written functionally: `nnx.merge` the pure dicts into a model, compute
 `model.loss(batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
 model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
-is not finite keeps the old params/opt_state/model_state (`jnp.where` on a scalar flag, no
+is not finite keeps the old params/opt_state/model_state (`lax.cond` on a scalar flag, no
 host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
+
+On a one-device mesh the optimizer runs flattened (`optim.flatten`, see optim.py): small
+models' steps on CPU are otherwise dominated by per-parameter kernels after the gradient.
 """
 
 from __future__ import annotations
@@ -147,8 +150,14 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     abs_params, abs_rest = jax.eval_shape(abstract_model)
     graphdef, param_specs, rest_specs = static["graphdef"], static["param_specs"], static["rest_specs"]
 
-    tx, schedule, label_mult = optim_lib.make_optimizer(config.optim, abs_params, num_steps)
+    # -- Optimizer: decay rule from the logical names, flattened AdamW where it pays ------------
+    param_shardings = mesh_lib.tree_shardings(abs_params, param_specs, mesh, rules)
+    flatten = optim_lib.resolve_flatten(config.optim.get("flatten", "auto"), mesh.size)
+    tx, schedule, label_mult = optim_lib.make_optimizer(
+        config.optim, abs_params, num_steps, logical_specs=param_specs, flatten=flatten,
+        param_shardings=param_shardings)
     frozen = optim_lib.frozen_mask(abs_params, config.optim)
+    eligible = optim_lib.flat_eligible(abs_params, param_shardings) if flatten else None
 
     def init() -> dict:
         model = _build_model(factory, seed)
@@ -170,7 +179,6 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
 
     # -- Shardings: params by the rules table; optimizer state mirrors its params -------------
     replicated = mesh_lib.replicated(mesh)
-    param_shardings = mesh_lib.tree_shardings(abs_params, param_specs, mesh, rules)
     rest_shardings = mesh_lib.tree_shardings(abs_rest, rest_specs, mesh, rules)
     opt_shardings = mirror_param_shardings(
         abstract_state["opt_state"], abs_params, param_shardings, replicated)
@@ -224,16 +232,15 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         trace_count[0] += 1  # runs at trace time only: counts compilations of the step
         loss, metrics, model_state, grads = compute_grads(state, batch)
         grads = optim_lib.zero_frozen(grads, frozen)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim_lib.global_norm(grads, eligible)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        params, opt_state, model_state = _guarded_update(
+            ok, tx, grads, state["params"], state["opt_state"], model_state, state["model_state"])
         new_state = {
             "step": state["step"] + 1,
-            "params": keep_if_bad(params, state["params"]),
-            "model_state": keep_if_bad(model_state, state["model_state"]),
-            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": opt_state,
             "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1).astype(jnp.int32),
             "skipped_steps": (state["skipped_steps"] + (~ok).astype(jnp.int32)).astype(jnp.int32),
         }
@@ -241,7 +248,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         out = dict(metrics)  # the model's loss terms etc., as it names them
         out.update({
             "loss": loss, "grad_norm": grad_norm, "lr": lr,
-            "param_norm": optax.tree.norm(state["params"]),
+            "param_norm": optim_lib.global_norm(state["params"], eligible),
             "skipped": (~ok).astype(jnp.int32),
             "bad_steps": new_state["bad_steps"], "skipped_steps": new_state["skipped_steps"],
         })
@@ -262,6 +269,26 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     program.abstract_state = program.with_shardings(abstract_state, state_shardings)
     program.abstract_batch = program.with_shardings(batch, batch_shardings)
     return program
+
+
+def _guarded_update(ok, tx, grads, params, opt_state, new_model_state, old_model_state):
+    """(params, opt_state, model_state) after the optimizer step if `ok`, else the old ones.
+
+    One `lax.cond` on the scalar flag rather than `jnp.where` over the three trees: the
+    where-form made XLA recompute Adam's moments inside every parameter's select fusion and
+    copy each moment buffer first (on CPU ~3x the optimizer's kernels, and more temporary
+    memory); under the cond the optimizer runs only on good steps and nothing is selected.
+    """
+    def apply(operands):
+        grads, params, opt_state, new_ms, _ = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, new_ms
+
+    def keep(operands):
+        _, params, opt_state, _, old_ms = operands
+        return params, opt_state, old_ms
+
+    return jax.lax.cond(ok, apply, keep, (grads, params, opt_state, new_model_state, old_model_state))
 
 
 def _key(entry) -> str:
