@@ -22,9 +22,10 @@ global batch, row for row, for any number of processes.
 The iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` give a
 JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
 ``CheckpointManager`` args, one ``process_{i}-of-{n}.json`` per process) store it next
-to the model state. A state restores into an iterator built with the same config,
-seed and worker count; the saved state does not depend on the process layout (a step restores
-onto another process count, see `t3d_jax.train.checkpoint`).
+to the model state. A state restores into an iterator built with the same config and
+seed; the saved state does not depend on the process layout, and its shape depends on the
+worker count only through grain's round robin, so a step restores onto another process count
+or worker count at the same batch position (see `t3d_jax.train.checkpoint`).
 
 Evaluation is finite and deterministic: records in shard order, the whole volume
 resampled to ``view_size``, padded at the end to whole batches (``valid`` False on

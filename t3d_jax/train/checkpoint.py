@@ -15,7 +15,11 @@ Why it is safe to kill training at any moment:
   program), so a run saved on one mesh resumes on another (orbax reshards on read);
 * a run saved with another number of processes has no `data` file for this process
   (grain names them `process_{i}-of-{n}.json`); `restore` then sets this process's iterator
-  to a state the old run saved (see `_restore_data_from_other_layout`), with a warning.
+  to a state the old run saved (see `_plan_data_restore`), with a warning;
+* a run saved with another `data.worker_count` wrote an iterator state of another shape;
+  `restore` converts it to the same batch position (`batches_read`, `iterator_state_at`),
+  with a warning. A position that cannot be applied is `DataPositionError`, which names the
+  fix and never moves the step aside (the checkpoint itself is fine).
 
 PRNG key arrays (nnx's RNG streams) are stored as their raw uint32 key data.
 """
@@ -95,17 +99,33 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-    """Restores `step` into `abstract_state`'s shapes/shardings (and the iterator in place)."""
+    """Restores `step` into `abstract_state`'s shapes/shardings (and the iterator in place).
+
+    The data position is worked out first (`_plan_data_restore`), so a position that cannot be
+    applied raises `DataPositionError` before any state is read.
+    """
     import grain
 
     args = {STATE: ocp.args.StandardRestore(abstract_storable(abstract_state))}
-    other_layout = _data_files_of_other_layout(manager, step) if data_iterator is not None else []
-    if data_iterator is not None and not other_layout:
+    plan = _plan_data_restore(manager, step, data_iterator) if data_iterator is not None else None
+    if data_iterator is not None and plan is None:
         args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(int(step), args=ocp.args.Composite(**args))
-    if other_layout:
-        _restore_data_from_other_layout(data_iterator, other_layout, step)
+    if plan is not None:
+        target, why = plan
+        log.warning("%s", why)
+        data_iterator.set_state(target)
+        data_iterator.start_prefetch()  # as grain's own restore does
     return from_storable(restored[STATE], abstract_state)
+
+
+class DataPositionError(RuntimeError):
+    """The step's data position cannot be applied to this run's iterator.
+
+    Not a reason to move the step aside (the checkpoint is intact and a run with the old data
+    settings resumes from it), nor to fall back to an older step (it has the same problem):
+    `restore_latest` lets it through.
+    """
 
 
 def _process_layout() -> tuple[int, int]:
@@ -124,29 +144,130 @@ def _data_files_of_other_layout(manager: ocp.CheckpointManager, step: int) -> li
     return sorted(data_dir.glob("process_*-of-*.json"))
 
 
-def _restore_data_from_other_layout(data_iterator, files: list, step: int) -> None:
-    """Positions `data_iterator` after the restored step when the process count changed.
+def _plan_data_restore(manager: ocp.CheckpointManager, step: int, data_iterator):
+    """None when grain's own restore applies (this process's file, same worker count), else
+    (the iterator state to set, the warning saying why).
 
-    Every process consumes one of its own batches per step, and a process's batch s holds the
-    global elements of global batch s whatever the process count (t3d_jax.data.pipeline), so
-    after step S every process of any layout is at position S of its own batch sequence. A
-    Grain iterator state records only that position (and the read-worker round-robin), not the
-    process layout, so the old processes' states are all equal and any of them, set on this
-    process's iterator, resumes exactly at batch S + 1 (same seed, worker count and data).
+    Another process count: every process consumes one of its own batches per step, and a
+    process's batch s holds the global elements of global batch s whatever the process count
+    (t3d_jax.data.pipeline), so after step S every process of any layout is at position S of
+    its own batch sequence. A Grain iterator state records only that position (and the
+    read-worker round robin), not the process layout, so the old processes' states are all
+    equal and any of them resumes this process exactly at batch S + 1.
+
+    Another worker count: the saved state has another shape (see `reader_worker_count`) and is
+    converted to the same batch position (`batches_read` -> `iterator_state_at`); the batches
+    are the same for any worker count, so this too resumes exactly.
     """
     import json
 
-    states = [json.loads(f.read_text()) for f in files]
-    if any(s != states[0] for s in states[1:]):
-        log.warning("checkpoint step %d: the data iterator states of the previous processes "
-                    "differ; using %s", step, files[0].name)
     index, count = _process_layout()
-    log.warning("checkpoint step %d was saved by another number of processes (%s; this is process "
-                "%d of %d): restored the train state and started this process's data iterator at "
-                "the batch after step %d, from %s", step, ", ".join(f.name for f in files),
-                index, count, step, files[0].name)
-    data_iterator.set_state(states[0])
-    data_iterator.start_prefetch()  # as grain's own restore does
+    step_dir = pathlib.Path(os.fspath(manager.directory)) / str(int(step))
+    files = _data_files_of_other_layout(manager, step)
+    if files:
+        states = [json.loads(f.read_text()) for f in files]
+        if any(s != states[0] for s in states[1:]):
+            log.warning("checkpoint step %d: the data iterator states of the previous processes "
+                        "differ; using %s", step, files[0].name)
+        saved, source = states[0], files[0]
+        why = (f"checkpoint step {step} was saved by another number of processes "
+               f"({', '.join(f.name for f in files)}; this is process {index} of {count}): "
+               f"restored the train state and started this process's data iterator at the batch "
+               f"after step {step}, from {files[0].name}")
+    else:
+        source = step_dir / DATA / f"process_{index}-of-{count}.json"
+        try:
+            saved = json.loads(source.read_text())
+        except (OSError, ValueError):
+            return None  # missing or damaged: grain's restore reports it as before
+        why = None
+    template = data_iterator.get_state()  # a state of this iterator: its shape, worker count
+    old, new = reader_worker_count(saved), reader_worker_count(template)
+    if old == new:
+        return None if why is None else (saved, why)
+    position = batches_read(saved) if old is not None else None
+    problem = ("the saved state has a shape this code does not know" if old is None else
+               "this run's iterator state has a shape this code does not know" if new is None else
+               "the saved state is not a round-robin position of grain's read workers"
+               if position is None else None)
+    if problem is not None:
+        def describe(n):
+            return "UNKNOWN (see the state file)" if n is None else n
+
+        raise DataPositionError(
+            f"{manager.directory}: checkpoint step {step}: its data iterator state {source} was "
+            f"saved with data.worker_count={describe(old)} and this run reads with "
+            f"data.worker_count={describe(new)}; the saved data position cannot be converted "
+            f"({problem}). The checkpoint is intact and was not moved. Resume with the old "
+            f"worker count (--config.data.worker_count={describe(old)}), or start a new workdir "
+            f"with --config.init_from.checkpoint={manager.directory} (params only).")
+    converted = (f"its data iterator state was saved with data.worker_count={old} and this run "
+                 f"reads with data.worker_count={new}: set the iterator to the same position, "
+                 f"after {position} batches of this process (the batches are the same for any "
+                 f"worker count)")
+    why = (f"checkpoint step {step} in {manager.directory}: restored the train state; {converted}"
+           if why is None else f"{why}; {converted}")
+    return iterator_state_at(template, position), why
+
+
+# -- Grain iterator positions across worker counts ----------------------------------------------------
+#
+# grain 0.2.18, as t3d_jax.data.pipeline._to_iterable builds the iterator (read in
+# .venv/.../grain/_src/python/dataset/transformations/{prefetch,process_prefetch,interleave}.py
+# and checked on real iterators in tests/test_resume_worker_count.py):
+#   worker_count 0: PrefetchDatasetIterator over this process's batch sequence,
+#       state {"next_index": k} = batches returned so far;
+#   worker_count N: mp_prefetch = InterleaveDatasetIterator (cycle N) over N process-prefetch
+#       iterators, worker i reading the slice [i::N] of the same batch sequence, state
+#       {"next_index_in_cycle", "next_index_in_datasets", "iterators_in_use_indices",
+#        "iterators_in_use_states": [{"next_index": j_i}] * N, "exhausted", "future_states"}.
+#       The interleave takes one element from each worker in turn, so after k batches worker i
+#       has returned j_i = len(range(i, k, N)) and the cycle is at k % N.
+
+
+def reader_worker_count(state) -> int | None:
+    """The read-worker count whose iterator has this state's shape (0 = in-process); None
+    for a shape this module does not know."""
+    def position(s):
+        return isinstance(s, dict) and set(s) == {"next_index"} and isinstance(s["next_index"], int)
+
+    if position(state):
+        return 0
+    inner = state.get("iterators_in_use_states") if isinstance(state, dict) else None
+    if (isinstance(inner, list) and inner and all(position(s) for s in inner)
+            and {"next_index_in_cycle", "next_index_in_datasets", "iterators_in_use_indices",
+                 "exhausted"} <= set(state)):
+        return len(inner)
+    return None
+
+
+def batches_read(state) -> int | None:
+    """How many batches the iterator had returned, or None if the state is not exactly a
+    round-robin position (e.g. an exhausted worker), so no single position is proven."""
+    workers = reader_worker_count(state)
+    if workers is None:
+        return None
+    if workers == 0:
+        return state["next_index"]
+    k = sum(s["next_index"] for s in state["iterators_in_use_states"])
+    return k if state == iterator_state_at(state, k) else None
+
+
+def iterator_state_at(template, k: int):
+    """`template` (a state of the target iterator, any position) moved to k batches read."""
+    workers = reader_worker_count(template)
+    if workers == 0:
+        return {**template, "next_index": int(k)}
+    state = {**template,
+             "next_index_in_cycle": k % workers,
+             "next_index_in_datasets": workers,
+             "iterators_in_use_indices": list(range(workers)),
+             "iterators_in_use_states": [{**s, "next_index": len(range(i, k, workers))}
+                                         for i, s in enumerate(template["iterators_in_use_states"])],
+             "exhausted": [0] * workers}
+    if "future_states" in template:  # elastic-resize states; none for a plain round robin
+        state["future_states"] = {}
+    return state
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
@@ -160,6 +281,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     for step in steps:
         try:
             state = restore(manager, step, abstract_state, data_iterator)
+        except DataPositionError:
+            raise  # the checkpoint is fine; only this run's data settings do not fit it
         except Exception as e:  # unreadable/incomplete step: fall back, say why
             log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous",
                         step, manager.directory, type(e).__name__, str(e)[:300])
