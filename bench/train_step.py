@@ -67,9 +67,9 @@ def load_config(name: str, overrides: dict[str, object]):
         node = config
         for p in parents:
             node = node[p]
-        current = node[leaf]
-        if isinstance(value, str) and not isinstance(current, str):
-            value = type(current)(json.loads(value)) if current is not None else json.loads(value)
+        current = node.get(leaf)  # keys the config file lacks (e.g. optim.flatten) are added
+        if isinstance(value, str) and current is not None and not isinstance(current, str):
+            value = type(current)(json.loads(value))
         node[leaf] = value
     return config
 
@@ -150,6 +150,56 @@ def bench_config(name: str, steps: int, overrides: dict, peak: float) -> dict:
         "achieved_flops_per_s": step.flops / median, "mfu": step.flops / median / peak,
         "compiled_memory_bytes": step.memory_bytes, "final_loss": step.last_loss,
     }
+
+
+def _where_guard(ok, tx, grads, params, opt_state, new_model_state, old_model_state):
+    """The step's non-finite guard as it was before the lax.cond form (jnp.where over params,
+    optimizer state and model state), kept here only to measure the change (--compare)."""
+    import optax
+
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return (keep_if_bad(new_params, params), keep_if_bad(new_opt_state, opt_state),
+            keep_if_bad(new_model_state, old_model_state))
+
+
+# --compare: the step before this optimisation, each change alone, and the current step.
+VARIANTS = (
+    ("before: per-leaf AdamW, where-guard", {"optim.flatten": "off"}, True),
+    ("cond guard only (per-leaf AdamW)", {"optim.flatten": "off"}, False),
+    ("flattened AdamW only (where-guard)", {"optim.flatten": "on"}, True),
+    ("current: flattened AdamW + cond guard", {}, False),
+)
+
+
+def compare_variants(name: str, steps: int, overrides: dict, peak: float) -> list[dict]:
+    """The variants above built in this process and timed interleaved step by step, so load
+    from other users of the machine hits all alike; ratios are against the first."""
+    from t3d_jax.train import step as step_lib
+
+    runs = []
+    for label, extra, where_guard in VARIANTS:
+        config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides, **extra})
+        current = step_lib._guarded_update
+        step_lib._guarded_update = _where_guard if where_guard else current
+        try:
+            step = JaxTrainStep(config)  # traced and compiled here, with the guard chosen
+        finally:
+            step_lib._guarded_update = current
+        step(), step()
+        runs.append((label, step))
+    times = {label: [] for label, _ in runs}
+    for _ in range(steps):
+        for label, step in runs:
+            times[label].append(step())
+    base = statistics.median(times[runs[0][0]])
+    return [{"config": name, "variant": label, "step_s_median": statistics.median(times[label]),
+             "step_s_min": min(times[label]), "steps_timed": steps,
+             "speedup_vs_before": base / statistics.median(times[label]),
+             "compiled_memory_bytes": step.memory_bytes, "flops_per_step": step.flops,
+             "mfu": step.flops / statistics.median(times[label]) / peak, "final_loss": step.last_loss}
+            for label, step in runs]
 
 
 def _timed(fn, *args, repeats: int) -> float:
@@ -285,6 +335,9 @@ def main(argv=None) -> dict:
                         help="also time the step's parts (image/text encoder, loss, optimizer) per config")
     parser.add_argument("--profile", action="store_true",
                         help="also trace 3 steps per config with jax.profiler: XLA:CPU kernel time by category")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the step before the optimizer/guard changes, each change alone, "
+                             "and the current step, interleaved, per config")
     parser.add_argument("--out", default="bench_train_step.json")
     args = parser.parse_args(argv)
 
@@ -312,6 +365,10 @@ def main(argv=None) -> dict:
         for name in names:
             parts += breakdown(name, extra.get(name, {}), peak)
     profiles = [profile_step(n, extra.get(n, {})) for n in names] if args.profile else []
+    variants = []
+    if args.compare:
+        for name in names:
+            variants += compare_variants(name, args.steps or DEFAULT_STEPS.get(name, 10), extra.get(name, {}), peak)
     peak_end = measure_matmul_peak()
     header = f"{'config':8} {'batch':>5} {'views':>14} {'params':>8} {'step ms':>9} {'ex/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'MFU':>6}"
     print(header)
@@ -325,12 +382,18 @@ def main(argv=None) -> dict:
         for p in parts:
             print(f"{p['config']:8} {p['part']:36} {p['ms']:9.1f} {p['gflop']:8.2f} {p['gflop_per_s']:8.1f} "
                   f"{100 * p['fraction_of_peak']:7.1f}% {100 * p['fraction_of_step_time']:7.1f}%")
+    if variants:
+        print(f"{'config':8} {'variant (interleaved)':40} {'ms median':>10} {'ms min':>8} {'speed-up':>9} {'MFU':>6} {'XLA MiB':>8}")
+        for v in variants:
+            print(f"{v['config']:8} {v['variant']:40} {v['step_s_median'] * 1e3:10.1f} {v['step_s_min'] * 1e3:8.1f} "
+                  f"{v['speedup_vs_before']:8.2f}x {100 * v['mfu']:5.1f}% {v['compiled_memory_bytes'] / 2**20:8.0f}")
     for prof in profiles:
         print(f"{prof['config']}: {prof['wall_s'] * 1e3:.1f} ms/step wall on {prof['threads']} XLA threads; "
               f"{prof['kernel_cpu_s'] * 1e3:.1f} CPU-ms in kernels, {prof['outside_kernels_cpu_s'] * 1e3:.1f} CPU-ms outside")
         for cat, v in prof["categories"].items():
             print(f"    {cat:20} {v['cpu_s'] * 1e3:9.1f} CPU-ms {100 * v['share']:5.1f}%  {v['kernels_per_step']:7.0f} kernels/step")
     result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts, "profiles": profiles,
+              "variants": variants,
               "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,
               "peak_definition": "best of 5 jitted float32 2048x2048x2048 matmuls, same process",
               "command": " ".join(["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
