@@ -272,13 +272,12 @@ def test_gradient_accumulation_matches_the_full_batch_step(config):
 # ---------------------------------------------------------------------------------------
 
 
-def test_flatten_setting_resolves_by_mesh_size():
-    assert optim_lib.resolve_flatten("auto", 1) is True
-    assert optim_lib.resolve_flatten("auto", 8) is False
-    assert optim_lib.resolve_flatten("on", 8) is True and optim_lib.resolve_flatten(True, 8) is True
-    assert optim_lib.resolve_flatten("off", 1) is False and optim_lib.resolve_flatten(False, 1) is False
+def test_flatten_setting_resolves():
+    assert optim_lib.resolve_flatten("auto") is False  # measured: no gain on the whole step
+    assert optim_lib.resolve_flatten("on") is True and optim_lib.resolve_flatten(True) is True
+    assert optim_lib.resolve_flatten("off") is False and optim_lib.resolve_flatten(False) is False
     with pytest.raises(ValueError, match="optim.flatten"):
-        optim_lib.resolve_flatten("sometimes", 1)
+        optim_lib.resolve_flatten("sometimes")
 
 
 def test_flattened_adamw_matches_per_leaf_adamw(config, params):
@@ -422,12 +421,14 @@ def test_flatten_on_a_sharded_mesh_keeps_fsdp_state_sharded(config):
     assert sum(int(opt_abs[k].shape[0]) for k in flat_mu) == small_replicated
 
 
-def test_one_device_flattened_step_skips_a_nonfinite_batch_exactly(config):
-    """On one device (optim.flatten=auto -> flattened, the CPU bench's path): a NaN batch
+@pytest.mark.parametrize("flatten", ["auto", "on"])
+def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten):
+    """On one device (the CPU bench's mesh), per-leaf (auto) and flattened AdamW: a NaN batch
     leaves params, optimizer state and model state bit-identical and counts itself; the next
     good step trains again; the optimizer counts only good steps; one trace."""
     c = config.copy_and_resolve_references()
     c.mesh.shape = (1, 1)
+    c.optim.flatten = flatten
     c.train.global_batch_size = 8
     c.optim.warmup_steps = 0
     mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
@@ -438,7 +439,7 @@ def test_one_device_flattened_step_skips_a_nonfinite_batch_exactly(config):
         program = step_lib.make_train_program(c, mesh, _LinearProbe)
         state = program.init()
         flat_mu = [x for p, x in _paths(state["opt_state"]).items() if p.endswith("/mu") and x.ndim == 1]
-        assert flat_mu  # the optimizer really is flattened here
+        assert bool(flat_mu) == (flatten == "on")  # flattened exactly when asked
         feed = lambda b: step_lib.global_batch(b, program.batch_shardings)
         state, m1 = program.step(state, feed(good))
         before = jax.device_get(state)

@@ -25,8 +25,6 @@ model's updated non-param state back with `nnx.split`. A step whose loss or grad
 is not finite keeps the old params/opt_state/model_state (`lax.cond` on a scalar flag, no
 host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
 
-On a one-device mesh the optimizer runs flattened (`optim.flatten`, see optim.py): small
-models' steps on CPU are otherwise dominated by per-parameter kernels after the gradient.
 """
 
 from __future__ import annotations
@@ -150,9 +148,9 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     abs_params, abs_rest = jax.eval_shape(abstract_model)
     graphdef, param_specs, rest_specs = static["graphdef"], static["param_specs"], static["rest_specs"]
 
-    # -- Optimizer: decay rule from the logical names, flattened AdamW where it pays ------------
+    # -- Optimizer: decay rule from the logical names; optionally flattened (optim.flatten) ----
     param_shardings = mesh_lib.tree_shardings(abs_params, param_specs, mesh, rules)
-    flatten = optim_lib.resolve_flatten(config.optim.get("flatten", "auto"), mesh.size)
+    flatten = optim_lib.resolve_flatten(config.optim.get("flatten", "auto"))
     tx, schedule, label_mult = optim_lib.make_optimizer(
         config.optim, abs_params, num_steps, logical_specs=param_specs, flatten=flatten,
         param_shardings=param_shardings)
