@@ -234,9 +234,23 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
         "memory": memory_report(compiled, chip),
         "cost": cost_report(compiled, chip, len(devices)),
-        "jax": jax.__version__, "libtpu": _libtpu_version(),
+        "jax": jax.__version__, "libtpu": _libtpu_version(), "code": _code_version(),
     }
     return report
+
+
+def _code_version() -> str:
+    """The repository commit compiled (+ '-dirty' with uncommitted changes), for the report."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _libtpu_version() -> str:
