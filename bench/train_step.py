@@ -268,6 +268,31 @@ KERNEL_CATEGORIES = (
 CONTAINER_EVENTS = re.compile(r"^(ThunkExecutor|Thunk|ExecuteHelper|XlaModule|\$|Pjit|Common)")
 
 
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """{HLO instruction name: the JAX op_name it came from} of a compiled module's text; the
+    profiler's XLA:CPU events are named after the instructions."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def step_phase(op_name: str | None) -> str:
+    """Which part of the train step an instruction belongs to, from its JAX op_name: the
+    backward pass is under transpose(jvp(...)), the forward under jvp(...), the rest (norms,
+    NaN guard, optimizer) after the gradient; events without an op_name (runtime copies,
+    thread-pool waits, loop bookkeeping) are 'unattributed'."""
+    if not op_name:
+        return "unattributed"
+    if "transpose(jvp" in op_name:
+        return "backward"
+    if "jvp(" in op_name:
+        return "forward"
+    return "after the gradient (norms, guard, optimizer)"
+
+
 def profile_step(name: str, overrides: dict, steps: int = 3, trace_dir: str | None = None) -> dict:
     """jax.profiler trace of `steps` train steps; XLA:CPU kernel time by category.
 
@@ -281,6 +306,7 @@ def profile_step(name: str, overrides: dict, steps: int = 3, trace_dir: str | No
 
     config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides})
     step = JaxTrainStep(config)
+    op_names = hlo_op_names(step.compiled.as_text())
     step(), step()
     trace_dir = trace_dir or tempfile.mkdtemp(prefix=f"t3d_trace_{name}_")
     jax.profiler.start_trace(trace_dir)
@@ -289,6 +315,7 @@ def profile_step(name: str, overrides: dict, steps: int = 3, trace_dir: str | No
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     data = jax.profiler.ProfileData.from_file(path)
     per_cat, counts, per_kernel, threads = collections.Counter(), collections.Counter(), collections.Counter(), set()
+    per_phase, phase_counts = collections.Counter(), collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
             if "XLAEigen" not in line.name:
@@ -301,13 +328,18 @@ def profile_step(name: str, overrides: dict, steps: int = 3, trace_dir: str | No
                 per_cat[cat] += ev.duration_ns / 1e9 / steps
                 counts[cat] += 1 / steps
                 per_kernel[ev.name] += ev.duration_ns / 1e9 / steps
+                phase = step_phase(op_names.get(ev.name))
+                per_phase[phase] += ev.duration_ns / 1e9 / steps
+                phase_counts[phase] += 1 / steps
     kernel_total = sum(per_cat.values())
     return {
         "config": name, "wall_s": wall, "threads": len(threads), "kernel_cpu_s": kernel_total,
         "outside_kernels_cpu_s": max(0.0, wall * max(len(threads), 1) - kernel_total),
         "categories": {c: {"cpu_s": t, "kernels_per_step": counts[c], "share": t / kernel_total}
                        for c, t in per_cat.most_common()},
-        "top_kernels": [{"name": k, "cpu_s": t} for k, t in per_kernel.most_common(10)],
+        "phases": {p: {"cpu_s": t, "kernels_per_step": phase_counts[p]} for p, t in per_phase.most_common()},
+        "top_kernels": [{"name": k, "cpu_s": t, "op_name": op_names.get(k, "")}
+                        for k, t in per_kernel.most_common(15)],
         "trace_dir": trace_dir,
     }
 
@@ -393,6 +425,10 @@ def main(argv=None) -> dict:
               f"{prof['kernel_cpu_s'] * 1e3:.1f} CPU-ms in kernels, {prof['outside_kernels_cpu_s'] * 1e3:.1f} CPU-ms outside")
         for cat, v in prof["categories"].items():
             print(f"    {cat:20} {v['cpu_s'] * 1e3:9.1f} CPU-ms {100 * v['share']:5.1f}%  {v['kernels_per_step']:7.0f} kernels/step")
+        for phase, v in prof["phases"].items():
+            print(f"    {phase:44} {v['cpu_s'] * 1e3:9.1f} CPU-ms {v['kernels_per_step']:7.0f} events/step")
+        for k in prof["top_kernels"]:
+            print(f"    {k['cpu_s'] * 1e3:7.2f} CPU-ms  {k['name']:28} {k['op_name'][-70:]}")
     result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts, "profiles": profiles,
               "variants": variants,
               "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,

@@ -252,10 +252,15 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--cores", type=int, default=0,
+                        help="pin this process (both frameworks) to its first N allowed cores before "
+                             "JAX and PyTorch start (XLA sizes its thread pool from the affinity); 0 = all")
     parser.add_argument("--out", default="bench_vs_pytorch.json")
     parser.add_argument("--memory-child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--torch-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cores:  # before any import of jax/torch: their thread pools follow the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     names = [c for c in args.cases.split(",") if c]
     for n in names:
         if n not in CASES:
@@ -270,6 +275,7 @@ def main(argv=None) -> dict | None:
     info = machine_info()
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
+    info["cores_allowed"] = sorted(os.sched_getaffinity(0))
     jax_peak, torch_peak = measure_matmul_peak(), measure_torch_matmul_peak()
     print(f"{info['cpu']} ({info['cpu_count']} cores), load {info['loadavg_start']}; float32 2048^3 matmul: "
           f"JAX {jax_peak / 1e9:.1f} GFLOP/s, PyTorch {torch_peak / 1e9:.1f} GFLOP/s")
