@@ -48,6 +48,12 @@ CASES = {
     "demo": {"config": "demo", "overrides": {"model.name": "clip", "model.dtype": "float32"}},
     "small": {"config": "small", "overrides": {"model.name": "clip", "model.dtype": "float32",
                                                "train.global_batch_size": 4}},
+    # The same model with its blocks stacked and run by nnx.scan (same parameters and math;
+    # XLA:CPU then fuses the backward far better at depth, docs/performance.md).
+    "small_scan": {"config": "small", "overrides": {"model.name": "clip", "model.dtype": "float32",
+                                                    "train.global_batch_size": 4,
+                                                    "model.image.scan_layers": True,
+                                                    "model.text.scan_layers": True}},
 }
 
 
