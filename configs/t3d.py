@@ -114,6 +114,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metric writes (TensorBoard + metrics.jsonl)
     c.train.seed = c.get_ref("seed")  # model init and data order
     c.train.max_bad_steps = 5  # consecutive non-finite steps before training stops
+    # How a non-finite step is undone: "where" (per-leaf select; least memory on TPU) or
+    # "cond" (one lax.cond; faster on XLA:CPU for tiny models). t3d_jax/train/step.py says why.
+    c.train.nonfinite_guard = "where"
     c.train.grad_accum_steps = 1  # micro-batches per optimizer step (scan inside the step)
     c.train.progress_bar = True
 
@@ -127,6 +130,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
     c.optim.eps = 1e-8
+    c.optim.flatten = "auto"  # AdamW on flattened groups: auto (= off) | on | off; docs/training.md
     c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 = off
     # Learning-rate multiplier per tower: key = prefix of the top-level submodule name
     # (longest match wins); 0 freezes the tower.

@@ -421,14 +421,16 @@ def test_flatten_on_a_sharded_mesh_keeps_fsdp_state_sharded(config):
     assert sum(int(opt_abs[k].shape[0]) for k in flat_mu) == small_replicated
 
 
-@pytest.mark.parametrize("flatten", ["auto", "on"])
-def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten):
-    """On one device (the CPU bench's mesh), per-leaf (auto) and flattened AdamW: a NaN batch
-    leaves params, optimizer state and model state bit-identical and counts itself; the next
-    good step trains again; the optimizer counts only good steps; one trace."""
+@pytest.mark.parametrize("flatten,guard", [("auto", "where"), ("auto", "cond"), ("on", "where")])
+def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten, guard):
+    """On one device (the CPU bench's mesh), per-leaf (auto) and flattened AdamW, both guard
+    forms (train.nonfinite_guard): a NaN batch leaves params, optimizer state and model state
+    bit-identical and counts itself; the next good step trains again; the optimizer counts
+    only good steps; one trace."""
     c = config.copy_and_resolve_references()
     c.mesh.shape = (1, 1)
     c.optim.flatten = flatten
+    c.train.nonfinite_guard = guard
     c.train.global_batch_size = 8
     c.optim.warmup_steps = 0
     mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])

@@ -22,8 +22,8 @@ The train state is a plain dict of arrays (simple to checkpoint, shard and inspe
 The step is written functionally: `nnx.merge` the pure dicts into a model, compute
 `model.loss(batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
 model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
-is not finite keeps the old params/opt_state/model_state (`lax.cond` on a scalar flag, no
-host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
+is not finite keeps the old params/opt_state/model_state (`train.nonfinite_guard`: a
+`jnp.where` per leaf or one `lax.cond` on the scalar flag; no host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
 
 """
 
@@ -125,6 +125,9 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     rules = config.sharding_rules
     num_steps = int(config.train.num_steps)
     accum = int(config.train.grad_accum_steps)
+    guard = str(config.train.get("nonfinite_guard", "where"))
+    if guard not in GUARDS:
+        raise ValueError(f"config.train.nonfinite_guard={guard!r}: choose one of {GUARDS}")
     dp = mesh_lib.data_parallel_size(mesh, rules)
     gbs = int(config.train.global_batch_size)
     if gbs % (accum * dp):
@@ -233,7 +236,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         grad_norm = optim_lib.global_norm(grads, eligible)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state, model_state = _guarded_update(
-            ok, tx, grads, state["params"], state["opt_state"], model_state, state["model_state"])
+            guard, ok, tx, grads, state["params"], state["opt_state"], model_state, state["model_state"])
         new_state = {
             "step": state["step"] + 1,
             "params": params,
@@ -269,26 +272,37 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     return program
 
 
-def _guarded_update(ok, tx, grads, params, opt_state, new_model_state, old_model_state):
+GUARDS = ("where", "cond")
+
+
+def _guarded_update(guard, ok, tx, grads, params, opt_state, new_model_state, old_model_state):
     """(params, opt_state, model_state) after the optimizer step if `ok`, else the old ones.
 
-    One `lax.cond` on the scalar flag rather than `jnp.where` over the three trees: with the
-    where-form XLA recomputed Adam's moments inside each parameter's select fusion and
-    copied every moment buffer first (profiled on the CPU bench at `demo`: 44 CPU-ms of
-    kernels after the gradient, 31 of them the word embedding's select fusion, vs 15 with
-    the cond; 7 MiB fewer XLA temporaries at `tiny`). Under the cond the optimizer runs only
-    on good steps and nothing is selected.
+    Two forms with the same result (config `train.nonfinite_guard`), measured both ways:
+    * "where" (default): `jnp.where(ok, new, old)` per leaf. XLA fuses the select into the
+      update and writes in place: for `base` on TPU v5e (launch/aot_compile.py, v5e:2x2, one
+      example per chip) 1.77 GiB per chip against 2.11 GiB with "cond".
+    * "cond": one `lax.cond` on the scalar flag; the optimizer runs only on good steps. On
+      XLA:CPU the where-form re-inlines Adam's moments into every select fusion and copies
+      each moment buffer; the cond form made the `tiny` step 1.12x faster there (demo 1.01x,
+      docs/performance.md), but its branches cannot update the donated buffers in place.
     """
-    def apply(operands):
-        grads, params, opt_state, new_ms, _ = operands
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, new_ms
+    if guard == "cond":
+        def apply(operands):
+            grads, params, opt_state, new_ms, _ = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, new_ms
 
-    def keep(operands):
-        _, params, opt_state, _, old_ms = operands
-        return params, opt_state, old_ms
+        def keep(operands):
+            _, params, opt_state, _, old_ms = operands
+            return params, opt_state, old_ms
 
-    return jax.lax.cond(ok, apply, keep, (grads, params, opt_state, new_model_state, old_model_state))
+        return jax.lax.cond(ok, apply, keep, (grads, params, opt_state, new_model_state, old_model_state))
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return (keep_if_bad(new_params, params), keep_if_bad(new_opt_state, opt_state),
+            keep_if_bad(new_model_state, old_model_state))
 
 
 def _key(entry) -> str:
@@ -332,8 +346,8 @@ def get_train_program(config, mesh: jax.sharding.Mesh,
     import json
 
     sections = {k: config[k].to_dict() for k in _PROGRAM_KEYS if k in config}
-    sections["train"] = {k: config.train[k] for k in
-                         ("global_batch_size", "grad_accum_steps", "num_steps", "seed")}
+    sections["train"] = {k: config.train.get(k) for k in
+                         ("global_batch_size", "grad_accum_steps", "num_steps", "seed", "nonfinite_guard")}
     sections["data"] = {k: config.data[k] for k in ("num_views", "view_size", "label_names")}
     key = (json.dumps(sections, sort_keys=True, default=str), mesh.shape_tuple,
            tuple(d.id for d in mesh.devices.flat), model_factory)
