@@ -38,6 +38,8 @@ LEVERS = {
     "scan_layers": ("blocks of both towers stacked and run by nnx.scan",
                     ["--config.model.image.scan_layers=True", "--config.model.text.scan_layers=True"]),
     "text_remat": ("also rematerialise the BERT layers", ["--config.model.text.remat=full"]),
+    "guard_cond": ("non-finite guard as one lax.cond instead of per-leaf where",
+                   ["--config.train.nonfinite_guard=cond"]),
     "batch_x4": ("global batch x4", ["--batch_factor=4"]),
     "batch_x4_accum4": ("global batch x4 in 4 accumulated micro-batches",
                         ["--batch_factor=4", "--config.train.grad_accum_steps=4"]),
@@ -79,17 +81,18 @@ def compile_lever(topology: str, lever: str, results: pathlib.Path, global_batch
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| lever | global batch (per chip) | arguments | temporaries | total / chip | fits HBM | "
-             "TFLOP / chip / step | roofline step | compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| lever | global batch (per chip) | guard | arguments | temporaries | total / chip | fits HBM | "
+             "TFLOP / chip / step | roofline step | compile | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lever, r in rows:
         m, c = r["memory"], r["cost"]
         lines.append(
             f"| {lever}: {LEVERS[lever][0]} | {r['global_batch_size']} ({r['per_chip_batch']:g}) | "
+            f"{r['settings'].get('nonfinite_guard', 'where')} | "
             f"{m['argument_bytes'] / GIB:.2f} GiB | {m['temp_bytes'] / GIB:.2f} GiB | "
             f"{m['total_bytes'] / GIB:.2f} GiB | {'yes' if m['fits_hbm'] else 'NO'} ({m['hbm_gib']:.0f} GiB) | "
             f"{c['flops_per_chip'] / 1e12:.2f}{'*' if r['settings'].get('scan_layers') else ''} | "
-            f"{1e3 * c['roofline_step_s']:.0f} ms | {r['compile_s']:.0f} s |")
+            f"{1e3 * c['roofline_step_s']:.0f} ms | {r['compile_s']:.0f} s | {r.get('code', '?')} |")
     if any(r["settings"].get("scan_layers") for _, r in rows):
         lines.append("\n* XLA's cost analysis counts a scanned layer stack's loop body once: the FLOPs and "
                      "roofline of scan_layers rows are undercounted.")

@@ -229,6 +229,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
             "scan_layers": bool(config.model.image.get("scan_layers", False)
                                 or config.model.text.get("scan_layers", False)),
             "patch_dropout": float(config.model.image.patch_dropout),
+            "nonfinite_guard": str(config.train.get("nonfinite_guard", "where")),
             "loss_chunked": bool(config.loss.chunked),
         },
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
