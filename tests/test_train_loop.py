@@ -275,7 +275,10 @@ def test_two_processes_log_the_losses_of_one(uninterrupted, tiny_prepared_dir, c
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     workdir = tmp_path / "two"
-    env = _env(compile_cache, devices=None)
+    # A cache of its own: both processes then compile the same program at the same time. With
+    # a shared cache one process can find the step already compiled and wait in gloo's 30 s
+    # start-up rendezvous while the other still compiles.
+    env = _env(tmp_path / "jax_cache", devices=None)
     procs, logs = [], []
     for i in range(2):
         logs.append(open(tmp_path / f"p{i}.txt", "w"))
