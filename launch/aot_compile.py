@@ -196,6 +196,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
     from t3d_jax.train import optim as optim_lib
     from t3d_jax.train import step as step_lib
 
+    code = _code_version()  # before the (long) compile: the code that is compiled
     chip_name, _ = parse_topology(topology)
     chip = CHIPS[chip_name]
     devices = topology_devices(topology, num_slices)
@@ -235,7 +236,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
         "memory": memory_report(compiled, chip),
         "cost": cost_report(compiled, chip, len(devices)),
-        "jax": jax.__version__, "libtpu": _libtpu_version(), "code": _code_version(),
+        "jax": jax.__version__, "libtpu": _libtpu_version(), "code": code,
     }
     return report
 
