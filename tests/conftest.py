@@ -162,3 +162,28 @@ def _no_leaked_global_mesh():
     if not jax.sharding.get_abstract_mesh().empty:
         jax.set_mesh(None)  # reset so the tests after this one are not affected
         pytest.fail("the test left a global mesh set: use `with jax.set_mesh(mesh):`")
+
+
+# --- launch/aot_compile.py as a module (tests/test_aot.py, tests/test_mesh.py) ---------------
+@pytest.fixture(scope="session")
+def aot():
+    import importlib.util
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "launch" / "aot_compile.py"
+    spec = importlib.util.spec_from_file_location("aot_compile", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["aot_compile"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def aot_tpu(aot):
+    """The module with libtpu loaded: the `aot` extra, which `make test` installs, so a missing
+    libtpu is a broken environment, not a reason to skip."""
+    try:
+        aot.ensure_libtpu()
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    return aot

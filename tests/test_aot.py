@@ -9,34 +9,10 @@ skipped with that install line as the reason.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def aot():
-    spec = importlib.util.spec_from_file_location("aot_compile", ROOT / "launch" / "aot_compile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["aot_compile"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def aot_tpu(aot):
-    """The module with libtpu loaded: the `aot` extra, which `make test` installs, so a missing
-    libtpu is a broken environment, not a reason to skip."""
-    try:
-        aot.ensure_libtpu()
-    except RuntimeError as err:
-        pytest.fail(str(err))
-    return aot
 
 
 def test_parse_topology_accepts_known_chips_and_rejects_the_rest(aot):

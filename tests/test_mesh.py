@@ -10,9 +10,6 @@ installs, so a missing libtpu fails (it is a broken environment), never skips.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 
 import jax
 import ml_collections
@@ -24,7 +21,6 @@ from t3d_jax.train import mesh as mesh_lib
 
 from test_train_optim import load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
 
 
@@ -33,17 +29,9 @@ def mesh_config(shape, axes=("data", "fsdp")) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def two_slices():
+def two_slices(aot_tpu):
     """Compile-only devices of 2 x v5e:2x2 (4 chips per slice), via launch/aot_compile.py."""
-    spec = importlib.util.spec_from_file_location("aot_compile", ROOT / "launch" / "aot_compile.py")
-    aot = importlib.util.module_from_spec(spec)
-    sys.modules["aot_compile"] = aot  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(aot)
-    try:
-        aot.ensure_libtpu()
-    except RuntimeError as err:
-        pytest.fail(str(err))
-    devices = aot.topology_devices("v5e:2x2", num_slices=2)
+    devices = aot_tpu.topology_devices("v5e:2x2", num_slices=2)
     assert sorted({d.slice_index for d in devices}) == [0, 1] and len(devices) == 8
     return devices
 
