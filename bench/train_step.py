@@ -152,42 +152,22 @@ def bench_config(name: str, steps: int, overrides: dict, peak: float) -> dict:
     }
 
 
-def _where_guard(ok, tx, grads, params, opt_state, new_model_state, old_model_state):
-    """The step's non-finite guard as it was before the lax.cond form (jnp.where over params,
-    optimizer state and model state), kept here only to measure the change (--compare)."""
-    import optax
-
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    return (keep_if_bad(new_params, params), keep_if_bad(new_opt_state, opt_state),
-            keep_if_bad(new_model_state, old_model_state))
-
-
-# --compare: the step before the guard change, the current step, and flattened AdamW (opt-in)
-# with either guard.
+# --compare: both guard forms (train.nonfinite_guard), per-leaf and flattened AdamW (opt-in).
 VARIANTS = (
-    ("before: per-leaf AdamW, where-guard", {"optim.flatten": "off"}, True),
-    ("current: per-leaf AdamW, cond guard", {}, False),
-    ("optim.flatten=on, cond guard", {"optim.flatten": "on"}, False),
-    ("optim.flatten=on, where-guard", {"optim.flatten": "on"}, True),
+    ("per-leaf AdamW, where-guard (default)", {"optim.flatten": "off", "train.nonfinite_guard": "where"}),
+    ("per-leaf AdamW, cond guard", {"optim.flatten": "off", "train.nonfinite_guard": "cond"}),
+    ("optim.flatten=on, cond guard", {"optim.flatten": "on", "train.nonfinite_guard": "cond"}),
+    ("optim.flatten=on, where-guard", {"optim.flatten": "on", "train.nonfinite_guard": "where"}),
 )
 
 
 def compare_variants(name: str, steps: int, overrides: dict, peak: float) -> list[dict]:
     """The variants above built in this process and timed interleaved step by step, so load
     from other users of the machine hits all alike; ratios are against the first."""
-    from t3d_jax.train import step as step_lib
-
     runs = []
-    for label, extra, where_guard in VARIANTS:
+    for label, extra in VARIANTS:
         config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides, **extra})
-        current = step_lib._guarded_update
-        step_lib._guarded_update = _where_guard if where_guard else current
-        try:
-            step = JaxTrainStep(config)  # traced and compiled here, with the guard chosen
-        finally:
-            step_lib._guarded_update = current
+        step = JaxTrainStep(config)
         step(), step()
         runs.append((label, step))
     times = {label: [] for label, _ in runs}
@@ -197,7 +177,7 @@ def compare_variants(name: str, steps: int, overrides: dict, peak: float) -> lis
     base = statistics.median(times[runs[0][0]])
     return [{"config": name, "variant": label, "step_s_median": statistics.median(times[label]),
              "step_s_min": min(times[label]), "steps_timed": steps,
-             "speedup_vs_before": base / statistics.median(times[label]),
+             "speedup_vs_default": base / statistics.median(times[label]),
              "compiled_memory_bytes": step.memory_bytes, "flops_per_step": step.flops,
              "mfu": step.flops / statistics.median(times[label]) / peak, "final_loss": step.last_loss}
             for label, step in runs]
@@ -369,8 +349,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="also trace 3 steps per config with jax.profiler: XLA:CPU kernel time by category")
     parser.add_argument("--compare", action="store_true",
-                        help="also time the step before the guard change, the current step and "
-                             "optim.flatten=on with either guard, interleaved, per config")
+                        help="also time both train.nonfinite_guard forms with per-leaf and "
+                             "flattened AdamW, interleaved, per config")
     parser.add_argument("--out", default="bench_train_step.json")
     args = parser.parse_args(argv)
 
@@ -419,7 +399,7 @@ def main(argv=None) -> dict:
         print(f"{'config':8} {'variant (interleaved)':40} {'ms median':>10} {'ms min':>8} {'speed-up':>9} {'MFU':>6} {'XLA MiB':>8}")
         for v in variants:
             print(f"{v['config']:8} {v['variant']:40} {v['step_s_median'] * 1e3:10.1f} {v['step_s_min'] * 1e3:8.1f} "
-                  f"{v['speedup_vs_before']:8.2f}x {100 * v['mfu']:5.1f}% {v['compiled_memory_bytes'] / 2**20:8.0f}")
+                  f"{v['speedup_vs_default']:8.2f}x {100 * v['mfu']:5.1f}% {v['compiled_memory_bytes'] / 2**20:8.0f}")
     for prof in profiles:
         print(f"{prof['config']}: {prof['wall_s'] * 1e3:.1f} ms/step wall on {prof['threads']} XLA threads; "
               f"{prof['kernel_cpu_s'] * 1e3:.1f} CPU-ms in kernels, {prof['outside_kernels_cpu_s'] * 1e3:.1f} CPU-ms outside")

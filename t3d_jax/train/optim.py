@@ -142,7 +142,7 @@ def resolve_flatten(setting) -> bool:
 
     "auto" is per-leaf AdamW (off). Measured on this project's CPU bench (interleaved, one
     device; docs/performance.md) flattening gave no gain on the whole step at `tiny`/`demo`
-    (0.97-1.00x; the lax.cond guard is what removed the per-leaf cost), and it changes the
+    (0.97-1.00x with the lax.cond guard, train.nonfinite_guard=cond), and it changes the
     optimizer state's tree, so a checkpoint would no longer resume under a different
     setting or, with "on", on a mesh that splits other parameters. "on" remains for
     measuring elsewhere; it never flattens a parameter split over devices."""
