@@ -17,8 +17,10 @@ venv: $(BIN)/.installed
 demo: venv
 	DEMO_DIR=$(DEMO_DIR) PYTHON=$(BIN)/python bash launch/demo.sh
 
+# --capture=sys: native stderr (XLA, TF) goes straight to the log, so a native abort
+# (LOG(FATAL)) leaves its reason behind instead of dying inside pytest's captured fd.
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --capture=sys tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -15,7 +15,11 @@ import subprocess
 import sys
 import tarfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from cpu_devices import xla_flags
+
+# 8 fake devices unless the caller set a count; XLA's straggler timeouts raised (cpu_devices.py).
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = xla_flags(_flags, None if "device_count=" in _flags else 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (AOT tests) is installed: never probe for a TPU
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # keep TF (tokenizer) off any GPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

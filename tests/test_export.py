@@ -4,7 +4,6 @@ file formats, the CLI."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import cpu_devices
 from configs.t3d import get_config
 from t3d_jax import export
 from t3d_jax.data import preprocess
@@ -181,7 +181,7 @@ def test_cli_never_dies_on_bad_inputs(setup, tmp_path):
     (folder / "good.nii.gz").write_bytes((setup["vols"] / "ct5.nii.gz").read_bytes())
     (folder / "bad.nii.gz").write_bytes(b"garbage")
     out = tmp_path / "cli.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_devices.env(2)
     cmd = [sys.executable, str(REPO / "launch" / "export_embeddings.py"), f"--config={REPO}/configs/t3d.py:tiny",
            f"--config.data.dir={setup['config'].data.dir}", "--config.preprocess.max_len=16",
            f"--workdir={setup['workdir']}", f"--input={folder}", f"--output={out}"]

@@ -28,6 +28,7 @@ import pytest
 from t3d_jax.train import checkpoint as ckpt_lib
 from t3d_jax.train.loop import NonFiniteTrainingError, train_and_evaluate
 
+import cpu_devices
 from test_train_optim import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -165,11 +166,8 @@ def compile_cache(tmp_path_factory):
 
 
 def _env(compile_cache, devices: int | None = 8) -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+    env = cpu_devices.env(devices or 1)
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
