@@ -12,6 +12,7 @@ share a persistent compilation cache so only the first compile of each program i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -58,14 +59,9 @@ def read_losses(workdir) -> dict[int, float]:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def nan_run(tiny_prepared_dir, tmp_path_factory, uninterrupted, compile_cache):
-    """Ten steps in this process; step 3's batch is all-NaN (config.debug.nan_at_steps).
-
-    The program is the one the `uninterrupted` subprocess compiled (the NaN knob acts on the
-    host), so it is loaded from the shared persistent compilation cache instead of compiled
-    again; the cache settings are restored afterwards.
-    """
+@contextlib.contextmanager
+def persistent_cache(compile_cache):
+    """Loads compiled programs from (and saves them to) `compile_cache`, then restores the settings."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
@@ -75,15 +71,27 @@ def nan_run(tiny_prepared_dir, tmp_path_factory, uninterrupted, compile_cache):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()
     try:
-        config = tiny_config(tiny_prepared_dir)
-        config.debug.nan_at_steps = (3,)
-        workdir = tmp_path_factory.mktemp("nan_run")
-        result = train_and_evaluate(config, workdir)
+        yield
     finally:
         cc.set_cache_dir(previous[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])
         cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def nan_run(tiny_prepared_dir, tmp_path_factory, uninterrupted, compile_cache):
+    """Ten steps in this process; step 3's batch is all-NaN (config.debug.nan_at_steps).
+
+    The program is the one the `uninterrupted` subprocess compiled (the NaN knob acts on the
+    host), so it is loaded from the shared persistent compilation cache instead of compiled
+    again; the cache settings are restored afterwards.
+    """
+    config = tiny_config(tiny_prepared_dir)
+    config.debug.nan_at_steps = (3,)
+    workdir = tmp_path_factory.mktemp("nan_run")
+    with persistent_cache(compile_cache):
+        result = train_and_evaluate(config, workdir)
     history = {int(h["step"]): h for h in result.history if "loss" in h}
     # Same program and data as the uninterrupted run: identical losses until the NaN step.
     assert [history[s]["loss"] for s in (1, 2)] == [uninterrupted[s] for s in (1, 2)]
@@ -131,6 +139,31 @@ def test_nonfinite_step_is_skipped_with_params_unchanged(nan_run):
     count = result.state["opt_state"][2].inner_states["image"].inner_state[0].count
     assert int(count) == NUM_STEPS - 1
     assert int(result.state["step"]) == NUM_STEPS
+
+
+def test_input_wait_is_logged_and_counts_a_slow_loader(nan_run, tiny_prepared_dir, tmp_path, compile_cache,
+                                                       monkeypatch):
+    _, history, _ = nan_run
+    assert all(0.0 <= history[s]["perf/data_wait_frac"] <= 1.0 for s in history)
+    # A loader that needs 0.3 s per batch more: every step after the first (fetched before
+    # compiling) logs at least that long blocked on input.
+    from t3d_jax.data import pipeline
+
+    real = pipeline.train_iterator
+    delay = 0.3
+
+    def slow_iterator(*args, **kwargs):
+        it = real(*args, **kwargs)
+        fetch = type(it).__next__
+        monkeypatch.setattr(type(it), "__next__", lambda self: time.sleep(delay) or fetch(self))
+        return it
+
+    monkeypatch.setattr(pipeline, "train_iterator", slow_iterator)
+    with persistent_cache(compile_cache):
+        result = train_and_evaluate(tiny_config(tiny_prepared_dir, num_steps=4), tmp_path / "slow")
+    waits = {int(h["step"]): h["perf/data_wait_s"] for h in result.history if "loss" in h}
+    assert sorted(waits) == [1, 2, 3, 4]
+    assert waits[1] < delay <= min(waits[2], waits[3], waits[4]), waits
 
 
 def test_too_many_bad_steps_stop_with_last_good_checkpoint(nan_run, tiny_prepared_dir, tmp_path):

@@ -173,13 +173,16 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
     step = start
     try:
         while step < num_steps:
+            # The device still runs the previous step: time spent here is input-bound time.
+            t_data = time.perf_counter()
             local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
+            data_wait = time.perf_counter() - t_data
             if step + 1 in nan_steps:  # debug knob: poison this step's batch
                 local = dict(local, views=np.full_like(local["views"], np.nan))
             batch = step_lib.global_batch(local, program.batch_shardings)
             state, metrics = program.step(state, batch)  # traced and compiled once (above)
             step += 1
-            previous = logger.push(step, metrics)  # reads the *previous* step's metrics
+            previous = logger.push(step, metrics, data_wait)  # reads the *previous* step's metrics
             _check_bad_steps(previous, max_bad, manager, ckpt_dir)
 
             scheduled = step % int(config.checkpoint.every_steps) == 0 or step == num_steps

@@ -69,7 +69,8 @@ class MetricLogger:
         self.flops = float(flops_per_step_per_device)
         self.peak = float(peak_flops_per_device)
         self.num_devices = int(num_devices)
-        self.pending: tuple[int, Any] | None = None
+        self.pending: tuple[int, Any, float] | None = None
+        self.data_wait = 0.0  # seconds the host waited for input since the last write
         self.last_time = time.perf_counter()
         self.last_step = int(start_step)
         self.latest: dict[str, float] = {}
@@ -89,10 +90,12 @@ class MetricLogger:
                 self.bar = tqdm(total=self.total_steps, initial=int(start_step), unit="step",
                                 dynamic_ncols=True, smoothing=0.1)
 
-    def push(self, step: int, metrics: Any) -> dict[str, float] | None:
-        """Queues `metrics` of `step` (device arrays); writes the previously queued step and
-        returns its values (None on the first push)."""
-        previous, self.pending = self.pending, (int(step), metrics)
+    def push(self, step: int, metrics: Any, data_wait_s: float = 0.0) -> dict[str, float] | None:
+        """Queues `metrics` of `step` (device arrays) and the seconds the host waited for that
+        step's batch; writes the previously queued step and returns its values (None on the
+        first push). The wait is logged per step and as a fraction of wall time: near 0 when
+        the input pipeline keeps ahead of the step."""
+        previous, self.pending = self.pending, (int(step), metrics, float(data_wait_s))
         return self._write(*previous) if previous is not None else None
 
     def flush(self) -> dict[str, float] | None:
@@ -100,7 +103,8 @@ class MetricLogger:
         pending, self.pending = self.pending, None
         return self._write(*pending) if pending is not None else None
 
-    def _write(self, step: int, metrics: Any) -> dict[str, float]:
+    def _write(self, step: int, metrics: Any, data_wait_s: float = 0.0) -> dict[str, float]:
+        self.data_wait += data_wait_s
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         result = dict(values)
         now = time.perf_counter()
@@ -115,6 +119,9 @@ class MetricLogger:
         values["perf/step_time_s"] = step_time
         values["perf/examples_per_s"] = self.global_batch_size / step_time
         values["perf/steps_per_s"] = 1.0 / step_time
+        values["perf/data_wait_s"] = self.data_wait / max(steps_done, 1)
+        values["perf/data_wait_frac"] = min(self.data_wait / elapsed, 1.0)
+        self.data_wait = 0.0
         if self.flops > 0 and self.peak > 0:
             values["perf/mfu"] = self.flops / step_time / self.peak
             values["perf/tflops_per_device"] = self.flops / step_time / 1e12
