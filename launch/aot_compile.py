@@ -233,6 +233,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
             "nonfinite_guard": str(config.train.get("nonfinite_guard", "where")),
             "loss_chunked": bool(config.loss.chunked),
         },
+        "flops_undercounted_by": step_lib.flop_undercount_reasons(config),
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
         "memory": memory_report(compiled, chip),
         "cost": cost_report(compiled, chip, len(devices)),
@@ -284,8 +285,8 @@ def format_report(r: dict) -> str:
         f"step time at {c['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s peak (100% MFU): "
         f"{1e3 * c['step_time_at_peak_s']:.2f} ms; roofline (compute vs {c['hbm_bytes_per_s'] / 1e9:.0f} GB/s "
         f"HBM) {1e3 * c['roofline_step_s']:.2f} ms" + (f" -> MFU {100 * mfu:.0f}%" if mfu else ""),
-        *(["  (scan_layers: XLA counts the scanned layer loop once, so FLOPs and roofline are undercounted)"]
-          if r["settings"].get("scan_layers") else []),
+        *([f"  ({' and '.join(r['flops_undercounted_by'])}: XLA counts a loop's body once, so FLOPs and "
+           "roofline are undercounted)"] if r.get("flops_undercounted_by") else []),
         f"lowered in {r['lower_s']}s, compiled in {r['compile_s']}s (jax {r['jax']}, libtpu {r['libtpu']})",
     ]
     return "\n".join(lines)

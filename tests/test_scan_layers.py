@@ -100,6 +100,25 @@ def test_scanned_program_size_does_not_grow_with_depth():
     assert _dots_in_program(6, scanned=False) > _dots_in_program(2, scanned=False)
 
 
+def test_flop_count_of_a_scanned_stack_is_one_body_and_the_trainer_says_so():
+    """Why the trainer warns: XLA's cost analysis counts the scanned loop's body once."""
+    from t3d_jax.train import step as step_lib
+
+    def flops(scanned):
+        model = ViT3D(ViT3DConfig(image_size=(16, 16, 16), patch_size=(8, 8, 8), depth=6, scan_layers=scanned),
+                      rngs=nnx.Rngs(0))
+        fn = nnx.jit(lambda m, x: m(x)["pooled"])
+        return step_lib.flops_per_step(fn.lower(model, jnp.zeros((1, 16, 16, 16, 1))).compile())
+
+    unrolled, scanned = flops(False), flops(True)
+    assert scanned < 0.5 * unrolled  # 6 blocks counted as ~1, plus the patch embedding
+    assert step_lib.flop_undercount_reasons(_tiny(False)) == []
+    assert step_lib.flop_undercount_reasons(_tiny(True)) == ["model.image.scan_layers", "model.text.scan_layers"]
+    accum = _tiny(False)
+    accum.train.grad_accum_steps = 2
+    assert step_lib.flop_undercount_reasons(accum) == ["train.grad_accum_steps > 1"]
+
+
 def test_match_layer_stacks_needs_every_layer():
     targets = {("layers", "w"): (3, 2), ("emb",): (4,)}
     state = {("layers", 0, "w"): np.zeros(2), ("layers", 2, "w"): np.ones(2), ("emb",): np.zeros(4)}

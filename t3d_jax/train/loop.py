@@ -155,6 +155,10 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
         log.info("compiled the train step in %.1fs; %.3g GFLOP/step/device",
                  time.perf_counter() - t0, flops / 1e9)
         log.info("%s", metrics_lib.describe_memory(compiled))
+        loops = step_lib.flop_undercount_reasons(config)
+        if loops:
+            log.warning("perf/mfu and perf/tflops_per_device are undercounted with %s: XLA counts "
+                        "the loop's body once; compare step times instead", " and ".join(loops))
     watcher = ckpt_lib.PreemptionWatcher(manager)
     logger = metrics_lib.MetricLogger(
         workdir, total_steps=num_steps, start_step=start, log_every=int(config.train.log_every),

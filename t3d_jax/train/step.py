@@ -365,6 +365,18 @@ def global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict) -> d
             for k, s in batch_shardings.items()}
 
 
+def flop_undercount_reasons(config) -> list[str]:
+    """The settings under which :func:`flops_per_step` (and so MFU) is too low.
+
+    XLA's cost analysis counts a while loop's body once, whatever its trip count: scanned
+    layer stacks and accumulated micro-batches are such loops.
+    """
+    return [name for name, on in (
+        ("model.image.scan_layers", bool(config.model.image.get("scan_layers", False))),
+        ("model.text.scan_layers", bool(config.model.text.get("scan_layers", False))),
+        ("train.grad_accum_steps > 1", int(config.train.grad_accum_steps) > 1)) if on]
+
+
 def flops_per_step(compiled) -> float:
     """FLOPs of one compiled step from XLA's cost analysis (per device for SPMD programs)."""
     try:
