@@ -81,7 +81,11 @@ def compile_lever(topology: str, lever: str, results: pathlib.Path, global_batch
 
 
 def _looped(report: dict) -> bool:
-    """Rows whose step runs its bulk inside a loop (XLA's cost analysis sees one iteration)."""
+    """Rows whose step runs its bulk inside a loop (XLA's cost analysis sees one iteration):
+    the report's ``flops_undercounted_by`` (`step.flop_undercount_reasons`), or for reports
+    written before it existed, the same settings read back."""
+    if "flops_undercounted_by" in report:
+        return bool(report["flops_undercounted_by"])
     return bool(report["settings"].get("scan_layers")) or int(report.get("grad_accum_steps", 1)) > 1
 
 
