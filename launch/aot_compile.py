@@ -225,8 +225,6 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
             "patch_size": list(config.model.image.patch_size),
             "remat": str(config.model.image.remat),
             "text_remat": str(config.model.text.get("remat", "none")),
-            # XLA's cost analysis counts a while loop's body once: with scanned layer stacks
-            # the FLOPs (and the roofline) below are undercounted by about the depth.
             "scan_layers": bool(config.model.image.get("scan_layers", False)
                                 or config.model.text.get("scan_layers", False)),
             "patch_dropout": float(config.model.image.patch_dropout),

@@ -23,8 +23,8 @@ The step is written functionally: `nnx.merge` the pure dicts into a model, compu
 `model.loss(batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
 model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
 is not finite keeps the old params/opt_state/model_state (`train.nonfinite_guard`: a
-`jnp.where` per leaf or one `lax.cond` on the scalar flag; no host round trip) and counts itself; the loop stops after `train.max_bad_steps` in a row.
-
+`jnp.where` per leaf or one `lax.cond` on the scalar flag; no host round trip) and counts
+itself; the loop stops after `train.max_bad_steps` in a row.
 """
 
 from __future__ import annotations
