@@ -172,7 +172,6 @@ def _no_leaked_global_mesh():
 @pytest.fixture(scope="session")
 def aot():
     import importlib.util
-    import sys
 
     path = pathlib.Path(__file__).resolve().parents[1] / "launch" / "aot_compile.py"
     spec = importlib.util.spec_from_file_location("aot_compile", path)
