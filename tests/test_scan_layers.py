@@ -25,11 +25,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from t3d_jax.models import build_model_from_config, convert
+from t3d_jax.tasks.t3d import T3DTask
 from t3d_jax.models.bert import BertConfig, BertEncoder
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-import t3d as t3d_config  # noqa: E402
+from configs import t3d as t3d_config
 
 SAME_OPS_ATOL = 1e-6
 GRAD_ATOL = 1e-5
@@ -154,8 +154,10 @@ def test_scanned_t3d_model_loss_and_gradients_equal_unrolled():
     convert.assign(scanned, _flat_params(unrolled))
     batch = _batch(np.random.default_rng(0))
 
+    task = T3DTask(_tiny(False))
+
     def loss(model):
-        return model.loss(batch, step=jnp.int32(0), deterministic=True)[0]
+        return task.loss(model, batch, step=jnp.int32(0), deterministic=True)[0]
 
     l0, g0 = nnx.jit(nnx.value_and_grad(loss))(unrolled)
     l1, g1 = nnx.jit(nnx.value_and_grad(loss))(scanned)

@@ -79,18 +79,47 @@ def persistent_cache(compile_cache):
         cc.reset_cache()
 
 
+@contextlib.contextmanager
+def poisoned_batches(steps):
+    """The data pipeline's batches of these steps (1-based, counted from a fresh start) are
+    all-NaN volumes: how the tests feed the loop a diverging step, through its data."""
+    from t3d_jax.data import pipeline
+
+    real = pipeline.train_iterator
+
+    class Poisoned:
+        def __init__(self, it):
+            self.it, self.count = it, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = next(self.it)
+            self.count += 1
+            if self.count in steps:
+                batch = dict(batch, views=np.full_like(batch["views"], np.nan))
+            return batch
+
+        def __getattr__(self, name):  # get_state / set_state for checkpoints
+            return getattr(self.it, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
+        yield
+
+
 @pytest.fixture(scope="module")
 def nan_run(tiny_prepared_dir, tmp_path_factory, uninterrupted, compile_cache):
-    """Ten steps in this process; step 3's batch is all-NaN (config.debug.nan_at_steps).
+    """Ten steps in this process; step 3's batch is all-NaN (`poisoned_batches`).
 
     The program is the one the `uninterrupted` subprocess compiled (the NaN knob acts on the
     host), so it is loaded from the shared persistent compilation cache instead of compiled
     again; the cache settings are restored afterwards.
     """
     config = tiny_config(tiny_prepared_dir)
-    config.debug.nan_at_steps = (3,)
     workdir = tmp_path_factory.mktemp("nan_run")
-    with persistent_cache(compile_cache):
+    with persistent_cache(compile_cache), poisoned_batches({3}):
         result = train_and_evaluate(config, workdir)
     history = {int(h["step"]): h for h in result.history if "loss" in h}
     # Same program and data as the uninterrupted run: identical losses until the NaN step.
@@ -169,9 +198,9 @@ def test_input_wait_is_logged_and_counts_a_slow_loader(nan_run, tiny_prepared_di
 def test_too_many_bad_steps_stop_with_last_good_checkpoint(nan_run, tiny_prepared_dir, tmp_path):
     result, _, _ = nan_run
     config = tiny_config(tiny_prepared_dir, max_bad_steps=2)
-    config.debug.nan_at_steps = (3, 4)
     config.checkpoint.every_steps = 2
-    with pytest.raises(NonFiniteTrainingError, match=r"2 consecutive steps.*last good checkpoint is step 2"):
+    with poisoned_batches({3, 4}), pytest.raises(
+            NonFiniteTrainingError, match=r"2 consecutive steps.*last good checkpoint is step 2"):
         train_and_evaluate(config, tmp_path)
     manager = ckpt_lib.make_manager(tmp_path / "checkpoints", config.checkpoint)
     assert list(manager.all_steps()) == [2]  # step 4 came after a bad step: not saved

@@ -6,7 +6,6 @@ structure, and shardings are read off the program's layout, so these run in seco
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import jax
@@ -25,10 +24,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(name: str = "t3d.py", variant: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    """configs/NAME:VARIANT (the config files are plain modules of the `configs` package)."""
+    from configs import clip, t3d
+
+    return {"t3d.py": t3d, "clip.py": clip}[name].get_config(variant)
 
 
 @pytest.fixture(scope="module")

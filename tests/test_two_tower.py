@@ -21,10 +21,11 @@ from jax.sharding import PartitionSpec as P
 
 import reference_numpy as ref
 from t3d_jax.models import build_model, build_model_from_config, two_tower
+from t3d_jax.tasks.clip import ClipTask
+from t3d_jax.tasks.t3d import T3DTask
 from t3d_jax.models.tma_head import TMAHead
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-import t3d as t3d_config  # noqa: E402
+from configs import t3d as t3d_config
 
 BATCH, VIEWS, LENGTH = 4, 2, 12
 # Float32 model vs float64 oracle on the model's own embeddings: only the oracle's arithmetic
@@ -63,14 +64,31 @@ def _batch(seed=0, size=16):
             "labels": np.zeros((BATCH, 18), np.float32)}
 
 
+def _t3d_model_config():
+    """The config of the shared T3D model (fixture `t3d_model`) and of its task."""
+    c = _config(chunked=True)
+    c.model.image.patch_dropout = 0.5
+    c.model.tma.freeze_prototypes_steps = 3
+    return c
+
+
+def _task_for(model):
+    """The task whose loss these tests check: t3d for a T3D model (the fixture's settings),
+    clip otherwise."""
+    if isinstance(model, two_tower.T3D):
+        return T3DTask(_t3d_model_config())
+    return ClipTask(_config("clip"))
+
+
 def _jit_loss(model, deterministic=True):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    task = _task_for(model)
 
     @jax.jit
     def loss_fn(params, rest, batch, step):
         m = nnx.merge(graphdef, params, rest)
-        return m.loss(batch, step=step, deterministic=deterministic)
+        return task.loss(m, batch, step=step, deterministic=deterministic)
 
     return loss_fn, params, rest
 
@@ -103,10 +121,7 @@ def _embeddings(model, batch):
 # with deterministic=False) and prototypes frozen for 3 steps.
 @pytest.fixture(scope="module")
 def t3d_model():
-    c = _config(chunked=True)
-    c.model.image.patch_dropout = 0.5
-    c.model.tma.freeze_prototypes_steps = 3
-    return build_model_from_config(c, rngs=nnx.Rngs(0))
+    return build_model_from_config(_t3d_model_config(), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +237,7 @@ def test_sharded_chunked_loss_equals_single_device(t3d_loss, batch):
 
 def test_bfloat16_forward_agrees_with_float32(t3d_model, t3d_loss, batch):
     f32 = t3d_model
-    c = _config(chunked=True)
-    c.model.image.patch_dropout = 0.5
-    c.model.tma.freeze_prototypes_steps = 3
+    c = _t3d_model_config()
     c.model.dtype = "bfloat16"
     bf16 = build_model_from_config(c, rngs=nnx.Rngs(0))  # same seed and config: same weights
     p32, p16 = nnx.state(f32, nnx.Param), nnx.state(bf16, nnx.Param)

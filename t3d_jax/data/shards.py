@@ -30,6 +30,11 @@ WRITER_OPTIONS = "group_size:1"
 SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.array_record$")
 
 
+def has_dataset(data_dir: str | os.PathLike | None) -> bool:
+    """True when ``data_dir`` is a complete prepared folder (its ``dataset.json`` exists)."""
+    return bool(data_dir) and (pathlib.Path(data_dir) / DATASET_JSON).is_file()
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
 

@@ -2,8 +2,9 @@
 
 Every process of a multi-host job runs this same function. Read it in its banner sections:
 set-up, data, program, state (resume / init), the loop, the end. The mechanics live in
-the sibling modules: mesh.py (sharding rules), step.py (the jitted step), optim.py,
-checkpoint.py, metrics.py, hooks.py (evaluators).
+the sibling modules: mesh.py (sharding rules), step.py (the jitted step, generic over the
+task named by config.task), optim.py, checkpoint.py, metrics.py; periodic evaluation goes
+through the one interface of t3d_jax/evaluate/registry.py.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
-import numpy as np
 
+from t3d_jax.data.prepared import check_data_config, sync_config_with_data
+from t3d_jax.evaluate import registry as eval_registry
 from t3d_jax.train import checkpoint as ckpt_lib
-from t3d_jax.train import hooks
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import metrics as metrics_lib
 from t3d_jax.train import optim as optim_lib
@@ -43,48 +43,8 @@ class TrainResult:
     preempted: bool = False
 
 
-def check_data_config(config) -> pathlib.Path:
-    """The prepared dataset folder, or an error saying how to get one."""
-    data_dir = config.data.dir
-    if not data_dir:
-        raise ValueError(
-            "config.data.dir is empty: point it at a dataset prepared by launch/prepare_data.py, "
-            "e.g. --config.data.dir=/data/ct_rate_prepared, or run the synthetic demo with "
-            "--config=configs/t3d.py:demo (after `make demo` or launch/demo.sh has prepared "
-            "demo_out/prepared)")
-    path = pathlib.Path(data_dir)
-    if not (path / "dataset.json").is_file():
-        hint = (" (the :demo config expects launch/demo.sh to have run: `make demo`)"
-                if config.get("variant") == "demo" else "")
-        raise FileNotFoundError(
-            f"config.data.dir={data_dir}: no dataset.json there; prepare the data with "
-            f"launch/prepare_data.py --out {data_dir} ...{hint}")
-    return path
-
-
-def sync_config_with_data(config) -> ml_collections.ConfigDict:
-    """Batch shapes the data actually has (token length, label names) win over the config."""
-    from t3d_jax.data.pipeline import read_dataset_info
-
-    info = read_dataset_info(config.data.dir)
-    config = ml_collections.ConfigDict(config.to_dict())  # a private copy, unlocked
-    max_len = (info.get("tokenizer") or {}).get("max_len")
-    if max_len and int(max_len) != int(config.preprocess.max_len):
-        log.info("data %s has token length %s; using it (config said %s)",
-                 config.data.dir, max_len, config.preprocess.max_len)
-        config.preprocess.max_len = int(max_len)
-    if int(config.preprocess.max_len) > int(config.model.text.max_len):
-        raise ValueError(f"{config.data.dir}: reports are tokenized to {config.preprocess.max_len} "
-                         f"tokens but config.model.text.max_len={config.model.text.max_len}")
-    names = info.get("label_names")
-    if names:
-        config.data.label_names = tuple(names)
-    return config
-
-
-def train_and_evaluate(config, workdir: str | os.PathLike, *,
-                       model_factory: step_lib.ModelFactory | None = None) -> TrainResult:
-    """Trains (or resumes) `config` in `workdir`; every process of a job calls this."""
+def train_and_evaluate(config, workdir: str | os.PathLike) -> TrainResult:
+    """Trains (or resumes) `config`'s task in `workdir`; every process of a job calls this."""
     check_data_config(config)
     config = sync_config_with_data(config)
     peak = float(config.metrics.peak_flops_per_device)
@@ -96,10 +56,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
         log.info("MFU peak: measured float32 matmul %.3g GFLOP/s per device", peak / 1e9)
     mesh = mesh_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        return _train(config, pathlib.Path(workdir), mesh, model_factory, peak)
+        return _train(config, pathlib.Path(workdir), mesh, peak)
 
 
-def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> TrainResult:
+def _train(config, workdir: pathlib.Path, mesh, peak: float) -> TrainResult:
     # ======================================================================================
     # Set-up
     # ======================================================================================
@@ -124,9 +84,10 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
     # ======================================================================================
     # Program: sharded state layout + the jitted step (cached per config and mesh)
     # ======================================================================================
-    program = step_lib.get_train_program(config, mesh, model_factory)
+    program = step_lib.get_train_program(config, mesh)
     total, trainable = optim_lib.count_params(program.abstract_state["params"], program.frozen_mask)
-    log.info("model %s: %s parameters (%s trainable)", config.model.name, f"{total:,}", f"{trainable:,}")
+    log.info("task %s, model %s: %s parameters (%s trainable)", program.task.name, config.model.name,
+             f"{total:,}", f"{trainable:,}")
 
     # ======================================================================================
     # State: resume from WORKDIR, else initialise (optionally from pretrained weights)
@@ -146,6 +107,8 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
     # Compile: trace + compile the step once on the first real batch; log memory and FLOPs
     # ======================================================================================
     first_local = next(data_iter) if start < num_steps else None
+    if first_local is not None:
+        _check_batch_contract(first_local, program, config)
     flops = math.nan
     if first_local is not None:
         t0 = time.perf_counter()
@@ -166,7 +129,6 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
         num_devices=jax.device_count(), tensorboard=bool(config.metrics.tensorboard),
         progress_bar=bool(config.train.progress_bar) and is_main)
     max_bad = int(config.train.max_bad_steps)
-    nan_steps = {int(s) for s in (config.debug.nan_at_steps or ())}
     eval_every = int(config.eval.every_steps)
     evaluators = tuple(config.eval.evaluators or ())
     preempted = False
@@ -181,8 +143,6 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
             t_data = time.perf_counter()
             local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
             data_wait = time.perf_counter() - t_data
-            if step + 1 in nan_steps:  # debug knob: poison this step's batch
-                local = dict(local, views=np.full_like(local["views"], np.nan))
             batch = step_lib.global_batch(local, program.batch_shardings)
             state, metrics = program.step(state, batch)  # traced and compiled once (above)
             step += 1
@@ -199,9 +159,9 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
                 preempted = True
                 break
             if evaluators and ((eval_every and step % eval_every == 0) or step == num_steps):
-                ctx = hooks.EvalContext(model=program.model(state), config=config, step=step,
-                                        workdir=os.fspath(workdir), mesh=mesh)
-                logger.write_scalars(step, hooks.run_evaluators(evaluators, ctx))
+                ctx = eval_registry.EvalContext(model=program.model(state), config=config, step=step,
+                                                workdir=os.fspath(workdir), mesh=mesh)
+                logger.write_scalars(step, eval_registry.run_evaluators(evaluators, ctx))
         _check_bad_steps(logger.flush(), max_bad, manager, ckpt_dir)
 
     # ======================================================================================
@@ -214,6 +174,14 @@ def _train(config, workdir: pathlib.Path, mesh, model_factory, peak: float) -> T
         manager.close()
     return TrainResult(step=step, history=logger.history, state=state, program=program,
                        preempted=preempted)
+
+
+def _check_batch_contract(local: dict, program: step_lib.TrainProgram, config) -> None:
+    """The pipeline delivers every key the task's batch contract names (else a clear error)."""
+    missing = sorted(set(program.abstract_batch) - set(local))
+    if missing:
+        raise ValueError(f"task {program.task.name!r} needs batch keys {missing}, which the data "
+                         f"pipeline of {config.data.dir} does not deliver (it gives {sorted(local)})")
 
 
 def _check_bad_steps(values: dict[str, float] | None, max_bad: int, manager, ckpt_dir) -> None:

@@ -1,11 +1,13 @@
 """The sharded training program: abstract state, its shardings, and one jitted step.
 
 `make_train_program(config, mesh)` is the single place that decides how training runs on
-devices. It returns a `TrainProgram` whose `step` is one `jax.jit` with explicit
+devices. It is generic over tasks: `config.task` names a `t3d_jax.tasks` module, which gives
+the model, the batch contract (`task.batch_spec()`) and the loss; this module adds the
+optimizer, the shardings and the guard against non-finite steps. It returns a `TrainProgram` whose `step` is one `jax.jit` with explicit
 `in_shardings`/`out_shardings` and the state donated (the current form of a pjit step), so
 
 * the loop calls `program.init()` then `program.step(state, batch)`;
-* `launch/aot_compile.py` calls `program.step.lower(program.abstract_state,
+* the AOT compiler (`t3d_jax.train.aot`) calls `program.step.lower(program.abstract_state,
   program.abstract_batch).compile()` on a mesh of TPU-topology devices, with no data and no
   parameters in memory.
 
@@ -20,7 +22,7 @@ The train state is a plain dict of arrays (simple to checkpoint, shard and inspe
     skipped_steps  int32 []       total non-finite steps skipped
 
 The step is written functionally: `nnx.merge` the pure dicts into a model, compute
-`model.loss(batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
+`task.loss(model, batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
 model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
 is not finite keeps the old params/opt_state/model_state (`train.nonfinite_guard`: a
 `jnp.where` per leaf or one `lax.cond` on the scalar flag; no host round trip) and counts
@@ -41,36 +43,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from t3d_jax import tasks
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import optim as optim_lib
-
-ModelFactory = Callable[[nnx.Rngs], nnx.Module]
-
-
-def default_model_factory(config) -> ModelFactory:
-    """`t3d_jax.models.build_model_from_config(config, rngs=...)` (imported lazily): the model
-    named by config.model.name with config.loss and the view size of config.data."""
-    def factory(rngs: nnx.Rngs) -> nnx.Module:
-        from t3d_jax.models import build_model_from_config
-        return build_model_from_config(config, rngs=rngs)
-    return factory
-
+from t3d_jax.utils import UserValueError, path_str
 
 def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes/dtypes of one global training batch (the data contract), for AOT compilation."""
-    b = int(config.train.global_batch_size)
-    v = int(config.data.num_views)
-    x, y, z = (int(s) for s in config.data.view_size)
-    c = int(config.model.image.get("in_channels", 1))
-    length = int(config.preprocess.max_len)
-    num_labels = len(config.data.label_names)
-    return {
-        "views": jax.ShapeDtypeStruct((b, v, x, y, z, c), jnp.float32),
-        "boxes": jax.ShapeDtypeStruct((b, v, 2, 3), jnp.float32),
-        "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
-        "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
-        "labels": jax.ShapeDtypeStruct((b, num_labels), jnp.float32),
-    }
+    """Shapes/dtypes of one global training batch: the task's batch contract (for AOT)."""
+    return tasks.get_task(config).batch_spec()
 
 
 @dataclasses.dataclass
@@ -78,6 +58,7 @@ class TrainProgram:
     """Everything needed to initialise, run, checkpoint and AOT-compile training."""
 
     mesh: jax.sharding.Mesh
+    task: tasks.Task
     graphdef: Any
     init: Callable[[], dict]  # jitted; returns the sharded initial state
     step: Any  # jitted (state, batch) -> (state, metrics); state donated
@@ -111,27 +92,26 @@ def _split_model(model: nnx.Module):
     return graphdef, params, rest
 
 
-def _build_model(factory: ModelFactory, seed: int) -> nnx.Module:
+def _build_model(task: tasks.Task, seed: int) -> nnx.Module:
     # Eager sharding off: shardings come from our rules table, applied by jit's out_shardings.
     with nnx.use_eager_sharding(False):
-        return factory(nnx.Rngs(seed))
+        return task.build_model(nnx.Rngs(seed))
 
 
-def make_train_program(config, mesh: jax.sharding.Mesh,
-                       model_factory: ModelFactory | None = None) -> TrainProgram:
-    """Builds the sharded init and step for `config` on `mesh` (see module docstring)."""
-    factory = model_factory or default_model_factory(config)
+def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
+    """Builds the sharded init and step of `config`'s task on `mesh` (see module docstring)."""
+    task = tasks.get_task(config)
     seed = int(config.train.seed)
     rules = config.sharding_rules
     num_steps = int(config.train.num_steps)
     accum = int(config.train.grad_accum_steps)
     guard = str(config.train.get("nonfinite_guard", "where"))
     if guard not in GUARDS:
-        raise ValueError(f"config.train.nonfinite_guard={guard!r}: choose one of {GUARDS}")
+        raise UserValueError(f"config.train.nonfinite_guard={guard!r}: choose one of {GUARDS}")
     dp = mesh_lib.data_parallel_size(mesh, rules)
     gbs = int(config.train.global_batch_size)
     if gbs % (accum * dp):
-        raise ValueError(
+        raise UserValueError(
             f"config.train.global_batch_size={gbs} must be a multiple of grad_accum_steps "
             f"({accum}) x the data-parallel devices ({dp}, mesh {mesh_lib.describe(mesh)})")
 
@@ -142,7 +122,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     static: dict[str, Any] = {}
 
     def abstract_model():
-        graphdef, params, rest = _split_model(_build_model(factory, seed))
+        graphdef, params, rest = _split_model(_build_model(task, seed))
         static["graphdef"] = graphdef
         static["param_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(params))
         static["rest_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(rest))
@@ -161,7 +141,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     eligible = optim_lib.flat_eligible(abs_params, param_shardings) if flatten else None
 
     def init() -> dict:
-        model = _build_model(factory, seed)
+        model = _build_model(task, seed)
         _, params, rest = _split_model(model)
         # Strong types throughout: a weak-typed leaf (e.g. from jnp.asarray(2.6)) would come
         # back strong from the step and force a second trace.
@@ -187,7 +167,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         "step": replicated, "params": param_shardings, "model_state": rest_shardings,
         "opt_state": opt_shardings, "bad_steps": replicated, "skipped_steps": replicated,
     }
-    batch = abstract_batch(config)
+    batch = task.batch_spec()
     batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
     micro_sharding = NamedSharding(mesh, P(None, *mesh_lib.batch_sharding(mesh, rules, 1).spec))
 
@@ -195,7 +175,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
 
     def loss_fn(params, model_state, microbatch, step):
         model = nnx.merge(graphdef, params, model_state)
-        loss, metrics = model.loss(microbatch, step=step, deterministic=False)
+        loss, metrics = task.loss(model, microbatch, step=step, deterministic=False)
         _, _, rest = _split_model(model)
         return loss, (metrics, nnx.to_pure_dict(rest))
 
@@ -236,7 +216,8 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
         grad_norm = optim_lib.global_norm(grads, eligible)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state, model_state = _guarded_update(
-            guard, ok, tx, grads, state["params"], state["opt_state"], model_state, state["model_state"])
+            guard, ok, tx, grads, state["params"], state["opt_state"], model_state, state["model_state"],
+            task.after_update)
         new_state = {
             "step": state["step"] + 1,
             "params": params,
@@ -263,7 +244,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
     init_jit = jax.jit(init, out_shardings=state_shardings)
 
     program = TrainProgram(
-        mesh=mesh, graphdef=graphdef, init=init_jit, step=step,
+        mesh=mesh, task=task, graphdef=graphdef, init=init_jit, step=step,
         abstract_state=None, state_shardings=state_shardings,
         abstract_batch=None, batch_shardings=batch_shardings, tx=tx, schedule=schedule,
         lr_multipliers=label_mult, frozen_mask=frozen, trace_count=trace_count)
@@ -275,7 +256,8 @@ def make_train_program(config, mesh: jax.sharding.Mesh,
 GUARDS = ("where", "cond")
 
 
-def _guarded_update(guard, ok, tx, grads, params, opt_state, new_model_state, old_model_state):
+def _guarded_update(guard, ok, tx, grads, params, opt_state, new_model_state, old_model_state,
+                    after_update=lambda p: p):
     """(params, opt_state, model_state) after the optimizer step if `ok`, else the old ones.
 
     Two forms with the same result (config `train.nonfinite_guard`), measured both ways:
@@ -291,7 +273,7 @@ def _guarded_update(guard, ok, tx, grads, params, opt_state, new_model_state, ol
         def apply(operands):
             grads, params, opt_state, new_ms, _ = operands
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, new_ms
+            return after_update(optax.apply_updates(params, updates)), opt_state, new_ms
 
         def keep(operands):
             _, params, opt_state, _, old_ms = operands
@@ -299,17 +281,10 @@ def _guarded_update(guard, ok, tx, grads, params, opt_state, new_model_state, ol
 
         return jax.lax.cond(ok, apply, keep, (grads, params, opt_state, new_model_state, old_model_state))
     updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = after_update(optax.apply_updates(params, updates))
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     return (keep_if_bad(new_params, params), keep_if_bad(new_opt_state, opt_state),
             keep_if_bad(new_model_state, old_model_state))
-
-
-def _key(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
 
 
 def mirror_param_shardings(opt_state, params, param_shardings, default):
@@ -321,10 +296,10 @@ def mirror_param_shardings(opt_state, params, param_shardings, default):
     by_path = {}
     for (path, x), (_, s) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                  jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
-        by_path[tuple(_key(k) for k in path)] = (x.shape, s)
+        by_path[tuple(path_str((k,)) for k in path)] = (x.shape, s)
 
     def one(path, leaf):
-        keys = tuple(_key(k) for k in path)
+        keys = tuple(path_str((k,)) for k in path)
         for start in range(len(keys)):
             hit = by_path.get(keys[start:])
             if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
@@ -336,23 +311,23 @@ def mirror_param_shardings(opt_state, params, param_shardings, default):
 
 _PROGRAMS: dict[tuple, TrainProgram] = {}
 # Config sections that shape the compiled program (everything else is host-side).
-_PROGRAM_KEYS = ("model", "loss", "optim", "mesh", "sharding_rules", "preprocess")
+_PROGRAM_KEYS = ("task", "model", "loss", "optim", "mesh", "sharding_rules", "preprocess")
 
 
-def get_train_program(config, mesh: jax.sharding.Mesh,
-                      model_factory: ModelFactory | None = None) -> TrainProgram:
-    """`make_train_program`, memoised per (program-relevant config, mesh, factory), so calling
+def get_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
+    """`make_train_program`, memoised per (program-relevant config, mesh), so calling
     `train_and_evaluate` again in one process (tests, notebooks) reuses the compiled step."""
     import json
 
-    sections = {k: config[k].to_dict() for k in _PROGRAM_KEYS if k in config}
+    sections = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+                for k in _PROGRAM_KEYS if k in config}
     sections["train"] = {k: config.train.get(k) for k in
                          ("global_batch_size", "grad_accum_steps", "num_steps", "seed", "nonfinite_guard")}
     sections["data"] = {k: config.data[k] for k in ("num_views", "view_size", "label_names")}
     key = (json.dumps(sections, sort_keys=True, default=str), mesh.shape_tuple,
-           tuple(d.id for d in mesh.devices.flat), model_factory)
+           tuple(d.id for d in mesh.devices.flat))
     if key not in _PROGRAMS:
-        _PROGRAMS[key] = make_train_program(config, mesh, model_factory)
+        _PROGRAMS[key] = make_train_program(config, mesh)
     return _PROGRAMS[key]
 
 

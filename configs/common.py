@@ -1,0 +1,254 @@
+r"""The settings every task shares: data, preprocessing, encoders, loss, loop, optimizer, mesh,
+checkpoints, metrics and evaluation, for the variants tiny | demo | small | base.
+
+Not a config to launch by itself: `configs/t3d.py` and `configs/clip.py` start from
+`get_config(variant)` here and add their task (`config.task`) and its own keys.
+
+  tiny  -- the tests: a few-thousand-parameter model, seconds on CPU (set data.dir).
+  demo  -- this 2-core CPU: the synthetic demo data (demo_out/prepared, made by
+           launch/demo.sh), a small model, a few minutes.
+  small -- one GPU: ViT-S/BERT-mini scale, bfloat16 compute.
+  base  -- paper scale: ViT-B 3D encoder, BERT-base text encoder, ct_clip-style data,
+           two views, global batch 256, FSDP over all devices, bfloat16 compute.
+"""
+
+import ml_collections
+
+from t3d_jax.data.labels import CT_RATE_LABELS
+
+VARIANTS = ("tiny", "demo", "small", "base")
+
+
+def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> ml_collections.ConfigDict:
+    variant = arg or "demo"
+    if variant not in VARIANTS:
+        raise ValueError(f"{config_file}: unknown variant {variant!r}; choose one of {VARIANTS} "
+                         f"(e.g. --config={config_file}:demo)")
+    c = ml_collections.ConfigDict()
+    c.task = ""  # set by the task's config file: t3d | clip (t3d_jax/tasks)
+    c.variant = variant
+    c.seed = 0
+
+    # --- Data: prepared ArrayRecord shards (launch/prepare_data.py) -----------------
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # output folder of launch/prepare_data.py; required
+    c.data.train_split = "train"
+    c.data.eval_split = "valid"
+    c.data.num_views = 2
+    c.data.view_size = (48, 48, 48)  # voxels per view (x, y, z)
+    c.data.crop_min = 0.5  # crop covers 50-100% of each axis
+    c.data.crop_max = 1.0
+    c.data.intensity_jitter = 0.05  # +- scale and shift of model-input intensities
+    c.data.noise_std = 0.02
+    c.data.flip_lr = False  # reports name sides; no left-right flips by default
+    c.data.worker_count = 2
+    c.data.prefetch_buffer_size = 2
+    c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without
+    c.data.label_names = CT_RATE_LABELS
+
+    # --- Preprocessing (prepare_data.py and export use the same) ---------------------
+    c.preprocess = ml_collections.ConfigDict()
+    c.preprocess.preset = "demo"
+    c.preprocess.vocab = ""  # vocab.txt; "" = the bundled bert-base-uncased vocab if installed
+    c.preprocess.lowercase = True
+    c.preprocess.max_len = 128
+
+    # --- Model ------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "clip"  # the two-tower model; configs/t3d.py sets 't3d' (adds the TMA head)
+    c.model.embed_dim = 512
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on GPU/TPU
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.size = "tiny"  # tiny | small | base | large
+    c.model.image.patch_size = (8, 8, 8)
+    c.model.image.in_channels = 1
+    c.model.image.pos_embed = "sincos"  # sincos | learned
+    c.model.image.pool = "mean"  # mean | cls
+    c.model.image.qkv_bias = True
+    c.model.image.patch_dropout = 0.0  # fraction of tokens dropped in training
+    c.model.image.remat = "none"  # none | full | dots_saveable | ...
+    # Stack the blocks and run them with nnx.scan: one compiled block body instead of `depth`
+    # copies (compile time and code size independent of depth; parameters get a leading
+    # 'layers' axis). Off by default: measured for `base` on v5e (docs/performance.md, memory
+    # levers) it compiles ~2x faster but XLA plans more temporaries, and XLA's FLOP count
+    # sees the loop body once (launch/aot_compile.py reports FLOPs of the unrolled step).
+    c.model.image.scan_layers = False
+    c.model.image.layer_norm_eps = 1e-6  # 1e-5 to match MONAI-pretrained ViT weights
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.size = "tiny"  # tiny | mini | base, or hf_dir
+    c.model.text.hf_dir = ""  # a local Hugging Face BERT directory
+    c.model.text.vocab_size = 30522
+    c.model.text.max_len = 128
+    c.model.text.remat = "none"  # per-layer rematerialisation policy, as model.image.remat
+    c.model.text.scan_layers = False  # as model.image.scan_layers
+    # Report embedding: "cls" (the [CLS] state, for pretrained text towers) or "mean" (mean over
+    # the non-padding tokens; a from-scratch BERT's [CLS] state is nearly the same for every report).
+    c.model.text.pool = "cls"
+
+    # --- Loss ---------------------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "clip"  # clip | siglip
+    c.loss.chunked = False  # never materialise B x B on one device
+    c.loss.logit_scale_init = 2.659260036932778  # log(1/0.07)
+    c.loss.logit_scale_max = 100.0
+    c.loss.siglip_logit_scale_init = 2.302585092994046  # log(10), SigLIP's init
+    c.loss.siglip_logit_bias_init = -10.0
+
+    # --- Training loop (t3d_jax/train/loop.py) -------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 16  # examples per optimizer step, over all processes
+    c.train.num_steps = 10_000
+    c.train.log_every = 10  # steps between metric writes (TensorBoard + metrics.jsonl)
+    c.train.seed = c.get_ref("seed")  # model init and data order
+    c.train.max_bad_steps = 5  # consecutive non-finite steps before training stops
+    # How a non-finite step is undone: "where" (per-leaf select; least memory on TPU) or
+    # "cond" (one lax.cond; faster on XLA:CPU for tiny models). t3d_jax/train/step.py says why.
+    c.train.nonfinite_guard = "where"
+    c.train.grad_accum_steps = 1  # micro-batches per optimizer step (scan inside the step)
+    c.train.progress_bar = True
+
+    # --- Optimizer (t3d_jax/train/optim.py) ----------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4  # peak learning rate
+    c.optim.schedule = "warmup_cosine"  # warmup_cosine | warmup_constant | constant
+    c.optim.warmup_steps = 500
+    c.optim.end_lr_factor = 0.0  # cosine ends at lr * end_lr_factor
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.flatten = "auto"  # AdamW on flattened groups: auto (= off) | on | off; docs/training.md
+    c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    # Learning-rate multiplier per tower: key = prefix of the top-level submodule name
+    # (longest match wins); 0 freezes the tower.
+    c.optim.lr_multipliers = ml_collections.ConfigDict(
+        {"image": 1.0, "text": 1.0, "tma": 1.0, "logit": 1.0})
+    c.optim.freeze = ()  # regexes on parameter paths, e.g. r"^text_encoder/embeddings/"
+    # Regexes on parameter paths exempt from weight decay, besides every 0-/1-D parameter
+    # (biases, norm scales, logit scale): position embeddings and the TMA prototypes.
+    c.optim.no_decay = ("pos_embed", "/position/", "position_embeddings", "prototypes")
+
+    # --- Device mesh and sharding (t3d_jax/train/mesh.py) --------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1)  # -1 takes the remaining devices
+    c.mesh.axes = ("data", "fsdp")  # or ("data", "fsdp", "tensor")
+    # Logical axis -> mesh axes. Axes missing from the mesh are ignored, so these rules
+    # serve every mesh; a dim the mesh axes do not divide stays unsplit.
+    c.sharding_rules = ml_collections.ConfigDict({
+        "batch": ("data", "fsdp"),
+        "embed": ("fsdp",),
+        "mlp": ("tensor",),
+        "heads": ("tensor",),
+        "vocab": ("tensor",),
+        "joint": ("fsdp",),
+        "kv": (),
+        "patch": (),
+        "prototypes": (),
+        "layers": (),  # the stacked-layer axis of scan_layers models: never split
+    })
+
+    # --- Checkpoints (t3d_jax/train/checkpoint.py) ---------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3  # keep the last N
+    c.checkpoint.async_save = True
+    c.checkpoint.dir = ""  # "" = WORKDIR/checkpoints
+
+    # --- Initialisation from pretrained weights (applied only when not resuming) -----------
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.hf_bert_dir = ""  # local Hugging Face BERT directory -> text encoder
+    c.init_from.monai_vit = ""  # MONAI ViT state dict (.pt/.pth/.safetensors) -> image encoder
+    c.init_from.checkpoint = ""  # another run's checkpoint folder (WORKDIR/checkpoints) -> params
+    c.init_from.checkpoint_step = -1  # -1 = latest
+
+    # --- Metrics ---------------------------------------------------------------------------
+    c.metrics = ml_collections.ConfigDict()
+    # Peak FLOP/s per device for MFU; 0 = measure a float32 matmul on this host at start.
+    c.metrics.peak_flops_per_device = 0.0
+    c.metrics.tensorboard = True
+
+    # --- Periodic evaluation (the t3d_jax/evaluate registry) ---------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the end (if evaluators are named)
+    c.eval.evaluators = ()  # registered names, e.g. ("zeroshot", "retrieval")
+    c.eval.batch_size = 8
+    # Read by t3d_jax/evaluate (launch/evaluate.py and the periodic evaluators); docs/evaluation.md.
+    c.eval.split = ""  # "" = data.eval_split
+    c.eval.templates = ("{label} is present.", "{label} is not present.")  # zero-shot prompts
+    c.eval.threshold_rule = "roc"  # roc | ct_clip_grid
+    c.eval.threshold_split = "train"  # split the leak-free threshold is chosen on
+    c.eval.num_bootstrap = 1000
+    c.eval.periodic_num_bootstrap = 0  # during training: no intervals
+    c.eval.retrieval_ks = (1, 5, 10, 50, 100)
+    c.eval.probe_split = "train"
+    c.eval.probe_C = 1.0
+    c.eval.use_logit_scale = True
+
+    _apply_variant(c, variant)
+    return c
+
+
+def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+    """Sizes of each variant; everything else is the recipe above."""
+    if variant == "tiny":  # tests: seconds on CPU
+        c.data.view_size = (16, 16, 16)
+        c.data.worker_count = 0
+        c.model.embed_dim = 32
+        c.model.image.patch_size = (8, 8, 8)
+        c.model.text.max_len = 128
+        c.train.global_batch_size = 8
+        c.train.num_steps = 8
+        c.train.log_every = 1
+        c.train.progress_bar = False
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 2
+        c.checkpoint.every_steps = 2
+        c.checkpoint.keep = 10
+    elif variant == "demo":  # this 2-core CPU, a few minutes
+        c.data.dir = "demo_out/prepared"
+        c.data.view_size = (32, 32, 32)
+        c.data.worker_count = 0
+        # 154 training volumes and 300 steps: with 50-100% crops and intensity jitter the
+        # from-scratch towers found no signal and collapsed to constant embeddings (loss_clip
+        # = ln 16 throughout); near-whole views let CLIP learn (see docs/method.md).
+        c.data.crop_min = 0.85
+        c.data.intensity_jitter = 0.0
+        c.data.noise_std = 0.0
+        c.model.embed_dim = 128
+        c.model.text.pool = "mean"
+        c.train.global_batch_size = 16
+        c.train.num_steps = 300
+        c.train.log_every = 10
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 30
+        c.optim.weight_decay = 0.01
+        c.checkpoint.every_steps = 100
+    elif variant == "small":  # one GPU
+        c.data.view_size = (96, 96, 64)
+        c.model.dtype = "bfloat16"
+        c.model.embed_dim = 256
+        c.model.image.size = "small"
+        c.model.image.patch_size = (16, 16, 8)
+        c.model.text.size = "mini"
+        c.train.global_batch_size = 64
+        c.train.num_steps = 20_000
+        c.train.log_every = 50
+        c.optim.lr_multipliers.text = 0.1
+    elif variant == "base":  # paper scale, GPU nodes / TPU pods
+        c.preprocess.preset = "ct_clip"
+        c.data.view_size = (160, 160, 96)
+        c.data.worker_count = 8
+        c.model.dtype = "bfloat16"
+        c.model.embed_dim = 512
+        c.model.image.size = "base"
+        c.model.image.patch_size = (16, 16, 8)
+        c.model.image.remat = "full"
+        c.model.text.size = "base"
+        c.train.global_batch_size = 256
+        c.train.num_steps = 50_000
+        c.train.log_every = 100
+        c.optim.lr = 1e-4
+        c.optim.warmup_steps = 2000
+        c.optim.lr_multipliers.text = 0.1
+        c.loss.chunked = True
+        c.checkpoint.every_steps = 2000

@@ -1,0 +1,53 @@
+"""A run's config against the prepared dataset folder it names (`config.data.dir`).
+
+Training, evaluation and export all start here: `check_data_config` says how to get the
+data when the folder is missing, `sync_config_with_data` lets the shapes the data really
+has (token length, label names) win over the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import ml_collections
+
+from t3d_jax.data.shards import has_dataset
+from t3d_jax.utils import UserFileNotFoundError, UserValueError
+
+log = logging.getLogger(__name__)
+
+
+def check_data_config(config) -> pathlib.Path:
+    """The prepared dataset folder, or a `UserError` saying how to get one."""
+    data_dir = config.data.dir
+    if not data_dir:
+        raise UserValueError(
+            "config.data.dir is empty: point it at a dataset prepared by launch/prepare_data.py, "
+            "e.g. --config.data.dir=/data/ct_rate_prepared, or run the synthetic demo (`make demo`, "
+            "which prepares demo_out/prepared)")
+    if not has_dataset(data_dir):
+        raise UserFileNotFoundError(
+            f"config.data.dir={data_dir}: no dataset.json there; prepare the data with "
+            f"launch/prepare_data.py --out {data_dir} ... (the demo's data: `make demo`)")
+    return pathlib.Path(data_dir)
+
+
+def sync_config_with_data(config) -> ml_collections.ConfigDict:
+    """A copy of `config` whose token length and label names are those of the prepared data."""
+    from t3d_jax.data.pipeline import read_dataset_info
+
+    info = read_dataset_info(config.data.dir)
+    config = ml_collections.ConfigDict(config.to_dict())  # a private copy, unlocked
+    max_len = (info.get("tokenizer") or {}).get("max_len")
+    if max_len and int(max_len) != int(config.preprocess.max_len):
+        log.info("data %s has token length %s; using it (config said %s)",
+                 config.data.dir, max_len, config.preprocess.max_len)
+        config.preprocess.max_len = int(max_len)
+    if int(config.preprocess.max_len) > int(config.model.text.max_len):
+        raise UserValueError(f"{config.data.dir}: reports are tokenized to {config.preprocess.max_len} "
+                             f"tokens but config.model.text.max_len={config.model.text.max_len}")
+    names = info.get("label_names")
+    if names:
+        config.data.label_names = tuple(names)
+    return config

@@ -1,0 +1,70 @@
+"""`clip`: CT-CLIP-style volume-report alignment, the baseline every other task extends.
+
+Loss: the contrastive objective named by `config.loss.kind` ('clip': symmetric InfoNCE;
+'siglip': pairwise sigmoid) of every view's pooled image embedding against its report's
+embedding, mean over views, with negatives from the whole global batch
+(`t3d_jax.losses.contrastive`; `config.loss.chunked` never materialises B x B on a device).
+
+Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_mask`
+[B, L] int32 (V = `data.num_views`, X, Y, Z = `data.view_size`, L = `preprocess.max_len`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t3d_jax.losses import contrastive
+from t3d_jax.tasks.base import Task
+
+
+class ClipTask(Task):
+    name = "clip"
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        from t3d_jax.models import build_model_from_config
+        return build_model_from_config(self.config, rngs=rngs)
+
+    def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        c = self.config
+        b, v = self.global_batch_size(), int(c.data.num_views)
+        x, y, z = (int(s) for s in c.data.view_size)
+        channels = int(c.model.image.get("in_channels", 1))
+        length = int(c.preprocess.max_len)
+        return {
+            "views": jax.ShapeDtypeStruct((b, v, x, y, z, channels), jnp.float32),
+            "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
+            "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
+        }
+
+    def encode(self, model, batch: dict, deterministic: bool):
+        """(image encoder output over all B*V views, image embeddings [B,V,D], text states
+        [B,L,d_t], text embeddings [B,D])."""
+        views = jnp.asarray(batch["views"])
+        if views.ndim != 6:
+            raise ValueError(f"batch['views'] must be [B, V, X, Y, Z, C], got {views.shape}")
+        b, v = views.shape[:2]
+        image = model.volume_tokens(views.reshape(b * v, *views.shape[2:]), deterministic=deterministic)
+        image_emb = model.project_image(image["pooled"]).reshape(b, v, -1)
+        text_states, text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                                  deterministic=deterministic)
+        return image, image_emb, text_states, text_emb
+
+    def contrastive(self, model, image_emb, text_emb) -> tuple[jax.Array, dict]:
+        bias = None if model.logit_bias is None else model.logit_bias[...]
+        loss = contrastive.contrastive_loss(
+            model.loss_kind, image_emb, text_emb, model.logit_scale[...], bias,
+            max_scale=model.logit_scale_max, chunked=bool(self.config.loss.get("chunked", False)),
+            batch_axes=self.batch_axes)
+        metrics = {"loss_clip": loss,
+                   "logit_scale": contrastive.effective_scale(model.logit_scale[...], model.logit_scale_max)}
+        if bias is not None:
+            metrics["logit_bias"] = jnp.asarray(bias, jnp.float32)
+        return loss, metrics
+
+    def loss(self, model, batch, *, step, deterministic=False):
+        del step
+        _, image_emb, _, text_emb = self.encode(model, batch, deterministic)
+        loss, metrics = self.contrastive(model, image_emb, text_emb)
+        return loss, {"loss": loss, **metrics}
