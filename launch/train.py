@@ -23,12 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/t3d.py:demo.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and TensorBoard.")
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and TensorBoard "
+                    "(default: runs/<task>_<variant>_<time>).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process jobs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_integer("cpu_devices", None, "CPU only: number of (fake) devices of this process.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -42,19 +43,19 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            local_device_count=FLAGS.cpu_devices)
     import jax
-    from t3d_jax.train.loop import check_data_config, train_and_evaluate
+    from t3d_jax.data.prepared import check_data_config
+    from t3d_jax.train.loop import default_workdir, train_and_evaluate
 
-    try:
-        check_data_config(FLAGS.config)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"launch/train.py: {e}") from None
-
-    logging.info("JAX %s: %d process(es), %d devices (%s)", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].platform)
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    check_data_config(FLAGS.config)
+    workdir = FLAGS.workdir or default_workdir(FLAGS.config)
+    logging.info("JAX %s: %d process(es), %d devices (%s); workdir %s", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform, workdir)
+    result = train_and_evaluate(FLAGS.config, workdir)
     logging.info("done: step %d%s; metrics in %s/metrics.jsonl", result.step,
-                 " (preempted)" if result.preempted else "", FLAGS.workdir)
+                 " (preempted)" if result.preempted else "", workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from t3d_jax.console import run_tool
+
+    run_tool(main)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import optim as optim_lib
 from t3d_jax.train import step as step_lib
+from t3d_jax.utils import path_str
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,7 @@ def params(config):
 
 
 def _paths(tree):
-    return {optim_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_model_towers_have_the_names_the_multipliers_use(params):
@@ -103,7 +104,7 @@ def test_tower_multipliers_and_freezing(config, params):
         else:
             np.testing.assert_allclose(np.asarray(u), np.asarray(ref[path]), rtol=1e-6, atol=1e-9)
     # Frozen parameters carry no Adam moments.
-    state_paths = [optim_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    state_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     assert not any("image_encoder/blocks/0/" in p and "inner_states/frozen" not in p for p in state_paths
                    if "/mu/" in p or "/nu/" in p)
 
@@ -112,7 +113,7 @@ def test_tower_multipliers_and_freezing(config, params):
     clipped.optim.clip_norm = 1.0
     tx, _, _ = optim_lib.make_optimizer(clipped.optim, params, 100)
     noisy = jax.tree_util.tree_map_with_path(
-        lambda p, g: g * 1e6 if optim_lib.path_str(p).startswith("image_encoder/blocks/0/") else g, grads)
+        lambda p, g: g * 1e6 if path_str(p).startswith("image_encoder/blocks/0/") else g, grads)
     a = tx.update(grads, tx.init(params), params)[0]
     b = tx.update(noisy, tx.init(params), params)[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

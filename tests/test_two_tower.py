@@ -170,7 +170,7 @@ def test_loss_assembly_matches_oracle(t3d_model, t3d_loss, batch):
     r_tma = ref.tma_loss(u, np.asarray(model.tma_head.normalized_prototypes()), token_index, batch["boxes"],
                          (2, 2, 2), temperature=0.1, epsilon=0.05, iters=3)[0]
     assert float(metrics["loss_tma"]) == pytest.approx(r_tma, rel=RTOL)
-    assert float(loss) == pytest.approx(r_clip + model.tma_weight * r_tma, rel=RTOL)
+    assert float(loss) == pytest.approx(r_clip + _task_for(model).weight * r_tma, rel=RTOL)
 
 
 def test_padding_tokens_do_not_change_tma(t3d_loss, batch):
@@ -186,15 +186,16 @@ def test_padding_tokens_do_not_change_tma(t3d_loss, batch):
 
 
 def test_prototypes_frozen_for_first_steps(t3d_model):
-    """model.loss takes its prototypes from model.prototypes(step): no gradient while step < 3."""
+    """The t3d task takes its prototypes from task.prototypes(model, step): no gradient while step < 3."""
     graphdef, params, rest = nnx.split(t3d_model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     weights = jnp.asarray(np.random.default_rng(0).standard_normal((8, 32)), jnp.float32)
+    task = _task_for(t3d_model)
 
     @jax.jit
     def grads(params, step):
         def f(p):
-            return jnp.sum(nnx.merge(graphdef, p, rest).prototypes(step) * weights)
+            return jnp.sum(task.prototypes(nnx.merge(graphdef, p, rest), step) * weights)
         return jax.grad(f)(params)["tma_head"]["prototypes"]
 
     for step, frozen in [(0, True), (2, True), (3, False), (10, False)]:

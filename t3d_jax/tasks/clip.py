@@ -5,11 +5,18 @@ Loss: the contrastive objective named by `config.loss.kind` ('clip': symmetric I
 embedding, mean over views, with negatives from the whole global batch
 (`t3d_jax.losses.contrastive`; `config.loss.chunked` never materialises B x B on a device).
 
+Logit scale: the learnable log-scale is clamped to log(`loss.logit_scale_max`) *after each
+optimizer update* (`after_update`, as OpenCLIP does), not inside the loss: a clamp in the
+forward pass zeroes the scale's gradient above the cap, so a scale that Adam's momentum
+carried past it could never come back.
+
 Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_mask`
 [B, L] int32 (V = `data.num_views`, X, Y, Z = `data.view_size`, L = `preprocess.max_len`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +62,20 @@ class ClipTask(Task):
         bias = None if model.logit_bias is None else model.logit_bias[...]
         loss = contrastive.contrastive_loss(
             model.loss_kind, image_emb, text_emb, model.logit_scale[...], bias,
-            max_scale=model.logit_scale_max, chunked=bool(self.config.loss.get("chunked", False)),
+            max_scale=None, chunked=bool(self.config.loss.get("chunked", False)),
             batch_axes=self.batch_axes)
         metrics = {"loss_clip": loss,
-                   "logit_scale": contrastive.effective_scale(model.logit_scale[...], model.logit_scale_max)}
+                   "logit_scale": contrastive.effective_scale(model.logit_scale[...], None)}
         if bias is not None:
             metrics["logit_bias"] = jnp.asarray(bias, jnp.float32)
         return loss, metrics
+
+    def after_update(self, params: dict) -> dict:
+        """Clamps the log-scale to log(loss.logit_scale_max) (see the module docstring)."""
+        cap = self.config.loss.get("logit_scale_max", 100.0)
+        if not cap or "logit_scale" not in params:
+            return params
+        return dict(params, logit_scale=jnp.minimum(params["logit_scale"], math.log(float(cap))))
 
     def loss(self, model, batch, *, step, deterministic=False):
         del step

@@ -43,6 +43,17 @@ class TrainResult:
     preempted: bool = False
 
 
+def default_workdir(config) -> str:
+    """runs/<task>_<variant>_<UTC time>: where a run writes when no --workdir is given. Every
+    process of a job must agree on it, so multi-process jobs must pass --workdir."""
+    if jax.process_count() > 1:
+        from t3d_jax.utils import UserValueError
+        raise UserValueError("--workdir is required when several processes train together "
+                             "(they must all write to the same folder)")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return os.path.join("runs", f"{config.get('task', 'run')}_{config.get('variant', '')}_{stamp}")
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike) -> TrainResult:
     """Trains (or resumes) `config`'s task in `workdir`; every process of a job calls this."""
     check_data_config(config)

@@ -1,0 +1,84 @@
+"""Tasks built by name (t3d_jax/tasks): the registry, the batch contracts, and the clip task's
+logit-scale clamp after each update."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import clip as clip_config
+from configs import t3d as t3d_config
+from t3d_jax import tasks
+from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.train import step as step_lib
+from t3d_jax.utils import UserError
+
+
+def test_tasks_are_built_by_name_and_declare_their_batch_contract():
+    t3d, clip = tasks.get_task(t3d_config.get_config("tiny")), tasks.get_task(clip_config.get_config("tiny"))
+    assert (type(t3d).__name__, type(clip).__name__) == ("T3DTask", "ClipTask")
+    # The clip objective needs no crop boxes; TMA matches tokens across views through them.
+    assert set(clip.batch_spec()) == {"views", "input_ids", "attention_mask"}
+    assert set(t3d.batch_spec()) == {"views", "boxes", "input_ids", "attention_mask"}
+    assert t3d.batch_spec()["boxes"].shape == (8, 2, 2, 3)
+    assert clip.batch_spec()["views"].shape == (8, 1, 16, 16, 16, 1)  # configs/clip.py: one view
+    bad = t3d_config.get_config("tiny")
+    bad.task = "mae"
+    with pytest.raises(UserError, match=r"config.task='mae'.*\['clip', 't3d'\]"):
+        tasks.get_task(bad)
+
+
+def test_batch_axes_come_from_the_sharding_rule():
+    c = t3d_config.get_config("tiny")
+    assert tasks.get_task(c).batch_axes == ("data", "fsdp")
+    c.sharding_rules.batch = ("data",)
+    assert tasks.get_task(c).batch_axes == ("data",)
+
+
+def test_logit_scale_pushed_past_the_cap_comes_back():
+    """With the clamp applied to the parameter after each update (not inside the loss), the
+    loss keeps a gradient on the scale at and above the cap, so a scale pushed past it returns
+    when the loss asks for a lower one (random embeddings: a sharper softmax only costs)."""
+    config = clip_config.get_config("tiny")
+    config.preprocess.max_len = 8
+    config.optim.warmup_steps = 0
+    config.optim.schedule = "constant"
+    config.optim.lr = 1e-2
+    cap = math.log(config.loss.logit_scale_max)
+    task = tasks.get_task(config)
+
+    model = task.build_model(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {k: (rng.integers(1, 100, v.shape) if v.dtype == jnp.int32 else rng.normal(size=v.shape)).astype(v.dtype)
+             for k, v in task.batch_spec().items()}
+    batch["attention_mask"][:] = 1
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def loss_of_scale(scale):
+        m = nnx.merge(graphdef, dict(params, logit_scale=scale), rest)
+        return task.loss(m, batch, step=0)[0]
+
+    grad = float(jax.grad(loss_of_scale)(jnp.float32(cap + 0.5)))
+    assert grad > 0, grad  # the loss asks for a lower scale even above the cap
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        program = step_lib.make_train_program(config, mesh)
+        state = program.init()
+        params = dict(state["params"], logit_scale=jnp.float32(cap + 0.5))
+        state = dict(state, params=jax.device_put(params, program.state_shardings["params"]))
+        gbatch = step_lib.global_batch(batch, program.batch_shardings)
+        scales = []
+        for _ in range(4):
+            state, _ = program.step(state, gbatch)
+            scales.append(float(state["params"]["logit_scale"]))
+    assert scales[0] <= cap + 1e-6, scales  # clamped after the first update
+    assert scales[-1] < scales[0] - 1e-3, scales  # and moving back down, as the loss asks
+    assert all(b < a for a, b in zip(scales, scales[1:])), scales
