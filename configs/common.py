@@ -75,8 +75,7 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.model.image.scan_layers = False
     c.model.image.layer_norm_eps = 1e-6  # 1e-5 to match MONAI-pretrained ViT weights
     c.model.text = ml_collections.ConfigDict()
-    c.model.text.size = "tiny"  # tiny | mini | base, or hf_dir
-    c.model.text.hf_dir = ""  # a local Hugging Face BERT directory
+    c.model.text.size = "tiny"  # tiny | mini | minilm | base; pretrained weights: init_from.hf_bert_dir
     c.model.text.vocab_size = 30522
     c.model.text.max_len = 128
     c.model.text.remat = "none"  # per-layer rematerialisation policy, as model.image.remat

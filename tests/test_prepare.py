@@ -300,3 +300,23 @@ def test_label_names_select_and_order_columns(dataset, bert_vocab, tmp_path, cap
     assert rec["labels"][0] == 0 and math.isnan(rec["labels"][1])  # Emphysema 0; no Lung nodule column
     err = capsys.readouterr().err
     assert "not stored: ['Cardiomegaly']" in err and "unknown (NaN): ['Lung nodule']" in err
+
+
+def test_reports_longer_than_max_len_are_counted_and_reported(dataset, bert_vocab, tmp_path, capsys):
+    """Nothing is cut silently: the count of written reports longer than max_len (against an
+    uncut tokenization of the same reports) is printed and kept in dataset.json."""
+    from t3d_jax.data.tokenizer import WordPieceTokenizer
+
+    out = tmp_path / "short"
+    result = prepare.prepare_dataset(dataset["manifest"], out, preset=TINY, vocab=bert_vocab, max_len=12,
+                                     workers=0, progress=False)
+    whole = WordPieceTokenizer(str(bert_vocab), lowercase=True, max_len=512)
+    reports = [r[2].decode() for r in dataset["rows"][:3]]  # the three written volumes
+    lengths = [int(m.sum()) for m in whole.encode(reports)[1]]
+    expected = sum(n > 12 for n in lengths)
+    assert 0 < expected < 3, lengths  # the fixture has reports on both sides of 12 tokens
+    meta = shards.read_dataset_json(out)["report_tokens"]
+    assert result.truncated == meta["num_truncated"] == expected
+    assert meta["max"] == max(lengths) and meta["max_len"] == 12
+    assert f"{expected} of 3 reports are longer than max_len=12 tokens" in capsys.readouterr().err
+    assert shards.read_dataset_json(dataset["out"])["report_tokens"]["num_truncated"] == 0  # max_len 24

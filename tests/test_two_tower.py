@@ -257,20 +257,6 @@ def test_bfloat16_forward_agrees_with_float32(t3d_model, t3d_loss, batch):
     assert tokens.dtype == jnp.bfloat16  # the compute really ran in bfloat16
 
 
-def test_text_tower_from_hugging_face_dir(minilm_dir):
-    """model.text.hf_dir loads the checkpoint through the converter (whose parity has its own tests)."""
-    from safetensors import safe_open
-
-    c = _config("clip")
-    c.model.text.hf_dir = str(minilm_dir)
-    model = build_model_from_config(c, rngs=nnx.Rngs(6))
-    assert model.text_encoder.cfg.hidden_size == 384 and model.text_proj.kernel.shape == (384, 32)
-    with safe_open(str(minilm_dir / "model.safetensors"), "np") as f:
-        for ours, key in [(model.text_encoder.embeddings.word.embedding, "embeddings.word_embeddings.weight"),
-                          (model.text_encoder.embeddings.position.embedding, "embeddings.position_embeddings.weight")]:
-            np.testing.assert_array_equal(np.asarray(ours[...]), f.get_tensor(key))
-
-
 def test_text_mean_pool_over_non_padding_tokens(batch):
     """model.text.pool='mean': normalize(W_t mean of the hidden states over mask=1), padding ignored."""
     c = _config("clip")

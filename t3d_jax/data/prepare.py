@@ -49,6 +49,7 @@ class PrepareResult:
     written: int
     rejected: int
     splits: dict[str, int]
+    truncated: int = 0  # written reports longer than max_len tokens (their ends are cut)
 
     def summary(self) -> str:
         return f"read {self.read}, written {self.written}, rejected {self.rejected}"
@@ -181,6 +182,15 @@ def _commit(tmp: pathlib.Path, out_dir: pathlib.Path, new_files: list[str], meta
     os.replace(meta_tmp, out_dir / shards.DATASET_JSON)
 
 
+def _report_length_summary(lengths: Sequence[int], max_len: int) -> dict:
+    """Token counts of the written reports (before cutting at max_len), for dataset.json."""
+    arr = np.asarray(lengths, np.int64)
+    if arr.size == 0:
+        return {"num_truncated": 0, "max_len": int(max_len), "max": 0, "mean": 0.0, "p95": 0}
+    return {"num_truncated": int(np.sum(arr > max_len)), "max_len": int(max_len), "max": int(arr.max()),
+            "mean": round(float(arr.mean()), 1), "p95": int(np.percentile(arr, 95))}
+
+
 def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, preset: str | preprocess.Preset = "demo",
                     vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
                     workers: int | None = None, shard_size: int = 64,
@@ -227,8 +237,11 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
             usable.append(row)
 
     tasks = []
+    lengths: dict[str, int] = {}  # id -> tokens of the whole report, [CLS] and [SEP] included
     if usable:
-        ids, mask = tokenizer.encode([row.report for row in usable])
+        reports = [row.report for row in usable]
+        lengths = {row.id: len(toks) + 2 for row, toks in zip(usable, tokenizer.tokenize(reports))}
+        ids, mask = tokenizer.encode(reports)
         ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
         for i, row in enumerate(usable):
             labels = np.array([row.labels.get(name, math.nan) for name in label_names], np.float32)
@@ -236,6 +249,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
 
     _clean_stale_tmp(out_dir)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out_dir))
+    written_ids: list[str] = []
     try:
         writers: dict[str, shards.RollingShardWriter] = {}
         bar = tqdm.tqdm(total=len(rows), initial=len(rows) - len(usable), desc="prepare", unit="vol",
@@ -246,6 +260,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                 if record is None:
                     reject(row, reason)
                 else:
+                    written_ids.append(row.id)
                     if row.split not in writers:
                         writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size)
                     writers[row.split].write(record)
@@ -265,11 +280,18 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")
         new_files.append(shards.ERRORS_JSONL)
         written = sum(w.num_records for w in writers.values())
+        report_tokens = _report_length_summary([lengths[i] for i in written_ids], max_len)
+        if report_tokens["num_truncated"]:
+            print(f"prepare: {report_tokens['num_truncated']} of {written} reports are longer than "
+                  f"max_len={max_len} tokens (longest {report_tokens['max']}, 95th percentile "
+                  f"{report_tokens['p95']}); their ends are cut. Raise --max-len to keep them whole "
+                  f"(docs/data.md, choosing max_len).", file=sys.stderr)
         meta = {
             "preset": preset.to_json(),
             "label_names": label_names,
             "tokenizer": {"vocab": str(vocab_path.resolve()), "lowercase": bool(lowercase),
                           "max_len": int(max_len), "vocab_size": int(tokenizer.vocab_size)},
+            "report_tokens": report_tokens,
             "splits": splits_meta,
             "manifest": str(pathlib.Path(manifest).resolve()),
             "num_read": len(rows),
@@ -281,6 +303,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = PrepareResult(read=len(rows), written=written, rejected=len(errors),
-                           splits={k: v["num_records"] for k, v in splits_meta.items()})
+                           splits={k: v["num_records"] for k, v in splits_meta.items()},
+                           truncated=report_tokens["num_truncated"])
     assert result.read == result.written + result.rejected, result
     return result

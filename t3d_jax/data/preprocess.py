@@ -45,7 +45,7 @@ class VolumeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """How the field preprocesses CT for one method (DESIGN.md §3).
+    """How the field preprocesses CT for one method (docs/data.md, "Presets").
 
     spacing: target mm per voxel (x, y, z), or None to resize the whole volume to ``size``.
     window: HU clip range (lo, hi), or None for per-volume min-max.

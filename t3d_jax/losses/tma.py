@@ -1,4 +1,4 @@
-"""Text-informed Multi-view Alignment (TMA) loss: the project's reading of T3D (DESIGN.md §2).
+"""Text-informed Multi-view Alignment (TMA) loss: the project's reading of T3D (docs/method.md, "TMA").
 
 Inputs are the TMA head's outputs for every view of every example: L2-normalised,
 text-informed token embeddings ``u`` [B, V, N, D] and the normalised prototypes ``C`` [K, D].
@@ -18,7 +18,7 @@ text-informed token embeddings ``u`` [B, V, N, D] and the normalised prototypes 
 4. Swapped prediction over all ordered view pairs (v, w), v != w (hence both directions):
    ``L_tok = -1/|matches| sum_{matches (v,n)->(w,m)} sum_k q_v[n,k] log p_w[m,k]``.
 5. Optional histogram term: ``L_hist = mean_{b, v != w} KL(mean_n q_v || mean_n p_w)``.
-   ``L_tma = L_tok + hist_weight * L_hist``; the model adds ``weight * L_tma`` to the CLIP loss.
+   ``L_tma = L_tok + hist_weight * L_hist``; the t3d task (t3d_jax/tasks/t3d.py) adds ``weight * L_tma`` to the CLIP loss.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TMA head: text injection into patch tokens, projection, and the learnable prototypes.
 
-The project's reading of T3D's Text-informed Multi-view Alignment (DESIGN.md §2, step 1-2):
+The project's reading of T3D's Text-informed Multi-view Alignment (docs/method.md, "TMA", steps 1-2):
 
     H_hat = LN(H + CrossAttn(Q=H, K=S, V=S))       H: patch tokens [N, d], S: report states [L, d_t]
     u_n   = normalize(MLP(H_hat_n))  in R^D        (Linear d->hidden, GELU, Linear hidden->D)

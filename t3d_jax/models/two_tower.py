@@ -45,14 +45,11 @@ _get = cfg_get
 
 
 def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs) -> BertEncoder:
-    """``model.text.hf_dir`` (a local Hugging Face BERT, loaded by the converter) or ``model.text.size``."""
-    hf_dir = _get(text_cfg, "hf_dir", "")
+    """A BERT of ``model.text.size``. Pretrained weights (a local Hugging Face BERT folder) are
+    loaded into it at initialisation by ``init_from.hf_bert_dir`` (t3d_jax/train/pretrained.py),
+    so building the model never reads files (the abstract model, AOT and evaluation need none)."""
     remat = _get(text_cfg, "remat", "none")
     scan_layers = bool(_get(text_cfg, "scan_layers", False))
-    if hf_dir:
-        from t3d_jax.models import convert  # reads torch/safetensors files: import only when used
-
-        return convert.load_hf_bert(hf_dir, dtype=dtype, rngs=rngs, remat=remat, scan_layers=scan_layers)
     max_len = int(_get(text_cfg, "max_len", 128))
     cfg = BertConfig.from_size(_get(text_cfg, "size", "tiny"), vocab_size=int(_get(text_cfg, "vocab_size", 30522)),
                                max_position_embeddings=max(512, max_len), remat=remat,

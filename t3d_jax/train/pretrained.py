@@ -7,10 +7,11 @@ state, one leaf at a time (`jax.device_put` with the leaf's own sharding), so a 
 encoder is never assembled on one device. Used only for a fresh run; a resumed run takes
 everything from its own checkpoint.
 
-Why not `config.model.text.hf_dir`? That builds the encoder *from* the checkpoint inside
-model construction, which the trainer traces under `jit` (the weights would become
-constants of the init program). For training set `model.text.size` to the checkpoint's
-size (e.g. 'minilm', 'base') and point `init_from.hf_bert_dir` at it.
+This is the one way to train from a Hugging Face BERT: set `model.text.size` (and
+`model.text.vocab_size`) to the checkpoint's and point `init_from.hf_bert_dir` at its folder.
+The model itself is always built from its config, never from files: the trainer traces model
+construction under `jit` (weights read there would become constants of the init program), and
+evaluation, export and AOT compiles of the config then need no checkpoint folder.
 """
 
 from __future__ import annotations
