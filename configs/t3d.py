@@ -26,6 +26,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.tma.temperature = 0.1
     c.model.tma.sinkhorn_epsilon = 0.05
     c.model.tma.sinkhorn_iters = 3
+    # Sinkhorn targets from the text-free token embeddings ('visual') or from the same
+    # text-informed ones as the predictions ('text_informed': solvable from the report alone).
+    c.model.tma.targets = "visual"
     c.model.tma.weight = 1.0  # lambda
     c.model.tma.hist_weight = 0.0
     c.model.tma.freeze_prototypes_steps = 0

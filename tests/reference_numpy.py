@@ -127,14 +127,15 @@ def match_tokens(token_index, boxes, grid):
 
 
 def tma_loss(u, prototypes, token_index, boxes, grid, *, temperature, epsilon, iters,
-             hist_weight=0.0, targets=None):
+             hist_weight=0.0, targets=None, target_u=None):
     """TMA loss and gradients w.r.t. u [B,V,N,D] and the (normalised) prototypes [K,D].
 
     L = L_tok + hist_weight * L_hist with
       L_tok  = -1/|P| sum_{(b,v,n,w,n') in P} sum_k q[b,v,n,k] log p[b,w,n',k]
       L_hist = mean_{b, v != w} KL(mean_n q[b,v] || mean_n p[b,w]).
     q (Sinkhorn targets over all B*V*N tokens) is a constant for the gradient; `targets`
-    overrides it (so finite differences can hold q fixed, as the stop-gradient does).
+    overrides it (so finite differences can hold q fixed, as the stop-gradient does);
+    `target_u` [B,V,N,D] (the text-free embeddings) gives the scores the Sinkhorn targets use.
     Returns loss, l_tok, l_hist, d_u, d_prototypes, q, pairs.
     """
     u = np.asarray(u, np.float64)
@@ -144,7 +145,8 @@ def tma_loss(u, prototypes, token_index, boxes, grid, *, temperature, epsilon, i
     scores = u @ protos.T  # [B,V,N,K]
     p = _softmax(scores / temperature, -1)
     logp = np.log(p)
-    q = sinkhorn(scores.reshape(-1, k), epsilon, iters).reshape(scores.shape)
+    target_scores = scores if target_u is None else np.asarray(target_u, np.float64) @ protos.T
+    q = sinkhorn(target_scores.reshape(-1, k), epsilon, iters).reshape(scores.shape)
     if targets is not None:
         q = np.asarray(targets, np.float64)
     pairs = match_tokens(token_index, boxes, grid)

@@ -280,3 +280,25 @@ def test_sharded_equals_single_device(mesh_shape):
     assert_close(s_grads[1], grads[1], rtol=1e-5, what="d prototypes")
     # And the sharded result is the oracle's global-batch loss, not a per-shard average.
     assert_close(s_loss, _oracle(case, 0.3)[0], what="loss vs oracle")
+
+
+def test_text_free_targets_and_collapse_monitors_match_float64():
+    """target_emb: the Sinkhorn targets come from it, the predictions from token_emb; the
+    monitors are the mean target entropy and the perplexity of the mean prediction."""
+    case = _random_case(7)
+    u0 = _normalised(np.random.default_rng(8), *case["u"].shape[:3], case["u"].shape[-1]).astype(np.float32)
+    out = jax.jit(lambda u, c, b, t, u0: tma.tma_loss(u, c, b, case["grid"], t, target_emb=u0, **HYPER))(
+        case["u"], case["protos"], case["boxes"], case["token_index"], u0)
+    expected = ref.tma_loss(case["u"], case["protos"], case["token_index"], case["boxes"], case["grid"],
+                            temperature=HYPER["temperature"], epsilon=HYPER["sinkhorn_epsilon"],
+                            iters=HYPER["sinkhorn_iters"], target_u=u0)
+    assert_close(out.token_loss, expected[1], what="token loss with text-free targets")
+    q = expected[5]
+    assert_close(out.target_entropy, -np.mean(np.sum(q * np.log(q), axis=-1)), what="target entropy")
+    s = case["u"].astype(np.float64) @ case["protos"].astype(np.float64).T / HYPER["temperature"]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).reshape(-1, p.shape[-1]).mean(0)
+    assert_close(out.prototype_perplexity, np.exp(-np.sum(p * np.log(p))), what="prototype perplexity")
+    with pytest.raises(ValueError, match="target_emb must be shaped"):
+        tma.tma_loss(case["u"], case["protos"], case["boxes"], case["grid"], case["token_index"],
+                     target_emb=u0[:, :1], **HYPER)

@@ -104,6 +104,12 @@ def _embed_text(model, ids, mask):
 
 
 @nnx.jit
+def _visual_token_embeddings(model, volume):
+    """u0: the head's text-free token embeddings of one view of every example."""
+    return model.tma_head(model.volume_tokens(volume)["tokens"])
+
+
+@nnx.jit
 def _token_embeddings(model, volume, ids, mask):
     """u for one example's view, computed alone (no batch flattening, no repeat)."""
     states = model.text_encoder(ids, mask)["hidden"]
@@ -166,9 +172,11 @@ def test_loss_assembly_matches_oracle(t3d_model, t3d_loss, batch):
     for b, v in np.ndindex(BATCH, VIEWS):
         u[b, v] = np.asarray(_token_embeddings(model, batch["views"][b:b + 1, v], batch["input_ids"][b:b + 1],
                                                batch["attention_mask"][b:b + 1]))[0]
+    # The Sinkhorn targets come from the text-free embeddings (model.tma.targets='visual').
+    u0 = np.stack([np.asarray(_visual_token_embeddings(model, batch["views"][:, v])) for v in range(VIEWS)], axis=1)
     token_index = np.broadcast_to(np.arange(8), (BATCH, VIEWS, 8))
     r_tma = ref.tma_loss(u, np.asarray(model.tma_head.normalized_prototypes()), token_index, batch["boxes"],
-                         (2, 2, 2), temperature=0.1, epsilon=0.05, iters=3)[0]
+                         (2, 2, 2), temperature=0.1, epsilon=0.05, iters=3, target_u=u0)[0]
     assert float(metrics["loss_tma"]) == pytest.approx(r_tma, rel=RTOL)
     assert float(loss) == pytest.approx(r_clip + _task_for(model).weight * r_tma, rel=RTOL)
 

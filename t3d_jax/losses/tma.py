@@ -1,13 +1,19 @@
 """Text-informed Multi-view Alignment (TMA) loss: the project's reading of T3D (docs/method.md, "TMA").
 
 Inputs are the TMA head's outputs for every view of every example: L2-normalised,
-text-informed token embeddings ``u`` [B, V, N, D] and the normalised prototypes ``C`` [K, D].
+text-informed token embeddings ``u`` [B, V, N, D], optionally text-free ones ``u0`` (the
+same head without the report, ``target_emb``) and the normalised prototypes ``C`` [K, D].
 
 1. Scores ``s = u . C^T``; predictions ``p = softmax(s / temperature)``.
-2. Targets ``q = SinkhornKnopp(exp(s / epsilon))`` with equal prototype mass over *all*
+2. Targets ``q = SinkhornKnopp(exp(s0 / epsilon))``, ``s0 = u0 . C^T`` (``s`` when no
+   ``target_emb`` is given), with equal prototype mass over *all*
    tokens of *all* views of the *global* batch, under ``stop_gradient``. The sums are plain
    ``jnp`` reductions over the global arrays: under ``jax.jit`` with the batch sharded, XLA
    turns them into cross-device all-reduces, so targets equal the single-device ones.
+   Why text-free targets (the default of the t3d task, ``model.tma.targets='visual'``): both
+   views of an example carry the same report, so targets from the text-informed scores can
+   be met from the report alone, without looking at the image (measured, docs/method.md);
+   targets from the image alone make the report a hint, never the answer.
    Computed in the log domain (same fixed point as SwAV's multiplicative form, but no
    under/overflow of ``exp(s / epsilon)`` for small epsilon).
 3. Token matching from the crop boxes: token n of view v sits at full-grid cell g, whose
@@ -37,6 +43,11 @@ class TMAOutput(NamedTuple):
     token_loss: jax.Array
     hist_loss: jax.Array
     matched_fraction: jax.Array  # matched (v, n, w) triples / all (v, n, w != v) triples
+    # Collapse monitors (no gradient): mean entropy of a token's target (ln K = no decision,
+    # 0 = one-hot), and the perplexity of the mean prediction over all tokens (how many
+    # prototypes are in use: K = all evenly, 1 = collapsed onto one).
+    target_entropy: jax.Array
+    prototype_perplexity: jax.Array
 
 
 def sinkhorn_log_targets(scores: jax.Array, epsilon: float, iters: int) -> jax.Array:
@@ -142,10 +153,11 @@ def histogram_loss(q: jax.Array, log_p: jax.Array) -> jax.Array:
 def tma_loss(token_emb: jax.Array, prototypes: jax.Array, boxes: jax.Array,
              grid: Sequence[int], token_index: jax.Array | None = None, *,
              temperature: float = 0.1, sinkhorn_epsilon: float = 0.05, sinkhorn_iters: int = 3,
-             hist_weight: float = 0.0) -> TMAOutput:
+             hist_weight: float = 0.0, target_emb: jax.Array | None = None) -> TMAOutput:
     """TMA loss on token embeddings [B,V,N,D] and normalised prototypes [K,D] (module docstring).
 
     token_index: [B,V,N] full-grid index of each kept token (None = all cells kept in order).
+    target_emb: [B,V,N,D] embeddings the Sinkhorn targets are computed from (None = token_emb).
     """
     batch, views, num_kept, _ = token_emb.shape
     if token_index is None:
@@ -156,10 +168,23 @@ def tma_loss(token_emb: jax.Array, prototypes: jax.Array, boxes: jax.Array,
     scores = jnp.einsum("bvnd,kd->bvnk", token_emb.astype(jnp.float32),
                         prototypes.astype(jnp.float32))
     log_p = jax.nn.log_softmax(scores / temperature, axis=-1)
-    q = sinkhorn_targets(scores, sinkhorn_epsilon, sinkhorn_iters)
+    if target_emb is not None:
+        if target_emb.shape != token_emb.shape:
+            raise ValueError(f"TMA: target_emb must be shaped like token_emb {token_emb.shape}, "
+                             f"got {target_emb.shape}")
+        target_scores = jnp.einsum("bvnd,kd->bvnk", target_emb.astype(jnp.float32),
+                                   prototypes.astype(jnp.float32))
+    else:
+        target_scores = scores
+    q = sinkhorn_targets(target_scores, sinkhorn_epsilon, sinkhorn_iters)
     slot, valid = match_tokens(token_index, boxes, grid)
     token_loss, count = swapped_prediction_loss(q, log_p, slot, valid)
     hist = histogram_loss(q, log_p) if hist_weight else jnp.zeros((), jnp.float32)
     possible = batch * views * max(views - 1, 1) * num_kept
+    mean_p = jnp.mean(jnp.exp(log_p).reshape(-1, log_p.shape[-1]), axis=0)
+    monitors = jax.lax.stop_gradient((
+        -jnp.mean(jnp.sum(q * jnp.log(jnp.maximum(q, 1e-30)), axis=-1)),
+        jnp.exp(-jnp.sum(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30))))))
     return TMAOutput(loss=token_loss + hist_weight * hist, token_loss=token_loss, hist_loss=hist,
-                     matched_fraction=count / possible)
+                     matched_fraction=count / possible, target_entropy=monitors[0],
+                     prototype_perplexity=monitors[1])

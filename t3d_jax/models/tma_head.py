@@ -6,6 +6,8 @@ The project's reading of T3D's Text-informed Multi-view Alignment (docs/method.m
     u_n   = normalize(MLP(H_hat_n))  in R^D        (Linear d->hidden, GELU, Linear hidden->D)
     C     = normalize(prototypes)    [K, D]        (normalised in the forward pass, as SwAV)
 
+Called without report states, the head skips the injection (H_hat = LN(H)): the text-free
+token embeddings the t3d task computes its Sinkhorn targets from (docs/method.md, TMA step 3).
 Padding tokens of the report are masked out of the attention (``text_mask``). The head keeps
 its own residual + LayerNorm (post-LN, like BERT's cross-attention layers) so the ViT's token
 states are not altered for the CLIP branch. Weights are float32; compute runs in ``dtype``;
@@ -29,7 +31,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
 
 
 class TMAHead(nnx.Module):
-    """``__call__(patch_tokens [B,N,d], text_states [B,L,d_t], text_mask [B,L]) -> u [B,N,D]``."""
+    """``__call__(patch_tokens [B,N,d], text_states [B,L,d_t] | None, text_mask [B,L]) -> u [B,N,D]``."""
 
     def __init__(self, image_width: int, text_width: int, embed_dim: int, num_prototypes: int, *,
                  num_heads: int, mlp_dim: int | None = None, layer_norm_eps: float = 1e-6,
@@ -49,8 +51,10 @@ class TMAHead(nnx.Module):
         """C = prototypes / ||prototypes|| (float32 [K, D])."""
         return l2_normalize(self.prototypes[...])
 
-    def __call__(self, patch_tokens: jax.Array, text_states: jax.Array,
+    def __call__(self, patch_tokens: jax.Array, text_states: jax.Array | None = None,
                  text_mask: jax.Array | None = None) -> jax.Array:
+        if text_states is None:  # text-free: the same projection of the image's own tokens
+            return l2_normalize(self.fc2(jax.nn.gelu(self.fc1(self.norm(patch_tokens)), approximate=False)))
         if patch_tokens.ndim != 3 or text_states.ndim != 3 or patch_tokens.shape[0] != text_states.shape[0]:
             raise ValueError(f"TMAHead expects patch tokens [B,N,d] and text states [B,L,d_t], got "
                              f"{patch_tokens.shape} and {text_states.shape}")

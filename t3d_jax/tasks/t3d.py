@@ -5,7 +5,11 @@
 L_tma (`t3d_jax.losses.tma`): the TMA head injects the report into every view's patch
 tokens; tokens are scored against K learnable prototypes; Sinkhorn-Knopp targets over the
 global batch; swapped prediction between tokens of two views that cover the same point of
-the volume (matched through the crop boxes). Prototypes get no gradient for the first
+the volume (matched through the crop boxes). `model.tma.targets`: 'visual' (default) takes
+the targets from the head's text-free token embeddings, so the loss cannot be met from the
+report alone (both views carry the same report); 'text_informed' takes them from the same
+text-informed embeddings as the predictions (the reading that can be solved without the
+image, kept for comparison). Prototypes get no gradient for the first
 `model.tma.freeze_prototypes_steps` steps.
 
 Batch contract: the `clip` task's plus `boxes` [B, V, 2, 3] float32, each view's crop box in
@@ -19,6 +23,9 @@ import jax.numpy as jnp
 
 from t3d_jax.losses import tma as tma_loss_lib
 from t3d_jax.tasks.clip import ClipTask
+from t3d_jax.utils import UserValueError
+
+TARGETS = ("visual", "text_informed")
 
 
 class T3DTask(ClipTask):
@@ -33,6 +40,9 @@ class T3DTask(ClipTask):
         self.epsilon = float(tma.get("sinkhorn_epsilon", 0.05))
         self.iters = int(tma.get("sinkhorn_iters", 3))
         self.freeze_prototypes_steps = int(tma.get("freeze_prototypes_steps", 0))
+        self.targets = str(tma.get("targets", "visual"))
+        if self.targets not in TARGETS:
+            raise UserValueError(f"config.model.tma.targets={self.targets!r}: choose one of {TARGETS}")
 
     def batch_spec(self):
         spec = super().batch_spec()
@@ -60,11 +70,16 @@ class T3DTask(ClipTask):
         mask = jnp.repeat(jnp.asarray(batch["attention_mask"]), v, axis=0)
         token_emb = model.tma_head(image["tokens"], jnp.repeat(text_states, v, axis=0), mask)
         n = token_emb.shape[1]
+        target_emb = None
+        if self.targets == "visual":
+            target_emb = model.tma_head(image["tokens"]).reshape(b, v, n, -1)
         out = tma_loss_lib.tma_loss(
             token_emb.reshape(b, v, n, -1), self.prototypes(model, step), jnp.asarray(batch["boxes"]),
             image["grid"], image["token_index"].reshape(b, v, n), temperature=self.temperature,
-            sinkhorn_epsilon=self.epsilon, sinkhorn_iters=self.iters, hist_weight=self.hist_weight)
+            sinkhorn_epsilon=self.epsilon, sinkhorn_iters=self.iters, hist_weight=self.hist_weight,
+            target_emb=target_emb)
         loss = loss_clip + self.weight * out.loss
         metrics.update(loss=loss, loss_tma=out.loss, loss_tma_tok=out.token_loss, loss_tma_hist=out.hist_loss,
-                       tma_matched_fraction=out.matched_fraction)
+                       tma_matched_fraction=out.matched_fraction, tma_target_entropy=out.target_entropy,
+                       tma_prototype_perplexity=out.prototype_perplexity)
         return loss, metrics
