@@ -45,6 +45,10 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.data.prefetch_buffer_size = 2
     c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without
     c.data.label_names = CT_RATE_LABELS
+    # When data.dir holds no prepared data: make this many synthetic volumes and prepare them
+    # there first (0 = never; the demo variant sets it, so a fresh clone trains out of the box).
+    c.data.synthetic_if_missing = 0
+    c.data.synthetic_seed = 0
 
     # --- Preprocessing (prepare_data.py and export use the same) ---------------------
     c.preprocess = ml_collections.ConfigDict()
@@ -205,6 +209,7 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.checkpoint.keep = 10
     elif variant == "demo":  # this 2-core CPU, a few minutes
         c.data.dir = "demo_out/prepared"
+        c.data.synthetic_if_missing = 200
         c.data.view_size = (32, 32, 32)
         c.data.worker_count = 0
         # 154 training volumes and 300 steps: with 50-100% crops and intensity jitter the

@@ -43,9 +43,11 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            local_device_count=FLAGS.cpu_devices)
     import jax
-    from t3d_jax.data.prepared import check_data_config
+    from t3d_jax.data.prepared import check_data_config, make_synthetic_if_missing
     from t3d_jax.train.loop import default_workdir, train_and_evaluate
 
+    if jax.process_index() == 0 and jax.process_count() == 1:
+        make_synthetic_if_missing(FLAGS.config)
     check_data_config(FLAGS.config)
     workdir = FLAGS.workdir or default_workdir(FLAGS.config)
     logging.info("JAX %s: %d process(es), %d devices (%s); workdir %s", jax.__version__,

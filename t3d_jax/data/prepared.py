@@ -2,7 +2,10 @@
 
 Training, evaluation and export all start here: `check_data_config` says how to get the
 data when the folder is missing, `sync_config_with_data` lets the shapes the data really
-has (token length, label names) win over the config.
+has (token length, label names) win over the config. `make_synthetic_if_missing` builds the
+embedded synthetic data set once when a config asks for it (`data.synthetic_if_missing`,
+the demo variant), so `python launch/train.py --config=configs/t3d.py` trains on a fresh
+clone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,36 @@ def check_data_config(config) -> pathlib.Path:
             f"config.data.dir={data_dir}: no dataset.json there; prepare the data with "
             f"launch/prepare_data.py --out {data_dir} ... (the demo's data: `make demo`)")
     return pathlib.Path(data_dir)
+
+
+def make_synthetic_if_missing(config, *, progress: bool = True) -> bool:
+    """Writes `data.synthetic_if_missing` synthetic volumes next to `data.dir` and prepares them
+    into `data.dir` when it holds no prepared data (0 = never). True when it made the data.
+
+    The raw volumes go to `<data.dir>/../raw` (kept, so a rerun after a failed prepare does not
+    redraw them); the prepared folder is complete only when its dataset.json exists, so an
+    interrupted run starts again here on the next launch.
+    """
+    num = int(config.data.get("synthetic_if_missing", 0) or 0)
+    data_dir = config.data.get("dir", "")
+    if num <= 0 or not data_dir or has_dataset(data_dir):
+        return False
+    from t3d_jax.data import prepare, synthetic
+
+    out = pathlib.Path(data_dir)
+    raw = out.parent / "raw"
+    seed = int(config.data.get("synthetic_seed", 0))
+    print(f"{out}: no prepared data; making the embedded synthetic data set once: {num} chest CTs "
+          f"(seed {seed}) in {raw}, prepared into {out}", flush=True)
+    manifest = raw / "manifest.csv"
+    if not manifest.is_file():
+        synthetic.write_dataset(raw, num, seed, size="demo", progress=progress)
+    result = prepare.prepare_dataset(manifest, out, preset=config.preprocess.preset,
+                                     vocab=config.preprocess.get("vocab", "") or None,
+                                     lowercase=bool(config.preprocess.get("lowercase", True)),
+                                     max_len=int(config.preprocess.max_len), progress=progress)
+    print(f"{out}: {result.summary()}", flush=True)
+    return True
 
 
 def sync_config_with_data(config) -> ml_collections.ConfigDict:
