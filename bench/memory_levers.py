@@ -3,25 +3,38 @@ r"""Memory levers for `base`, each measured by the compiled step's memory analys
   python bench/memory_levers.py [--topology v5e:2x2] [--global_batch 16] [--results bench/results/aot] \
       [--levers default,remat_none,...] [--out bench_memory_levers.json]
 
-Each lever is `configs/t3d.py:base` with one change, compiled ahead of time for the TPU
-topology by `launch/aot_compile.py` (a child process per lever: the compiles are heavy and
-independent). A lever whose report already exists in --results (same topology, same
-overrides) is read instead of recompiled, so the table can be rebuilt from the committed
-reports. `base` itself is: bfloat16 compute, full remat of the ViT blocks, every chip on the
-`fsdp` axis, patch dropout 0, no gradient accumulation, unrolled layers; the global batch is
-`--global_batch` (the per-chip batch is what sets the activation memory, so a small topology
-at the same per-chip batch answers for a pod in far less compile time).
+Each lever is `configs/t3d.py:base` with one change, written as the `--config.KEY=VALUE`
+flags `launch/aot_compile.py` takes, compiled ahead of time for the TPU topology by the
+library behind it (`t3d_jax.train.aot.compile_train_step`, in this process, one lever after
+the other); each report records the equivalent `launch/aot_compile.py` command. A lever
+whose report already exists in --results (same topology, same overrides) is read instead of
+recompiled, so the table can be rebuilt from the committed reports. `base` itself is:
+bfloat16 compute, full remat of the ViT blocks, every chip on the `fsdp` axis, patch dropout
+0, no gradient accumulation, unrolled layers; the global batch is `--global_batch` (the
+per-chip batch is what sets the activation memory, so a small topology at the same per-chip
+batch answers for a pod in far less compile time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
-import subprocess
 import sys
 
+# Compile-only TPU devices: never attach a real accelerator (set before jax is imported).
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `configs`, imported by the config file
+
+import jax  # noqa: E402
+
+from t3d_jax.train import aot  # noqa: E402
+from t3d_jax.utils import UserError  # noqa: E402
+
+CONFIG = "configs/t3d.py:base"
 GIB = 1024**3
 
 # name -> (what it changes, overrides of configs/t3d.py:base); topology-independent.
@@ -61,6 +74,19 @@ def lever_args(lever: str, global_batch: int) -> list[str]:
     return [f"--config.train.global_batch_size={global_batch * factor}", *args]
 
 
+def load_config(overrides: list[str]):
+    """`CONFIG` with `--config.KEY=VALUE` overrides, parsed exactly as launch/aot_compile.py
+    parses its command line (ml_collections' config flag, on a flag set of its own)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["memory_levers", f"--config={ROOT / CONFIG}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
 def compile_lever(topology: str, lever: str, results: pathlib.Path, global_batch: int) -> dict:
     path = results / report_name(topology, lever, global_batch)
     overrides = lever_args(lever, global_batch)
@@ -68,13 +94,12 @@ def compile_lever(topology: str, lever: str, results: pathlib.Path, global_batch
         report = json.loads(path.read_text())
         if report.get("lever_overrides") == overrides:
             return report
-    cmd = [sys.executable, str(ROOT / "launch" / "aot_compile.py"), "--config=configs/t3d.py:base",
-           f"--topology={topology}", *overrides, f"--out={path}"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"lever {lever}: aot_compile failed:\n{proc.stderr[-3000:]}")
-    report = json.loads(path.read_text())
+    command = " ".join(["python", "launch/aot_compile.py", f"--config={CONFIG}", f"--topology={topology}",
+                        *overrides, f"--out={path}"])
+    print("$", command, flush=True)
+    report = aot.compile_train_step(load_config(overrides), topology)
+    jax.clear_caches()  # the next lever compiles a new program; keep the host memory of one
+    report["command"] = command
     report["lever_overrides"] = overrides
     path.write_text(json.dumps(report, indent=2))
     return report
@@ -124,7 +149,7 @@ def main(argv=None) -> None:
             parser.error(f"unknown lever {lever!r}; choose from {sorted(LEVERS)}")
         try:
             rows.append((lever, compile_lever(args.topology, lever, results, args.global_batch)))
-        except RuntimeError as err:
+        except UserError as err:  # e.g. a lever whose batch or mesh the topology cannot take
             print(f"{lever}: {err}", file=sys.stderr)
     print(table(rows))
     pathlib.Path(args.out).write_text(json.dumps({lever: r for lever, r in rows}, indent=2))

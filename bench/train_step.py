@@ -7,9 +7,10 @@ The step is the trainer's own (`t3d_jax.train.step.make_train_program`: the jitt
 step `launch/train.py` runs) on one CPU device, fed a synthetic batch of the data contract's
 shapes (numbers do not change the FLOPs). FLOPs per step come from XLA's cost analysis of the
 compiled step; MFU = FLOPs / step time / peak, where the peak is a float32 2048^3 matmul
-measured by this script in the same run (best of several), i.e. what XLA:CPU itself reaches on
-the op the step is made of. Every config runs in float32 (XLA:CPU's bf16 path is slower);
-`small` is a GPU config and gets a smaller global batch here so a step takes seconds.
+measured in the same run (best of several, `t3d_jax.train.metrics.measure_peak_flops`, the
+trainer's own measurement), i.e. what XLA:CPU itself reaches on the op the step is made of.
+Every config runs in float32 (XLA:CPU's bf16 path is slower); `small` is a GPU config and
+gets a smaller global batch here so a step takes seconds.
 
 The machine is shared: the load average is recorded next to the figures, and the step time
 is the median of the timed steps.
@@ -34,6 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from t3d_jax.train.metrics import measure_peak_flops  # noqa: E402
+
 # Per-config settings for this CPU bench (batch sizes chosen so a step takes < ~10 s here).
 BENCH_OVERRIDES = {
     "tiny": {"model.dtype": "float32"},
@@ -41,20 +44,9 @@ BENCH_OVERRIDES = {
     "small": {"model.dtype": "float32", "train.global_batch_size": 8},
 }
 DEFAULT_STEPS = {"tiny": 20, "demo": 10, "small": 5}
-
-
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted n^3 matmul on the default device (the MFU denominator)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+# The MFU denominator: best of PEAK_REPEATS float32 PEAK_N^3 matmuls (the trainer's own
+# measurement, t3d_jax.train.metrics.measure_peak_flops, at the size the figures were taken).
+PEAK_N, PEAK_REPEATS = 2048, 5
 
 
 def load_config(name: str, overrides: dict[str, object]):
@@ -106,14 +98,15 @@ class JaxTrainStep:
         config.mesh.shape = (1, 1)
         devices = jax.local_devices()[:1]
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
-        jax.set_mesh(self.mesh)
         self.config = config
-        self.program = step_lib.make_train_program(config, self.mesh)
-        t0 = time.perf_counter()
-        self.compiled = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
-        self.compile_s = time.perf_counter() - t0
+        with jax.set_mesh(self.mesh):  # as the loop does: the loss's shard_map reads it at trace time
+            self.program = step_lib.make_train_program(config, self.mesh)
+            t0 = time.perf_counter()
+            self.compiled = self.program.step.lower(self.program.abstract_state,
+                                                    self.program.abstract_batch).compile()
+            self.compile_s = time.perf_counter() - t0
+            self.state = self.program.init()
         self.flops = step_lib.flops_per_step(self.compiled)
-        self.state = self.program.init()
         batch = synthetic_batch(config, np.random.default_rng(0))
         self.batch = step_lib.global_batch(batch, self.program.batch_shardings)
         self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
@@ -196,17 +189,18 @@ def _timed(fn, *args, repeats: int) -> float:
 def breakdown(name: str, overrides: dict, peak: float, repeats: int = 5) -> list[dict]:
     """Where the step's time goes: each part jitted alone (fwd+bwd), timed, with XLA's FLOPs.
 
-    Parts: image encoder on all views, text encoder, the whole model loss (both encoders,
+    Parts: image encoder on all views, text encoder, the task's whole loss (both encoders,
     projections, contrastive + TMA), and the full train step (loss + AdamW + guards); the
     difference between the last two is the optimizer/bookkeeping share.
     """
     from flax import nnx
 
-    from t3d_jax.models import build_model_from_config
+    from t3d_jax import tasks
 
     config = load_config(name, {**BENCH_OVERRIDES.get(name, {}), **overrides})
     full = JaxTrainStep(config)
-    model = build_model_from_config(config, rngs=nnx.Rngs(0))
+    task = tasks.get_task(config)
+    model = task.build_model(nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config, np.random.default_rng(0)).items()}
     b, v = batch["views"].shape[:2]
     views = batch["views"].reshape(b * v, *batch["views"].shape[2:])
@@ -229,7 +223,7 @@ def breakdown(name: str, overrides: dict, peak: float, repeats: int = 5) -> list
     t, f = part(lambda m, i, a: jnp.sum(m(i, a, deterministic=False)["hidden"][:, 0]), model.text_encoder,
                 batch["input_ids"], batch["attention_mask"])
     rows.append(("text encoder fwd+bwd", t, f))
-    t, f = part(lambda m, bt: m.loss(bt, step=0, deterministic=False)[0], model, batch)
+    t, f = part(lambda m, bt: task.loss(m, bt, step=0, deterministic=False)[0], model, batch)
     rows.append(("model loss fwd+bwd (all)", t, f))
     step_t = statistics.median(full() for _ in range(repeats))
     rows.append(("train step (loss + AdamW + guards)", step_t, full.flops))
@@ -365,9 +359,9 @@ def main(argv=None) -> dict:
         extra.setdefault(cfg_name, {})[key] = value
 
     info = machine_info()
-    peak = measure_matmul_peak()
+    peak = measure_peak_flops(PEAK_N, seconds=0, repeats=PEAK_REPEATS)
     print(f"{info['cpu']} ({info['cpu_count']} cores), load {info['loadavg_start']}; "
-          f"float32 2048^3 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+          f"float32 {PEAK_N}^3 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for name in names:
         row = bench_config(name, args.steps or DEFAULT_STEPS.get(name, 10), extra.get(name, {}), peak)
@@ -382,7 +376,7 @@ def main(argv=None) -> dict:
     if args.compare:
         for name in names:
             variants += compare_variants(name, args.steps or DEFAULT_STEPS.get(name, 10), extra.get(name, {}), peak)
-    peak_end = measure_matmul_peak()
+    peak_end = measure_peak_flops(PEAK_N, seconds=0, repeats=PEAK_REPEATS)
     header = f"{'config':8} {'batch':>5} {'views':>14} {'params':>8} {'step ms':>9} {'ex/s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'MFU':>6}"
     print(header)
     for r in rows:
@@ -412,7 +406,8 @@ def main(argv=None) -> dict:
     result = {"machine": {**info, "loadavg_end": os.getloadavg()}, "breakdown": parts, "profiles": profiles,
               "variants": variants,
               "peak_flops_per_s": peak, "peak_flops_per_s_end": peak_end,
-              "peak_definition": "best of 5 jitted float32 2048x2048x2048 matmuls, same process",
+              "peak_definition": f"best of {PEAK_REPEATS} jitted float32 {PEAK_N}x{PEAK_N}x{PEAK_N} matmuls, "
+                                 "same process (t3d_jax.train.metrics.measure_peak_flops)",
               "command": " ".join(["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2))

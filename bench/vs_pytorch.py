@@ -6,9 +6,9 @@ PyTorch side (torch==2.13.0 CPU): MONAI's 3D `ViT` (conv patch embedding, sin-co
 table, pre-LN blocks, qkv bias) + a randomly initialised `transformers.BertModel` (SDPA
 attention, dropout 0.1 as BERT's defaults) + linear projections + the symmetric CLIP loss with
 a learnable, clamped logit scale + AdamW with global-norm clipping: the CT-CLIP recipe. Our
-side: the trainer's compiled step (`make_train_program`) for `model.name=clip` with the same
-widths, depths, heads, MLP sizes, patch size, view size, views per example, token length,
-batch, AdamW settings and clipping. Both in float32 (this CPU's fast path for XLA; PyTorch's
+side: the trainer's compiled step (`make_train_program`) for the `clip` task and model with
+the same widths, depths, heads, MLP sizes, patch size, view size, views per example, token
+length, batch, AdamW settings and clipping. Both in float32 (this CPU's fast path for XLA; PyTorch's
 is bf16, but mixing precisions would compare different computations).
 
 Timing: both steps run INTERLEAVED in this one process (jax step, torch step, jax step, ...)
@@ -43,15 +43,15 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-# Cases: a config of configs/t3d.py with the CLIP objective, float32, and a CPU-sized batch.
+# Cases: a config of configs/t3d.py with the CLIP task and model (two views kept), float32,
+# and a CPU-sized batch.
+CLIP = {"task": "clip", "model.name": "clip", "model.dtype": "float32"}
 CASES = {
-    "demo": {"config": "demo", "overrides": {"model.name": "clip", "model.dtype": "float32"}},
-    "small": {"config": "small", "overrides": {"model.name": "clip", "model.dtype": "float32",
-                                               "train.global_batch_size": 4}},
+    "demo": {"config": "demo", "overrides": {**CLIP}},
+    "small": {"config": "small", "overrides": {**CLIP, "train.global_batch_size": 4}},
     # The same model with its blocks stacked and run by nnx.scan (same parameters and math;
     # XLA:CPU then fuses the backward far better at depth, docs/performance.md).
-    "small_scan": {"config": "small", "overrides": {"model.name": "clip", "model.dtype": "float32",
-                                                    "train.global_batch_size": 4,
+    "small_scan": {"config": "small", "overrides": {**CLIP, "train.global_batch_size": 4,
                                                     "model.image.scan_layers": True,
                                                     "model.text.scan_layers": True}},
 }
@@ -154,7 +154,9 @@ class TorchCLIPStep:
         return time.perf_counter() - t0
 
 
-def measure_torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def measure_torch_matmul_peak(n: int, repeats: int) -> float:
+    """PyTorch's counterpart of `t3d_jax.train.metrics.measure_peak_flops`: the best of
+    `repeats` float32 n^3 matmuls, each framework's MFU measured against its own."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -276,14 +278,17 @@ def main(argv=None) -> dict | None:
         return None
 
     import torch
-    from train_step import machine_info, measure_matmul_peak
+    from train_step import PEAK_N, PEAK_REPEATS, machine_info
+
+    from t3d_jax.train.metrics import measure_peak_flops
 
     info = machine_info()
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     info["cores_allowed"] = sorted(os.sched_getaffinity(0))
-    jax_peak, torch_peak = measure_matmul_peak(), measure_torch_matmul_peak()
-    print(f"{info['cpu']} ({info['cpu_count']} cores), load {info['loadavg_start']}; float32 2048^3 matmul: "
+    jax_peak = measure_peak_flops(PEAK_N, seconds=0, repeats=PEAK_REPEATS)
+    torch_peak = measure_torch_matmul_peak(PEAK_N, PEAK_REPEATS)
+    print(f"{info['cpu']} ({info['cpu_count']} cores), load {info['loadavg_start']}; float32 {PEAK_N}^3 matmul: "
           f"JAX {jax_peak / 1e9:.1f} GFLOP/s, PyTorch {torch_peak / 1e9:.1f} GFLOP/s")
     rows = []
     for name in names:

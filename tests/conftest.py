@@ -168,25 +168,22 @@ def _no_leaked_global_mesh():
         pytest.fail("the test left a global mesh set: use `with jax.set_mesh(mesh):`")
 
 
-# --- launch/aot_compile.py as a module (tests/test_aot.py, tests/test_mesh.py) ---------------
+# --- t3d_jax.train.aot (tests/test_aot.py, tests/test_mesh.py) -------------------------------
 @pytest.fixture(scope="session")
 def aot():
-    import importlib.util
+    from t3d_jax.train import aot
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "launch" / "aot_compile.py"
-    spec = importlib.util.spec_from_file_location("aot_compile", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["aot_compile"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return aot
 
 
 @pytest.fixture(scope="session")
 def aot_tpu(aot):
     """The module with libtpu loaded: the `aot` extra, which `make test` installs, so a missing
     libtpu is a broken environment, not a reason to skip."""
+    from t3d_jax.utils import UserError
+
     try:
         aot.ensure_libtpu()
-    except RuntimeError as err:
+    except UserError as err:
         pytest.fail(str(err))
     return aot

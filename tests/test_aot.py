@@ -1,25 +1,26 @@
-"""launch/aot_compile.py: topology parsing, compile-only TPU devices, hybrid (multi-slice) mesh,
-and the memory / FLOP figures it reports, checked against quantities known in closed form.
+"""t3d_jax.train.aot (behind launch/aot_compile.py): topology parsing, compile-only TPU
+devices, hybrid (multi-slice) mesh, and the memory / FLOP figures it reports, checked against
+quantities known in closed form.
 
 Compiles small functions (seconds), never the `base` model (minutes; that is the tool's job,
 not a test). Needs libtpu (compile-only use works on a CPU machine): `pip install
-libtpu==0.0.42.1`, the version jax 0.10.2's [tpu] extra pins; without it the module is
-skipped with that install line as the reason.
+libtpu==0.0.42.1`, the version jax 0.10.2's [tpu] extra pins, which the `aot` extra installs;
+without it the `aot_tpu` fixture fails with that install line.
 """
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
+from t3d_jax.utils import UserValueError
 
 
 def test_parse_topology_accepts_known_chips_and_rejects_the_rest(aot):
     assert aot.parse_topology("v5e:16x16") == ("v5e", (16, 16))
     assert aot.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
     for bad in ("v5e", "v9:2x2", "v5e:16", "tpu-v4-32", "v4:4x4x"):
-        with pytest.raises(ValueError, match="--topology"):
+        with pytest.raises(UserValueError, match="topology"):
             aot.parse_topology(bad)
 
 
@@ -49,7 +50,7 @@ def test_hybrid_mesh_puts_slices_on_the_data_axis(aot_tpu):
     # each row of the data axis is one whole slice: fsdp collectives never cross DCN
     assert (slices == np.arange(2)[:, None]).all()
     bad = ml_collections.ConfigDict({"shape": (1, -1), "axes": ("data", "fsdp")})
-    with pytest.raises(ValueError, match="multiple of the slice count"):
+    with pytest.raises(UserValueError, match="multiple of the slice count"):
         aot_tpu.make_topology_mesh(bad, devices, num_slices=2)
 
 
@@ -93,5 +94,20 @@ def test_topology_mesh_is_the_trainers_mesh(aot_tpu):
     trainer = mesh_lib.make_mesh(cfg, devices)
     assert mesh.shape == trainer.shape
     assert [d.id for d in mesh.devices.flat] == [d.id for d in trainer.devices.flat]
-    with pytest.raises(ValueError, match="--num_slices=1 but the topology's devices span 2 slices"):
+    with pytest.raises(UserValueError, match="num_slices=1 but the topology's devices span 2 slices"):
         aot_tpu.make_topology_mesh(cfg, devices, num_slices=1)
+
+
+def test_launcher_reports_a_user_error_on_one_line():
+    """launch/aot_compile.py is flags -> t3d_jax.train.aot -> print; a bad topology is one line
+    on stderr and a non-zero exit, not a traceback (it fails before libtpu or any compile)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "launch/aot_compile.py", "--config=configs/t3d.py:tiny",
+                           "--topology=v9:2x2"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch/aot_compile.py: topology 'v9:2x2'"), proc.stderr

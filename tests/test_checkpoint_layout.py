@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grain._src.core import sharding as grain_sharding
 
+from t3d_jax.data import iterator_state
 from t3d_jax.data.pipeline import train_iterator
 from t3d_jax.train import checkpoint as ckpt_lib
 
@@ -68,7 +69,7 @@ def test_resume_with_two_processes_from_a_one_process_checkpoint(
         manager.wait_until_finished()
     expected_next = next(one)
     data_dir = tmp_path / "ckpt" / str(SAVED_STEP) / ckpt_lib.DATA
-    assert [f.name for f in data_dir.glob("process_*.json")] == ["process_0-of-1.json"]
+    assert [f.name for f in data_dir.glob(iterator_state.STATE_FILE_GLOB)] == ["process_0-of-1.json"]
 
     # Two processes: each restores the state and continues with its half of that batch.
     half = GLOBAL_BATCH // 2

@@ -1,7 +1,7 @@
 """t3d_jax.train.mesh.make_mesh: one slice (the 8 fake CPU devices) and TPU multi-slice.
 
 Multi-slice uses libtpu's compile-only devices of two v5e:2x2 slices (8 chips, `slice_index`
-0 and 1; no TPU needed, see launch/aot_compile.py): the trainer's own `make_mesh` must put
+0 and 1; no TPU needed, see t3d_jax.train.aot): the trainer's own `make_mesh` must put
 every slice on its own indices of the first ('data') axis, keep 'fsdp' (and 'tensor')
 inside one slice, refuse a first axis that the slice count does not divide, and the real
 `tiny` train step must compile for that mesh. libtpu is the `aot` extra that `make test`
@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.utils import UserValueError
 
 from test_train_optim import load_config
 
@@ -30,7 +31,7 @@ def mesh_config(shape, axes=("data", "fsdp")) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope="module")
 def two_slices(aot_tpu):
-    """Compile-only devices of 2 x v5e:2x2 (4 chips per slice), via launch/aot_compile.py."""
+    """Compile-only devices of 2 x v5e:2x2 (4 chips per slice), via t3d_jax.train.aot."""
     devices = aot_tpu.topology_devices("v5e:2x2", num_slices=2)
     assert sorted({d.slice_index for d in devices}) == [0, 1] and len(devices) == 8
     return devices
@@ -50,9 +51,9 @@ def test_single_slice_cpu_mesh_is_jax_make_mesh(shape, expected):
 
 
 def test_single_slice_bad_shapes_name_the_config_key():
-    with pytest.raises(ValueError, match=r"config.mesh.shape=\(3, -1\)"):
+    with pytest.raises(UserValueError, match=r"config.mesh.shape=\(3, -1\)"):
         mesh_lib.make_mesh(mesh_config((3, -1)))
-    with pytest.raises(ValueError, match=r"config.mesh.axes"):
+    with pytest.raises(UserValueError, match=r"config.mesh.axes"):
         mesh_lib.make_mesh(mesh_config((2, 2, 2)))
 
 
@@ -81,7 +82,7 @@ def test_two_slices_split_only_the_data_axis(two_slices, shape, axes, expected):
 
 def test_two_slices_first_axis_not_a_multiple_is_a_clear_error(two_slices):
     for shape in ((1, -1), (-1, 8)):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(UserValueError) as err:
             mesh_lib.make_mesh(mesh_config(shape), two_slices)
         message = str(err.value)
         assert f"config.mesh.shape={shape}" in message

@@ -1,4 +1,5 @@
-"""Resuming with another `data.worker_count` (t3d_jax.train.checkpoint.restore).
+"""Resuming with another `data.worker_count` (t3d_jax.train.checkpoint.restore, with grain's
+state layout from t3d_jax.data.iterator_state).
 
 The checkpoint's data item is the Grain iterator state, whose shape depends on the number of
 read-worker processes (0: in-process, N: grain's round robin over N workers). Saved with one
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from test_checkpoint_layout import data_config, manager_for, use_process_layout
 
+from t3d_jax.data import iterator_state
 from t3d_jax.data.pipeline import train_iterator
 from t3d_jax.train import checkpoint as ckpt_lib
 
@@ -60,9 +62,10 @@ def test_resume_with_another_worker_count_continues_the_same_batches(
     state, abstract = train_state()
     ckpt_dir = tmp_path / "ckpt"
     expected = save_after_steps(data_config(tiny_prepared_dir, old_workers), ckpt_dir, state)
-    saved = json.loads((ckpt_dir / str(SAVED_STEP) / ckpt_lib.DATA / "process_0-of-1.json").read_text())
-    assert ckpt_lib.reader_worker_count(saved) == old_workers  # the two state shapes
-    assert ckpt_lib.batches_read(saved) == SAVED_STEP
+    saved = iterator_state.read_state(
+        ckpt_dir / str(SAVED_STEP) / ckpt_lib.DATA / iterator_state.state_file_name(0, 1))
+    assert iterator_state.reader_worker_count(saved) == old_workers  # the two state shapes
+    assert iterator_state.batches_read(saved) == SAVED_STEP
 
     resumed = train_iterator(data_config(tiny_prepared_dir, new_workers),
                              global_batch_size=GLOBAL_BATCH, seed=SEED)
@@ -116,7 +119,7 @@ def test_unconvertible_position_is_a_clear_error_and_moves_nothing(tiny_prepared
         for step in (SAVED_STEP - 1, SAVED_STEP):
             ckpt_lib.save(manager, step, state, it, force=True)
         manager.wait_until_finished()
-    data_file = ckpt_dir / str(SAVED_STEP) / ckpt_lib.DATA / "process_0-of-1.json"
+    data_file = ckpt_dir / str(SAVED_STEP) / ckpt_lib.DATA / iterator_state.state_file_name(0, 1)
     data_file.write_text(json.dumps({
         "next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
         "iterators_in_use_states": [{"next_index": 2}, {"next_index": 1}], "exhausted": [1, 0],
@@ -142,16 +145,16 @@ def test_round_robin_positions_convert_both_ways(workers):
                 "iterators_in_use_indices": list(range(workers)),
                 "iterators_in_use_states": [{"next_index": 0}] * workers,
                 "exhausted": [0] * workers, "future_states": {}}
-    assert ckpt_lib.reader_worker_count(template) == workers
-    assert ckpt_lib.reader_worker_count({"next_index": 5}) == 0
+    assert iterator_state.reader_worker_count(template) == workers
+    assert iterator_state.reader_worker_count({"next_index": 5}) == 0
     for k in range(3 * workers + 2):
-        state = ckpt_lib.iterator_state_at(template, k)
-        assert ckpt_lib.batches_read(state) == k
+        state = iterator_state.iterator_state_at(template, k)
+        assert iterator_state.batches_read(state) == k
         assert [s["next_index"] for s in state["iterators_in_use_states"]] == [
             len(range(i, k, workers)) for i in range(workers)]  # worker i returned batches i, i+N, ...
         assert state["next_index_in_cycle"] == k % workers
-        assert ckpt_lib.iterator_state_at({"next_index": 0}, k) == {"next_index": k}
+        assert iterator_state.iterator_state_at({"next_index": 0}, k) == {"next_index": k}
     if workers > 1:
-        skewed = ckpt_lib.iterator_state_at(template, 2 * workers)
+        skewed = iterator_state.iterator_state_at(template, 2 * workers)
         skewed["iterators_in_use_states"][0] = {"next_index": 0}
-        assert ckpt_lib.batches_read(skewed) is None
+        assert iterator_state.batches_read(skewed) is None

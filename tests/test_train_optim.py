@@ -18,6 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import optim as optim_lib
+from t3d_jax import tasks
+from t3d_jax.tasks.base import Task
 from t3d_jax.train import step as step_lib
 from t3d_jax.utils import path_str
 
@@ -231,16 +233,39 @@ class _LinearProbe(nnx.Module):
         init = nnx.with_partitioning(nnx.initializers.normal(0.1), ("patch", "embed"))
         self.image_proj = nnx.Linear(16 * 16 * 16, 18, kernel_init=init, rngs=rngs)
 
-    def loss(self, batch, *, step, deterministic):
+
+
+class _ProbeTask(Task):
+    """A task the trainer has never seen (registered by the tests that use it): the step, its
+    accumulation and its guard are generic over tasks."""
+
+    name = "probe"
+
+    def build_model(self, rngs):
+        return _LinearProbe(rngs)
+
+    def batch_spec(self):
+        b = self.global_batch_size()
+        return {"views": jax.ShapeDtypeStruct((b, 1, 16, 16, 16, 1), jnp.float32),
+                "labels": jax.ShapeDtypeStruct((b, 18), jnp.float32)}
+
+    def loss(self, model, batch, *, step, deterministic=False):
         del step, deterministic
         x = batch["views"][:, 0].reshape(batch["views"].shape[0], -1)
-        err = self.image_proj(x) - batch["labels"]
+        err = model.image_proj(x) - batch["labels"]
         loss = jnp.mean(err ** 2)
         return loss, {"loss_mse": loss}
 
 
-def test_gradient_accumulation_matches_the_full_batch_step(config):
+@pytest.fixture
+def probe_task(monkeypatch):
+    monkeypatch.setitem(tasks.TASKS, "probe", _ProbeTask)
+    return "probe"
+
+
+def test_gradient_accumulation_matches_the_full_batch_step(config, probe_task):
     c = config.copy_and_resolve_references()
+    c.task = probe_task
     c.train.global_batch_size = 32  # 4 micro-batches of 8, one example per device each
     mesh = mesh_lib.make_mesh(c.mesh)
     rng = np.random.default_rng(0)
@@ -250,7 +275,7 @@ def test_gradient_accumulation_matches_the_full_batch_step(config):
     with jax.set_mesh(mesh):
         for accum in (1, 4):
             c.train.grad_accum_steps = accum
-            program = step_lib.make_train_program(c, mesh, _LinearProbe)
+            program = step_lib.make_train_program(c, mesh)
             state = program.init()
             initial = jax.device_get(state["params"])
             for _ in range(3):  # warmup starts at lr 0: take a few steps
@@ -422,12 +447,13 @@ def test_flatten_on_a_sharded_mesh_keeps_fsdp_state_sharded(config):
 
 
 @pytest.mark.parametrize("flatten,guard", [("auto", "where"), ("auto", "cond"), ("on", "where")])
-def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten, guard):
+def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten, guard, probe_task):
     """On one device (the CPU bench's mesh), per-leaf (auto) and flattened AdamW, both guard
     forms (train.nonfinite_guard): a NaN batch leaves params, optimizer state and model state
     bit-identical and counts itself; the next good step trains again; the optimizer counts
     only good steps; one trace."""
     c = config.copy_and_resolve_references()
+    c.task = probe_task
     c.mesh.shape = (1, 1)
     c.optim.flatten = flatten
     c.train.nonfinite_guard = guard
@@ -438,7 +464,7 @@ def test_one_device_step_skips_a_nonfinite_batch_exactly(config, flatten, guard)
     good = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in step_lib.abstract_batch(c).items()}
     bad = {**good, "views": np.full_like(good["views"], np.nan)}
     with jax.set_mesh(mesh):
-        program = step_lib.make_train_program(c, mesh, _LinearProbe)
+        program = step_lib.make_train_program(c, mesh)
         state = program.init()
         flat_mu = [x for p, x in _paths(state["opt_state"]).items() if p.endswith("/mu") and x.ndim == 1]
         assert bool(flat_mu) == (flatten == "on")  # flattened exactly when asked

@@ -25,7 +25,8 @@ JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
 to the model state. A state restores into an iterator built with the same config and
 seed; the saved state does not depend on the process layout, and its shape depends on the
 worker count only through grain's round robin, so a step restores onto another process count
-or worker count at the same batch position (see `t3d_jax.train.checkpoint`).
+or worker count at the same batch position (`t3d_jax.train.checkpoint`, with the state's
+layout from `t3d_jax.data.iterator_state`).
 
 Evaluation is finite and deterministic: records in shard order, the whole volume
 resampled to ``view_size``, padded at the end to whole batches (``valid`` False on
@@ -46,6 +47,7 @@ import numpy as np
 from t3d_jax.data import shards
 from t3d_jax.data.records import decode_record
 from t3d_jax.data.views import ViewOptions, eval_view, make_views
+from t3d_jax.utils import cfg_get
 
 DATASET_JSON = shards.DATASET_JSON
 
@@ -167,14 +169,8 @@ class PaddingExample(grain.transforms.Map):
 # ---------------------------------------------------------------------------------------
 
 
-def _get(data_config: Any, key: str, default: Any) -> Any:
-    if hasattr(data_config, "get"):
-        return data_config.get(key, default)
-    return getattr(data_config, key, default)
-
-
 def _data_dir(data_config: Any) -> str:
-    data_dir = _get(data_config, "dir", "")
+    data_dir = cfg_get(data_config, "dir", "")
     if not data_dir:
         raise ValueError("config.data.dir is empty: set it to a folder written by launch/prepare_data.py "
                          "(e.g. --config.data.dir=PATH)")
@@ -197,14 +193,14 @@ def _allow_unparsed_absl_flags() -> None:
 
 def _to_iterable(dataset: grain.MapDataset, data_config: Any, worker_count: int | None) -> grain.IterDataset:
     """Threaded read within a process, then ``worker_count`` processes (0 = in-process)."""
-    workers = int(_get(data_config, "worker_count", 0) if worker_count is None else worker_count)
+    workers = int(cfg_get(data_config, "worker_count", 0) if worker_count is None else worker_count)
     if workers < 0:
         raise ValueError(f"worker_count must be >= 0, got {workers}")
-    buffer = max(1, int(_get(data_config, "prefetch_buffer_size", 2)))
+    buffer = max(1, int(cfg_get(data_config, "prefetch_buffer_size", 2)))
     # Elements here are whole batches; one thread per worker process keeps memory at
     # `buffer` batches per process, and in-process mode uses the two-thread default
     # because NumPy's gathers and arithmetic release the GIL.
-    threads = int(_get(data_config, "read_threads", 0)) or (1 if workers else 2)
+    threads = int(cfg_get(data_config, "read_threads", 0)) or (1 if workers else 2)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers:
         _allow_unparsed_absl_flags()
@@ -231,7 +227,7 @@ def train_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     options = ViewOptions.from_config(data_config)
-    source = open_split(_data_dir(data_config), _get(data_config, "train_split", "train"))
+    source = open_split(_data_dir(data_config), cfg_get(data_config, "train_split", "train"))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.map_with_index(TrainExample(options, seed))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
@@ -275,7 +271,7 @@ def eval_dataset(
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    view_size = tuple(_get(data_config, "view_size", ViewOptions().view_size))
+    view_size = tuple(cfg_get(data_config, "view_size", ViewOptions().view_size))
     source = open_split(_data_dir(data_config), split)
     to_example = EvalExample(view_size)
     ds = grain.MapDataset.source(source).map(to_example)

@@ -14,11 +14,16 @@ report of its example and the loss is the mean over views. Inputs are expected t
 L2-normalised already (the two-tower model normalises them; the loss stays a pure function
 of what the model produces, which makes the gradient oracle in the tests simple).
 
-Plain form: written with ``jnp`` on global arrays. Under ``jax.jit`` with a batch sharded
-over ('data', 'fsdp') XLA inserts the all-gathers itself, but each device may hold a large
-slice of the B x B logits.
+Plain form: written with ``jnp`` on global arrays. Under ``jax.jit`` with a sharded batch
+XLA inserts the all-gathers itself, but each device may hold a large slice of the B x B
+logits.
 
-Chunked form (``chunked=True``): a ``jax.shard_map`` over the mesh's batch axes. Each device
+Which mesh axes the batch is split over is the config's `batch` sharding rule: the tasks pass
+it as ``batch_axes`` (`t3d_jax.tasks.base.Task.batch_axes`), the axes the train step shards
+the batch over, so the loss's collectives always match the input sharding.
+``DEFAULT_BATCH_AXES`` is that rule's default, ('data', 'fsdp'), for callers without a config.
+
+Chunked form (``chunked=True``): a ``jax.shard_map`` over those batch axes. Each device
 all-gathers the (small, B x D) embeddings of the other side and computes only its own rows
 ``[B_local, B]`` (image -> all reports) and its own columns (report -> all images), so no
 device ever holds more than ``B_local x B`` logits. ``all_gather`` transposes to a
@@ -39,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 CLIP_LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
-DEFAULT_BATCH_AXES = ("data", "fsdp")
+DEFAULT_BATCH_AXES = ("data", "fsdp")  # the `batch` rule's default (configs/common.py)
 
 
 def effective_scale(logit_scale: jax.Array, max_scale: float | None) -> jax.Array:

@@ -17,9 +17,10 @@ Why it is safe to kill training at any moment:
   (grain names them `process_{i}-of-{n}.json`); `restore` then sets this process's iterator
   to a state the old run saved (see `_plan_data_restore`), with a warning;
 * a run saved with another `data.worker_count` wrote an iterator state of another shape;
-  `restore` converts it to the same batch position (`batches_read`, `iterator_state_at`),
-  with a warning. A position that cannot be applied is `DataPositionError`, which names the
-  fix and never moves the step aside (the checkpoint itself is fine).
+  `restore` converts it to the same batch position, with a warning (grain's state layout is
+  known to `t3d_jax.data.iterator_state`, not here). A position that cannot be applied is
+  `DataPositionError`, which names the fix and never moves the step aside (the checkpoint
+  itself is fine).
 
 PRNG key arrays (nnx's RNG streams) are stored as their raw uint32 key data.
 """
@@ -35,6 +36,9 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from t3d_jax.data import iterator_state
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +137,6 @@ def _process_layout() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _data_files_of_other_layout(manager: ocp.CheckpointManager, step: int) -> list:
-    """The step's data files when they were written by another number of processes, else []."""
-    from etils import epath
-
-    index, count = _process_layout()
-    data_dir = epath.Path(manager.directory) / str(int(step)) / DATA
-    if not data_dir.exists() or (data_dir / f"process_{index}-of-{count}.json").exists():
-        return []
-    return sorted(data_dir.glob("process_*-of-*.json"))
-
-
 def _plan_data_restore(manager: ocp.CheckpointManager, step: int, data_iterator):
     """None when grain's own restore applies (this process's file, same worker count), else
     (the iterator state to set, the warning saying why).
@@ -155,17 +148,15 @@ def _plan_data_restore(manager: ocp.CheckpointManager, step: int, data_iterator)
     read-worker round robin), not the process layout, so the old processes' states are all
     equal and any of them resumes this process exactly at batch S + 1.
 
-    Another worker count: the saved state has another shape (see `reader_worker_count`) and is
-    converted to the same batch position (`batches_read` -> `iterator_state_at`); the batches
-    are the same for any worker count, so this too resumes exactly.
+    Another worker count: the saved state has another shape (t3d_jax.data.iterator_state) and
+    is converted to the same batch position (`batches_read` -> `iterator_state_at`); the
+    batches are the same for any worker count, so this too resumes exactly.
     """
-    import json
-
     index, count = _process_layout()
-    step_dir = pathlib.Path(os.fspath(manager.directory)) / str(int(step))
-    files = _data_files_of_other_layout(manager, step)
+    item_dir = epath.Path(manager.directory) / str(int(step)) / DATA
+    files = iterator_state.files_of_other_layout(item_dir, index, count)
     if files:
-        states = [json.loads(f.read_text()) for f in files]
+        states = [iterator_state.read_state(f) for f in files]
         if any(s != states[0] for s in states[1:]):
             log.warning("checkpoint step %d: the data iterator states of the previous processes "
                         "differ; using %s", step, files[0].name)
@@ -175,17 +166,18 @@ def _plan_data_restore(manager: ocp.CheckpointManager, step: int, data_iterator)
                f"restored the train state and started this process's data iterator at the batch "
                f"after step {step}, from {files[0].name}")
     else:
-        source = step_dir / DATA / f"process_{index}-of-{count}.json"
+        source = item_dir / iterator_state.state_file_name(index, count)
         try:
-            saved = json.loads(source.read_text())
+            saved = iterator_state.read_state(source)
         except (OSError, ValueError):
             return None  # missing or damaged: grain's restore reports it as before
         why = None
     template = data_iterator.get_state()  # a state of this iterator: its shape, worker count
-    old, new = reader_worker_count(saved), reader_worker_count(template)
+    old = iterator_state.reader_worker_count(saved)
+    new = iterator_state.reader_worker_count(template)
     if old == new:
         return None if why is None else (saved, why)
-    position = batches_read(saved) if old is not None else None
+    position = iterator_state.batches_read(saved) if old is not None else None
     problem = ("the saved state has a shape this code does not know" if old is None else
                "this run's iterator state has a shape this code does not know" if new is None else
                "the saved state is not a round-robin position of grain's read workers"
@@ -207,67 +199,7 @@ def _plan_data_restore(manager: ocp.CheckpointManager, step: int, data_iterator)
                  f"worker count)")
     why = (f"checkpoint step {step} in {manager.directory}: restored the train state; {converted}"
            if why is None else f"{why}; {converted}")
-    return iterator_state_at(template, position), why
-
-
-# -- Grain iterator positions across worker counts ----------------------------------------------------
-#
-# grain 0.2.18, as t3d_jax.data.pipeline._to_iterable builds the iterator (read in
-# .venv/.../grain/_src/python/dataset/transformations/{prefetch,process_prefetch,interleave}.py
-# and checked on real iterators in tests/test_resume_worker_count.py):
-#   worker_count 0: PrefetchDatasetIterator over this process's batch sequence,
-#       state {"next_index": k} = batches returned so far;
-#   worker_count N: mp_prefetch = InterleaveDatasetIterator (cycle N) over N process-prefetch
-#       iterators, worker i reading the slice [i::N] of the same batch sequence, state
-#       {"next_index_in_cycle", "next_index_in_datasets", "iterators_in_use_indices",
-#        "iterators_in_use_states": [{"next_index": j_i}] * N, "exhausted", "future_states"}.
-#       The interleave takes one element from each worker in turn, so after k batches worker i
-#       has returned j_i = len(range(i, k, N)) and the cycle is at k % N.
-
-
-def reader_worker_count(state) -> int | None:
-    """The read-worker count whose iterator has this state's shape (0 = in-process); None
-    for a shape this module does not know."""
-    def position(s):
-        return isinstance(s, dict) and set(s) == {"next_index"} and isinstance(s["next_index"], int)
-
-    if position(state):
-        return 0
-    inner = state.get("iterators_in_use_states") if isinstance(state, dict) else None
-    if (isinstance(inner, list) and inner and all(position(s) for s in inner)
-            and {"next_index_in_cycle", "next_index_in_datasets", "iterators_in_use_indices",
-                 "exhausted"} <= set(state)):
-        return len(inner)
-    return None
-
-
-def batches_read(state) -> int | None:
-    """How many batches the iterator had returned, or None if the state is not exactly a
-    round-robin position (e.g. an exhausted worker), so no single position is proven."""
-    workers = reader_worker_count(state)
-    if workers is None:
-        return None
-    if workers == 0:
-        return state["next_index"]
-    k = sum(s["next_index"] for s in state["iterators_in_use_states"])
-    return k if state == iterator_state_at(state, k) else None
-
-
-def iterator_state_at(template, k: int):
-    """`template` (a state of the target iterator, any position) moved to k batches read."""
-    workers = reader_worker_count(template)
-    if workers == 0:
-        return {**template, "next_index": int(k)}
-    state = {**template,
-             "next_index_in_cycle": k % workers,
-             "next_index_in_datasets": workers,
-             "iterators_in_use_indices": list(range(workers)),
-             "iterators_in_use_states": [{**s, "next_index": len(range(i, k, workers))}
-                                         for i, s in enumerate(template["iterators_in_use_states"])],
-             "exhausted": [0] * workers}
-    if "future_states" in template:  # elastic-resize states; none for a plain round robin
-        state["future_states"] = {}
-    return state
+    return iterator_state.iterator_state_at(template, position), why
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):

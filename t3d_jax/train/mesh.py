@@ -12,6 +12,9 @@ model on 8 fake CPU devices and a ViT-B on a pod:
     maps to "not split";
   * a dimension that the mesh axes do not divide evenly is left unsplit (replicated) rather
     than failing at `device_put`, and a mesh axis is used at most once per array.
+
+A mesh shape that the devices cannot take is the user's to fix: `make_mesh` raises a
+`UserValueError` naming the config key (and, for multi-slice, the shape that works).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from t3d_jax.utils import UserValueError, path_str
+
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "batch"
@@ -34,16 +39,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     shape = tuple(int(s) for s in shape)
     unknown = [i for i, s in enumerate(shape) if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"config.mesh.shape={shape}: at most one axis may be -1")
+        raise UserValueError(f"config.mesh.shape={shape}: at most one axis may be -1")
     known = math.prod(s for s in shape if s != -1)
     if unknown:
         if known <= 0 or num_devices % known:
-            raise ValueError(
+            raise UserValueError(
                 f"config.mesh.shape={shape}: the fixed axes ({known} devices) do not divide the "
                 f"{num_devices} available devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise UserValueError(
             f"config.mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are "
             f"available; use -1 for one axis to take the rest")
     return shape
@@ -83,7 +88,7 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Mesh
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_config.shape, len(devices))
     if len(shape) != len(axes):
-        raise ValueError(f"config.mesh.shape={tuple(mesh_config.shape)} has {len(shape)} entries "
+        raise UserValueError(f"config.mesh.shape={tuple(mesh_config.shape)} has {len(shape)} entries "
                          f"but config.mesh.axes={axes} has {len(axes)}")
     axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
     num_slices = slice_count(devices)
@@ -93,7 +98,7 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> jax.sharding.Mesh
     from jax.experimental import mesh_utils
 
     if shape[0] % num_slices:
-        raise ValueError(
+        raise UserValueError(
             f"config.mesh.shape={tuple(mesh_config.shape)} (resolved {shape} over "
             f"{len(devices)} devices): the devices span {num_slices} TPU slices, and the first "
             f"mesh axis ('{axes[0]}'={shape[0]}) is split over the slices, so it must be a "
@@ -156,15 +161,11 @@ def logical_to_mesh_spec(logical_spec, shape: Sequence[int], mesh: jax.sharding.
     return P(*out)
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def tree_shardings(abstract_tree, logical_specs, mesh, rules):
     """NamedShardings for a pytree of arrays given a matching pytree of logical specs."""
     def one(path, x, spec):
         return NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules,
-                                                        name=_path_name(path)))
+                                                        name=path_str(path)))
     return jax.tree_util.tree_map_with_path(
         one, abstract_tree, logical_specs, is_leaf=lambda s: isinstance(s, P))
 

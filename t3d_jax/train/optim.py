@@ -32,6 +32,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from t3d_jax.models.layers import LAYERS_AXIS
+from t3d_jax.utils import path_str
 
 FROZEN = "frozen"
 # Leaves above this many elements keep their own (per-leaf) AdamW even when flattening: their
@@ -39,10 +40,6 @@ FROZEN = "frozen"
 # copy of the array per step (measured on `tiny`, whose 30522x64 word embedding is 90% of
 # the parameters: flattening it too made the optimizer slower than per-leaf; 2^16 beat 2^14).
 FLATTEN_MAX_LEAF_SIZE = 1 << 16
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
