@@ -15,6 +15,7 @@ Not a config to launch by itself: `configs/t3d.py` and `configs/clip.py` start f
 import ml_collections
 
 from t3d_jax.data.labels import CT_RATE_LABELS
+from t3d_jax.utils import UserValueError
 
 VARIANTS = ("tiny", "demo", "small", "base")
 
@@ -22,7 +23,7 @@ VARIANTS = ("tiny", "demo", "small", "base")
 def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> ml_collections.ConfigDict:
     variant = arg or "demo"
     if variant not in VARIANTS:
-        raise ValueError(f"{config_file}: unknown variant {variant!r}; choose one of {VARIANTS} "
+        raise UserValueError(f"{config_file}: unknown variant {variant!r}; choose one of {VARIANTS} "
                          f"(e.g. --config={config_file}:demo)")
     c = ml_collections.ConfigDict()
     c.task = ""  # set by the task's config file: t3d | clip (t3d_jax/tasks)
