@@ -34,7 +34,7 @@ def main(argv):
     from t3d_jax.console import quiet_library_logs
 
     quiet_library_logs()
-    from t3d_jax.evaluate.runner import evaluate_checkpoint
+    from t3d_jax.evaluate.run import evaluate_checkpoint
 
     config = FLAGS.config
     if FLAGS.num_bootstrap is not None:
@@ -43,4 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from t3d_jax.console import run_tool
+
+    run_tool(main)

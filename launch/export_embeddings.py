@@ -55,4 +55,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from t3d_jax.console import run_tool
+
+    run_tool(main)

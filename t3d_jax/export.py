@@ -37,6 +37,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from t3d_jax.utils import UserFileNotFoundError, UserValueError
+
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -97,7 +99,7 @@ def discover_inputs(path: str | os.PathLike, split: str | None = None) -> tuple[
     path = pathlib.Path(path)
     errors: list[dict] = []
     if not path.exists():
-        raise FileNotFoundError(f"{path}: input not found (give a manifest, a folder of volumes, or a NIfTI file)")
+        raise UserFileNotFoundError(f"{path}: input not found (give a manifest, a folder of volumes, or a NIfTI file)")
     if path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES):
         rows, _ = read_manifest(path)
         items, seen = [], set()
@@ -116,7 +118,7 @@ def discover_inputs(path: str | os.PathLike, split: str | None = None) -> tuple[
             items.append(InputItem(row.id, row.volume, row.report))
         return items, errors
     if split:
-        raise ValueError(f"{path}: --split {split!r} selects manifest rows, but the input is not a manifest")
+        raise UserValueError(f"{path}: --split {split!r} selects manifest rows, but the input is not a manifest")
     if path.is_file():
         return [InputItem(_stem(path), str(path))], errors
     if _looks_like_dicom_folder(path):
@@ -139,10 +141,12 @@ def discover_inputs(path: str | os.PathLike, split: str | None = None) -> tuple[
 def read_text_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty lines of a UTF-8 text file (one free text per line)."""
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserFileNotFoundError(f"{path}: --texts file not found (one text per line)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: --texts file cannot be read as UTF-8 text ({err})") from err
+        raise UserValueError(f"{path}: --texts file cannot be read as UTF-8 text ({err})") from err
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -177,7 +181,7 @@ def export_embeddings(
     errors: list[dict] | None = None,
     progress: bool = True,
 ) -> ExportResult:
-    """Embeds ``items`` (and ``texts``) with ``embedder`` (:class:`t3d_jax.evaluate.runner.Embedder`).
+    """Embeds ``items`` (and ``texts``) with ``embedder`` (:class:`t3d_jax.evaluate.embedding.Embedder`).
 
     Volumes are read one by one and embedded ``batch_size`` at a time (rounded up to the
     device count; the last batch is padded and the padding dropped). A volume that fails
@@ -185,7 +189,7 @@ def export_embeddings(
     """
     from tqdm import tqdm
 
-    from t3d_jax.evaluate.runner import eval_batch_size
+    from t3d_jax.evaluate.embedding import eval_batch_size
 
     errors = list(errors or [])
     preset_name = getattr(preset, "name", str(preset))
@@ -262,7 +266,7 @@ def write_result(result: ExportResult, output: str | os.PathLike) -> pathlib.Pat
     output = pathlib.Path(output)
     suffix = output.suffix.lower()
     if suffix not in (".npz", ".parquet"):
-        raise ValueError(f"{output}: output must end in .npz or .parquet")
+        raise UserValueError(f"{output}: output must end in .npz or .parquet")
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
         arrays = {
@@ -357,9 +361,10 @@ def dataset_preprocessing(config) -> tuple[object, dict | None]:
     """
     from t3d_jax.data import preprocess
     from t3d_jax.data.pipeline import read_dataset_info
+    from t3d_jax.data.shards import has_dataset
 
     data_dir = config.data.get("dir", "")
-    if not data_dir or not (pathlib.Path(data_dir) / "dataset.json").is_file():
+    if not has_dataset(data_dir):
         log.warning("prepared data %r not found: using config.preprocess (preset %r, vocab %r)",
                     data_dir, config.preprocess.preset, config.preprocess.get("vocab", ""))
         return preprocess.get_preset(config.preprocess.preset), None
@@ -379,15 +384,30 @@ def dataset_preprocessing(config) -> tuple[object, dict | None]:
 
 def run_export(config, workdir, input_path, output, *, texts_file=None, tokens=False, step=None,
                batch_size=None, split=None, progress=True) -> ExportResult:
-    """What ``launch/export_embeddings.py`` does."""
-    from t3d_jax.evaluate.runner import Embedder, load_checkpoint, make_tokenizer
+    """What ``launch/export_embeddings.py`` does: the inputs and the checkpoint's parameters
+    (`t3d_jax.train.params`) first, so a wrong path fails before any work, then the export.
 
-    preset, tok_info = dataset_preprocessing(config)
+    The prepared data need not be on this machine: when ``config.data.dir`` holds it, its
+    token length and label names win over the config (as in training); the config must
+    then match the trained shapes. Expected problems (an input path that does not exist,
+    no checkpoint) are `t3d_jax.utils.UserError`s naming the fix.
+    """
+    from t3d_jax.data.prepared import sync_config_with_data
+    from t3d_jax.data.shards import has_dataset
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+    from t3d_jax.evaluate.embedding import Embedder
+    from t3d_jax.train import mesh as mesh_lib
+    from t3d_jax.train import params as params_lib
+
     items, errors = discover_inputs(input_path, split)
     texts = read_text_lines(texts_file) if texts_file else []
-    model, got, mesh, config = load_checkpoint(config, workdir, step, require_data=False)
+    if has_dataset(config.data.get("dir", "")):
+        config = sync_config_with_data(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    model, got = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), step, mesh=mesh)
+    preset, tok_info = dataset_preprocessing(config)
     embedder = Embedder(model, mesh, config.sharding_rules)
-    tokenizer = make_tokenizer(config, tok_info) if (texts or any(i.report for i in items)) else None
+    tokenizer = tokenizer_for_config(config, tok_info) if (texts or any(i.report for i in items)) else None
     result = export_embeddings(
         embedder, tokenizer, items, preset=preset, view_size=config.data.view_size, texts=texts, tokens=tokens,
         batch_size=int(batch_size or config.get("eval", {}).get("batch_size", 8)), errors=errors, progress=progress)

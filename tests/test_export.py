@@ -19,11 +19,15 @@ from t3d_jax import export
 from t3d_jax.data import preprocess
 from t3d_jax.data.labels import CT_RATE_LABELS
 from t3d_jax.data.pipeline import EvalExample
+from t3d_jax.data.prepared import sync_config_with_data
 from t3d_jax.data.records import encode_record
-from t3d_jax.evaluate import runner
+from t3d_jax.data.tokenizer import tokenizer_for_config
+from t3d_jax.evaluate.embedding import Embedder
 from t3d_jax.train import checkpoint as ckpt_lib
 from t3d_jax.train import mesh as mesh_lib
+from t3d_jax.train import params as params_lib
 from t3d_jax.train import step as step_lib
+from t3d_jax.utils import UserFileNotFoundError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Same volume, same compiled program, different batch companions / padding: only float32
@@ -59,8 +63,9 @@ def setup(tmp_path_factory, bert_vocab):
     ckpt_lib.save(manager, 1, state, None, force=True)
     manager.wait_until_finished()
     manager.close()
-    model, _, mesh, config = runner.load_checkpoint(config, workdir, require_data=False)
-    embedder = runner.Embedder(model, mesh, config.sharding_rules)
+    config = sync_config_with_data(config)  # as run_export does when the data is here
+    model, _ = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), mesh=mesh)
+    embedder = Embedder(model, mesh, config.sharding_rules)
     rng = np.random.default_rng(0)
     vols = root / "volumes"
     vols.mkdir()
@@ -73,7 +78,7 @@ def setup(tmp_path_factory, bert_vocab):
 
 def _export(setup, items, **kw):
     preset, tok_info = export.dataset_preprocessing(setup["config"])
-    tokenizer = runner.make_tokenizer(setup["config"], tok_info)
+    tokenizer = tokenizer_for_config(setup["config"], tok_info)
     return export.export_embeddings(setup["embedder"], tokenizer, items, preset=preset,
                                     view_size=setup["config"].data.view_size, progress=False, **kw)
 
@@ -144,7 +149,7 @@ def test_bad_inputs_are_listed_and_skipped(setup, tmp_path):
     out = export.write_result(result, tmp_path / "mixed.npz")
     logged = [json.loads(line) for line in export.errors_path(out).read_text().splitlines()]
     assert len(logged) == 4
-    with pytest.raises(FileNotFoundError, match="input not found"):
+    with pytest.raises(UserFileNotFoundError, match="input not found"):
         export.discover_inputs(tmp_path / "nope")
 
 
@@ -162,7 +167,7 @@ def test_manifest_reports_and_free_texts(setup, tmp_path):
     result = _export(setup, items, errors=errors, texts=texts)
     assert result.ids == ["a", "c"]
     assert [pathlib.Path(e["path"]).name for e in result.errors] == ["missing.nii.gz"]
-    tok = runner.make_tokenizer(setup["config"])
+    tok = tokenizer_for_config(setup["config"])
     expected_reports = setup["embedder"].texts(*tok.encode(["Emphysema is present.", "No acute findings."]))
     np.testing.assert_allclose(result.report_embedding, expected_reports, atol=BATCH_TOL)
     np.testing.assert_allclose(result.text_embedding, setup["embedder"].texts(*tok.encode(texts)), atol=BATCH_TOL)

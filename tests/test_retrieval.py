@@ -54,6 +54,12 @@ def test_both_directions_with_a_planted_permutation():
     assert out["report_to_volume"]["R@100"] == pytest.approx(199 / 200)
     assert out["chance"] == {"R@1": 1 / n, "R@5": 5 / n, "R@10": 10 / n, "R@50": 50 / n, "R@100": 100 / n}
     assert out["num_items"] == n
+    # The ranks an evaluation keeps for its recall plot are the ones behind these figures.
+    both = retrieval.partner_ranks(vol, txt)
+    np.testing.assert_array_equal(both["report_to_volume"], ranks)
+    np.testing.assert_array_equal(both["volume_to_report"], retrieval.true_partner_ranks(vol @ txt.T))
+    assert retrieval.metrics_of_ranks(both) == out
+    assert out["median_rank"] == {"report_to_volume": 1.0, "volume_to_report": 1.0}
 
 
 def test_random_embeddings_are_near_chance():
@@ -78,3 +84,5 @@ def test_bad_shapes_are_reported():
         retrieval.true_partner_ranks(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="pair"):
         retrieval.retrieval_metrics(np.zeros((3, 4)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="pair"):
+        retrieval.partner_ranks(np.zeros((3, 4)), np.zeros((3, 5)))

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from t3d_jax.train import checkpoint as ckpt_lib
+from t3d_jax.train import params as params_lib
 from t3d_jax.train.loop import NonFiniteTrainingError, train_and_evaluate
 
 import cpu_devices
@@ -210,7 +211,7 @@ def test_too_many_bad_steps_stop_with_last_good_checkpoint(nan_run, tiny_prepare
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert result.program.trace_count == [1]  # same program as the first run: not retraced
     # init_from.checkpoint reads just these params into a new run's sharded layout.
-    params, from_step = ckpt_lib.restore_params(tmp_path / "checkpoints", result.program.abstract_state)
+    params, from_step = params_lib.read_params(tmp_path / "checkpoints", result.program.abstract_state["params"])
     assert from_step == 2
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
         assert a.sharding == b.sharding

@@ -207,6 +207,38 @@ def test_leak_free_thresholds_come_from_the_other_split(fixed_predictions):
         assert leak_free["per_label"][name]["accuracy"]["value"] == pytest.approx(accuracy_score(y, pred), abs=TOL)
 
 
+def test_figures_from_embeddings_and_the_leak_free_variant():
+    """zeroshot_figures = pair-softmax scores -> evaluate_scores; the leak-free variant scores
+    the evaluated set at the thresholds chosen on the other set; the text-tower check is the
+    protocol's AUC with the reports in place of the volumes."""
+    rng = np.random.default_rng(3)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    names, d = ["a", "b", "c"], 8
+    positive, negative = unit(rng.normal(size=(3, d))), unit(rng.normal(size=(3, d)))
+
+    def split(n):
+        return {"volume": unit(rng.normal(size=(n, d))), "text": unit(rng.normal(size=(n, d))),
+                "labels": (rng.random((n, 3)) < 0.4).astype(np.float64)}
+
+    evaluated, other = split(40), split(30)
+    out, scores = zeroshot.zeroshot_figures(evaluated, names, positive, negative, logit_scale=10.0,
+                                            threshold_set=other, threshold_split="train", num_bootstrap=0)
+    np.testing.assert_array_equal(scores, zeroshot.pair_softmax_scores(evaluated["volume"], positive, negative, 10.0))
+    protocol = zeroshot.evaluate_scores(scores, evaluated["labels"], names, num_bootstrap=0)
+    np.testing.assert_equal(out["zeroshot"]["per_label"], protocol["per_label"])
+    assert out["zeroshot"]["logit_scale"] == 10.0 and out["zeroshot"]["templates"] == list(zeroshot.DEFAULT_TEMPLATES)
+    chosen = zeroshot.evaluate_scores(zeroshot.pair_softmax_scores(other["volume"], positive, negative, 10.0),
+                                      other["labels"], names, num_bootstrap=0)
+    leak_free = out["zeroshot_leakfree"]
+    assert zeroshot.thresholds_of(leak_free, names) == zeroshot.thresholds_of(chosen, names)
+    assert "'train' (30 volumes)" in leak_free["thresholds_from"]
+    assert "zeroshot_leakfree" not in zeroshot.zeroshot_figures(evaluated, names, positive, negative,
+                                                                num_bootstrap=0)[0]
+    as_reports = dict(evaluated, text=evaluated["volume"])
+    check = zeroshot.text_tower_check(as_reports, names, positive, negative, logit_scale=10.0)
+    assert check["mean_auc"] == pytest.approx(protocol["mean"]["auc"]["value"], abs=TOL)
+
+
 def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         zeroshot.evaluate_scores(np.zeros((3, 2)), np.zeros((3, 3)), ["a", "b"])

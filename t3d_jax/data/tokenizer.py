@@ -9,6 +9,9 @@ that JAX needs; importing this module costs nothing.
 Token ids match Hugging Face ``tokenizers`` (BertNormalizer + BertPreTokenizer +
 WordPiece, [CLS] ... [SEP], truncation to ``max_len`` keeping [SEP]) on the same
 vocab; tests/test_tokenizer.py checks this on a varied corpus.
+
+Prompts and free texts at evaluation and export time use :func:`tokenizer_for_config`: the
+tokenizer the run's data was prepared with.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from t3d_jax.utils import cfg_get
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_CHARS_PER_WORD = 100  # longer words become [UNK], as in BERT and HF tokenizers
@@ -197,6 +202,30 @@ class WordPieceTokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"text {i} is {type(t).__name__}, expected str")
         return texts
+
+
+def tokenizer_for_config(config, tokenizer_info: dict | None = None) -> WordPieceTokenizer:
+    """The tokenizer the run's data was prepared with, for prompts and free text.
+
+    Evaluation prompts and exported texts must be tokenized as the reports the model saw.
+    Vocab, lower-casing and length come from ``dataset.json``'s ``tokenizer`` entry
+    (``tokenizer_info``, read from ``config.data.dir`` when not given), else from
+    ``config.preprocess``, else the bundled bert-base-uncased vocab. A vocab path recorded
+    in dataset.json that is not on this machine falls back the same way.
+    """
+    from t3d_jax.data import shards
+    from t3d_jax.data.prepare import default_vocab_path
+
+    data_dir = cfg_get(cfg_get(config, "data"), "dir", "")
+    if tokenizer_info is None and shards.has_dataset(data_dir):
+        tokenizer_info = shards.read_dataset_json(data_dir).get("tokenizer")
+    info = dict(tokenizer_info or {})
+    pre = cfg_get(config, "preprocess")
+    vocab = info.get("vocab") if info.get("vocab") and pathlib.Path(info["vocab"]).is_file() else None
+    vocab = vocab or cfg_get(pre, "vocab", "") or str(default_vocab_path())
+    lowercase = bool(info.get("lowercase", cfg_get(pre, "lowercase", True)))
+    max_len = int(info.get("max_len", cfg_get(pre, "max_len", 128)))
+    return WordPieceTokenizer(vocab, lowercase=lowercase, max_len=max_len)
 
 
 def build_vocab(texts: Iterable[str], vocab_size: int, out_path, lowercase: bool = True,

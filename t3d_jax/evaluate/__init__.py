@@ -1,8 +1,8 @@
 """Evaluation: zero-shot classification (CT-CLIP protocol), retrieval, linear probe, plots.
 
-Importing the package registers the evaluators the training loop can run periodically
-(``config.eval.evaluators``: "zeroshot", "retrieval", "linear_probe", "full"); see
-:mod:`t3d_jax.evaluate.runner` and docs/evaluation.md.
+One module per job: `embedding` (jitted embedding and the per-context embedding cache),
+`zeroshot` / `retrieval` / `linear_probe` (each its figures and its evaluator), `report`
+(files and table), `run` (a checkpoint's whole evaluation, launch/evaluate.py; the `full`
+evaluator), `registry` (evaluators by name, the interface the train loop uses).
+docs/evaluation.md describes every figure.
 """
-
-from t3d_jax.evaluate import runner as _runner  # noqa: F401  (registers the evaluators)

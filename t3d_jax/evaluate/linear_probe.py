@@ -3,6 +3,9 @@
 Fitted on one split (train), scored by ROC AUC on the evaluated split. It measures how
 much label information the image tower's embedding carries linearly, independent of the
 text tower and of prompt wording (which zero-shot depends on).
+
+The ``linear_probe`` evaluator (bottom) fits on ``eval.probe_split`` (default train) and
+scores the evaluated split; it needs both embedded, and nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from t3d_jax.evaluate.embedding import EmbeddingCache
+from t3d_jax.evaluate.registry import EvalContext, register_evaluator
 
 
 def linear_probe(
@@ -73,3 +79,25 @@ def linear_probe(
         "C": C,
         "scores": scores,
     }
+
+
+def figures(cache: EmbeddingCache) -> dict | None:
+    """`linear_probe` fitted on ``eval.probe_split`` (C = ``eval.probe_C``), scored on the
+    evaluated split, without the per-volume scores; None when there is no such other split."""
+    probe_split = cache.setting("probe_split", "train")
+    train = cache.other_split(probe_split)
+    if train is None:
+        return None
+    evaluated = cache.evaluated()
+    out = linear_probe(train["volume"], train["labels"], evaluated["volume"], evaluated["labels"],
+                       cache.label_names, C=float(cache.setting("probe_C", 1.0)))
+    out.pop("scores")
+    out["train_split"] = probe_split
+    return out
+
+
+@register_evaluator("linear_probe")
+def linear_probe_evaluator(ctx: EvalContext) -> dict[str, float]:
+    """The probe's mean AUC (nothing when the probe split is absent)."""
+    m = figures(EmbeddingCache.of(ctx))
+    return {} if m is None else {"mean_auc": m["mean_auc"]}

@@ -10,6 +10,10 @@ expensive part they share, embedding a split and the prompts, is done once per c
 `ctx.cache` (an `EmbeddingCache` from `evaluate/embedding.py`), so asking for `retrieval`
 alone embeds the evaluated split only, and asking for several evaluators embeds it once.
 
+Registered (`evaluate/evaluators.py` imports their modules): `zeroshot`, `retrieval`,
+`linear_probe` (scalars, no files) and `full` (`evaluate/run.py`: every figure with its
+intervals and the files of launch/evaluate.py in WORKDIR/eval/STEP/).
+
 Every process calls the evaluators (models are sharded, so evaluation is collective); only
 process 0 writes files.
 """
@@ -21,6 +25,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from t3d_jax.utils import UserValueError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +37,10 @@ class EvalContext:
     step: int
     workdir: str
     mesh: Any  # jax.sharding.Mesh the model's arrays live on
-    write: bool = False  # write files under WORKDIR/eval/STEP/ (launch/evaluate.py, "full")
-    cache: Any = None  # set on first use: the shared embedding cache of this (model, step)
+    # A final evaluation (launch/evaluate.py): the scalar evaluators use eval.num_bootstrap
+    # resamples instead of eval.periodic_num_bootstrap. (`full` always writes its files.)
+    write: bool = False
+    cache: Any = None  # set on first use: the shared EmbeddingCache of this (model, step)
 
 
 Evaluator = Callable[[EvalContext], dict[str, float]]
@@ -51,7 +59,6 @@ def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
 def get_evaluator(name: str) -> Evaluator:
     _import_evaluators()
     if name not in EVALUATORS:
-        from t3d_jax.utils import UserValueError
         raise UserValueError(f"config.eval.evaluators names {name!r}, but no evaluator of that name is "
                              f"registered; known: {sorted(EVALUATORS)}")
     return EVALUATORS[name]

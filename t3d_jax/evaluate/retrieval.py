@@ -8,6 +8,8 @@ otherwise only come from identical inputs (two identical reports), which this ru
 counts against the model, as a fixed tie-break would half the time.
 
 Recall@K is the fraction of queries whose rank is < K; chance is K / N.
+
+The ``retrieval`` evaluator (bottom) scores a model on the evaluated split alone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+from t3d_jax.evaluate.embedding import EmbeddingCache
+from t3d_jax.evaluate.registry import EvalContext, register_evaluator
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50, 100)
 
@@ -37,26 +42,34 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, 
     return {f"R@{k}": float(np.mean(ranks < k)) for k in ks}
 
 
+def partner_ranks(volume_emb: np.ndarray, text_emb: np.ndarray) -> dict[str, np.ndarray]:
+    """0-based true-partner ranks both ways for paired embeddings ([N, D] each, row i a pair)."""
+    v = np.asarray(volume_emb, np.float64)
+    t = np.asarray(text_emb, np.float64)
+    if v.shape != t.shape or v.ndim != 2:
+        raise ValueError(f"volume {v.shape} and text {t.shape} embeddings must both be [N, D], row i a pair")
+    sim = t @ v.T  # [reports, volumes]
+    return {"report_to_volume": true_partner_ranks(sim), "volume_to_report": true_partner_ranks(sim.T)}
+
+
 def retrieval_metrics(volume_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict:
     """Recall@K both ways for paired, L2-normalised embeddings ([N, D] each, row i a pair).
 
     Returns {"report_to_volume": {R@K}, "volume_to_report": {R@K}, "chance": {R@K: K/N},
     "num_items": N, "median_rank": {direction: 1-based median rank}}.
     """
-    v = np.asarray(volume_emb, np.float64)
-    t = np.asarray(text_emb, np.float64)
-    if v.shape != t.shape or v.ndim != 2:
-        raise ValueError(f"volume {v.shape} and text {t.shape} embeddings must both be [N, D], row i a pair")
-    n = v.shape[0]
-    sim = t @ v.T  # [reports, volumes]
-    r2v = true_partner_ranks(sim)
-    v2r = true_partner_ranks(sim.T)
+    return metrics_of_ranks(partner_ranks(volume_emb, text_emb), ks)
+
+
+def metrics_of_ranks(ranks: dict[str, np.ndarray], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """`retrieval_metrics` from precomputed `partner_ranks` (an evaluation keeps the ranks for its recall plot)."""
+    n = len(ranks["report_to_volume"])
     return {
-        "report_to_volume": recall_at_k(r2v, ks),
-        "volume_to_report": recall_at_k(v2r, ks),
+        "report_to_volume": recall_at_k(ranks["report_to_volume"], ks),
+        "volume_to_report": recall_at_k(ranks["volume_to_report"], ks),
         "chance": {f"R@{k}": min(k, n) / n for k in ks},
         "num_items": int(n),
-        "median_rank": {"report_to_volume": float(np.median(r2v) + 1), "volume_to_report": float(np.median(v2r) + 1)},
+        "median_rank": {d: float(np.median(r) + 1) for d, r in ranks.items()},
     }
 
 
@@ -66,3 +79,17 @@ def recall_curve(ranks: np.ndarray, max_k: int | None = None) -> tuple[np.ndarra
     max_k = max_k or len(ranks)
     ks = np.arange(1, max_k + 1)
     return ks, (ranks[None, :] < ks[:, None]).mean(axis=1)
+
+
+def figures(cache: EmbeddingCache) -> tuple[dict, dict[str, np.ndarray]]:
+    """(`retrieval_metrics` of the evaluated split at ``eval.retrieval_ks``, the ranks)."""
+    evaluated = cache.evaluated()
+    ranks = partner_ranks(evaluated["volume"], evaluated["text"])
+    return metrics_of_ranks(ranks, tuple(cache.setting("retrieval_ks", DEFAULT_KS))), ranks
+
+
+@register_evaluator("retrieval")
+def retrieval_evaluator(ctx: EvalContext) -> dict[str, float]:
+    """Recall@K both ways, as "<direction>/R@K"."""
+    m, _ = figures(EmbeddingCache.of(ctx))
+    return {f"{d}/{k}": v for d in ("report_to_volume", "volume_to_report") for k, v in m[d].items()}

@@ -1,4 +1,4 @@
-"""Zero-shot abnormality classification by the CT-CLIP protocol (CT-RATE, DESIGN.md section 4).
+"""Zero-shot abnormality classification by the CT-CLIP protocol (CT-RATE; docs/evaluation.md).
 
 Protocol, as in CT-CLIP's released scripts (``zero_shot.py``, ``eval.py``,
 ``bootstrap_values.py``):
@@ -16,8 +16,12 @@ Protocol, as in CT-CLIP's released scripts (``zero_shot.py``, ``eval.py``,
 
 Choosing the threshold on the set it is scored on leaks the labels into the operating
 point, which inflates accuracy / F1 / precision. :func:`evaluate_scores` therefore also
-accepts thresholds chosen elsewhere; the runner reports that as the *leak-free* variant
-(thresholds from another split), next to the protocol figures, under a distinct name.
+accepts thresholds chosen elsewhere; :func:`zeroshot_figures` reports that as the
+*leak-free* variant (thresholds from another split), next to the protocol figures, under a
+distinct name.
+
+The ``zeroshot`` evaluator (bottom) scores a model: it embeds the prompts and the evaluated
+split (and the threshold split) through the context's embedding cache.
 
 Every metric value comes from scikit-learn. NaN labels (unknown in the manifest) are left
 out per label; a label with only one class present gets NaN AUC and is left out of means.
@@ -40,6 +44,10 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from t3d_jax.evaluate.embedding import EmbeddingCache
+from t3d_jax.evaluate.registry import EvalContext, register_evaluator
+from t3d_jax.utils import cfg_get
 
 DEFAULT_TEMPLATES: tuple[str, str] = ("{label} is present.", "{label} is not present.")
 METRICS: tuple[str, ...] = ("auc", "accuracy", "f1_weighted", "precision")
@@ -298,3 +306,93 @@ def roc_points(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.
         return None
     fpr, tpr, _ = roc_curve(y, s)
     return fpr, tpr
+
+
+# ----------------------------------------------------------------------------- from embeddings
+
+
+def zeroshot_figures(
+    evaluated: dict[str, np.ndarray],
+    label_names: Sequence[str],
+    positive: np.ndarray,
+    negative: np.ndarray,
+    *,
+    logit_scale: float = 1.0,
+    threshold_set: dict[str, np.ndarray] | None = None,
+    threshold_split: str = "",
+    num_bootstrap: int = 1000,
+    threshold_rule: str = "roc",
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    seed: int = 0,
+) -> tuple[dict, np.ndarray]:
+    """({"zeroshot": protocol figures[, "zeroshot_leakfree": ...]}, the [N, C] scores).
+
+    ``evaluated`` / ``threshold_set``: {"volume": [N, D] embeddings, "labels": [N, C]};
+    ``positive`` / ``negative``: [C, D] prompt embeddings. With ``threshold_set`` the
+    leak-free variant scores the evaluated set at the thresholds chosen on that set.
+    """
+    scores = pair_softmax_scores(evaluated["volume"], positive, negative, logit_scale)
+    labels = evaluated["labels"]
+    zs = evaluate_scores(scores, labels, label_names, num_bootstrap=num_bootstrap,
+                         threshold_rule=threshold_rule, seed=seed)
+    zs.update(templates=list(templates), logit_scale=logit_scale,
+              score="softmax over (present, not present) of logit_scale * cosine; 'present' entry")
+    out = {"zeroshot": zs}
+    if threshold_set is not None:
+        other = pair_softmax_scores(threshold_set["volume"], positive, negative, logit_scale)
+        chosen = evaluate_scores(other, threshold_set["labels"], label_names, num_bootstrap=0,
+                                 threshold_rule=threshold_rule, with_auc=False)
+        lf = evaluate_scores(scores, labels, label_names, thresholds=thresholds_of(chosen, label_names),
+                             num_bootstrap=num_bootstrap, threshold_rule=threshold_rule, seed=seed,
+                             with_auc=False)
+        lf.update(thresholds_from=f"split {threshold_split!r} ({len(threshold_set['labels'])} volumes)",
+                  note="AUC has no threshold: it is the protocol's AUC (zeroshot.mean.auc)")
+        out["zeroshot_leakfree"] = lf
+    return out, scores
+
+
+def text_tower_check(evaluated: dict[str, np.ndarray], label_names: Sequence[str], positive: np.ndarray,
+                     negative: np.ndarray, *, logit_scale: float = 1.0, threshold_rule: str = "roc") -> dict:
+    """The protocol's AUC with each volume's *report* (``evaluated["text"]``) in place of the volume.
+
+    A diagnostic, not a result: it shows whether the text tower itself tells "present" from
+    "not present", the ceiling that aligning volumes to their reports can reach zero-shot.
+    """
+    by_report = evaluate_scores(pair_softmax_scores(evaluated["text"], positive, negative, logit_scale),
+                                evaluated["labels"], label_names, num_bootstrap=0, threshold_rule=threshold_rule)
+    return {"mean_auc": by_report["mean"]["auc"]["value"],
+            "per_label_auc": {n: by_report["per_label"][n]["auc"]["value"] for n in label_names},
+            "note": "reports scored against the prompts instead of volumes (text-tower diagnostic, not a result)"}
+
+
+def figures(cache: EmbeddingCache, *, final: bool) -> tuple[dict, np.ndarray]:
+    """`zeroshot_figures` of the cache's model with the ``config.eval`` settings (templates,
+    threshold_split, threshold_rule, use_logit_scale); a ``final`` evaluation adds the
+    text-tower check and uses ``eval.num_bootstrap`` resamples."""
+    templates = tuple(cache.setting("templates", DEFAULT_TEMPLATES))
+    rule = cache.setting("threshold_rule", "roc")
+    threshold_split = cache.setting("threshold_split", "train")
+    positive, negative = build_prompts(cache.label_names, templates)
+    prompts = cache.texts(positive + negative)
+    positive, negative = prompts[: len(positive)], prompts[len(positive):]
+    evaluated, scale = cache.evaluated(), cache.logit_scale()
+    out, scores = zeroshot_figures(
+        evaluated, cache.label_names, positive, negative, logit_scale=scale,
+        threshold_set=cache.other_split(threshold_split), threshold_split=threshold_split,
+        num_bootstrap=cache.num_bootstrap(final), threshold_rule=rule, templates=templates,
+        seed=int(cfg_get(cache.config, "seed", 0)))
+    if final:
+        out["zeroshot_reports"] = text_tower_check(evaluated, cache.label_names, positive, negative,
+                                                   logit_scale=scale, threshold_rule=rule)
+    return out, scores
+
+
+@register_evaluator("zeroshot")
+def zeroshot_evaluator(ctx: EvalContext) -> dict[str, float]:
+    """Mean AUC / accuracy / weighted F1 / precision, and the leak-free means."""
+    m, _ = figures(EmbeddingCache.of(ctx), final=ctx.write)
+    out = {f"mean_{k}": v["value"] for k, v in m["zeroshot"]["mean"].items()}
+    if "zeroshot_leakfree" in m:
+        out.update({f"leakfree_mean_{k}": v["value"] for k, v in m["zeroshot_leakfree"]["mean"].items()
+                    if k != "auc"})
+    return out

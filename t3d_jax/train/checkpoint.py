@@ -243,26 +243,6 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
     manager.reload()
 
 
-def restore_params(directory: str | os.PathLike, abstract_state, step: int = -1):
-    """Only the params of another run's checkpoint (config.init_from.checkpoint), read into
-    this program's abstract sharded params (so the other run may have used another mesh)."""
-    with ocp.CheckpointManager(os.fspath(directory),
-                               item_handlers={STATE: ocp.PyTreeCheckpointHandler()}) as mngr:
-        steps = sorted(mngr.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"init_from.checkpoint={directory}: no finalized checkpoint there")
-        step = steps[-1] if step is None or step < 0 else int(step)
-        if step not in steps:
-            raise FileNotFoundError(f"init_from.checkpoint={directory}: no step {step}; have {steps}")
-        partial = {"params": abstract_storable(abstract_state["params"])}
-        restored = mngr.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeRestore(
-                item=partial,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
-                partial_restore=True)}))
-        return from_storable(restored[STATE]["params"], abstract_state["params"]), step
-
-
 # -- preemption ---------------------------------------------------------------------------------------
 
 class PreemptionWatcher:

@@ -25,6 +25,7 @@ from t3d_jax.train import checkpoint as ckpt_lib
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import metrics as metrics_lib
 from t3d_jax.train import optim as optim_lib
+from t3d_jax.train import params as params_lib
 from t3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _train(config, workdir: pathlib.Path, mesh, peak: float) -> TrainResult:
     # ======================================================================================
     # State: resume from WORKDIR, else initialise (optionally from pretrained weights)
     # ======================================================================================
-    ckpt_dir = pathlib.Path(config.checkpoint.dir or workdir / "checkpoints").absolute()
+    ckpt_dir = params_lib.checkpoint_dir(config, workdir)
     manager = ckpt_lib.make_manager(ckpt_dir, config.checkpoint)
     state, start = ckpt_lib.restore_latest(manager, program.abstract_state, data_iter)
     if state is not None:
@@ -221,8 +222,9 @@ def init_from_pretrained(config, program: step_lib.TrainProgram, state: dict) ->
     """Applies config.init_from (another run's params, HF BERT, MONAI ViT) to a fresh state."""
     init = config.init_from
     if init.checkpoint:
-        params, step = ckpt_lib.restore_params(init.checkpoint, program.abstract_state,
-                                               int(init.checkpoint_step))
+        params, step = params_lib.read_params(
+            init.checkpoint, program.abstract_state["params"], int(init.checkpoint_step),
+            fix="point config.init_from.checkpoint at a run's checkpoints folder (WORKDIR/checkpoints)")
         log.info("initialised params from %s step %d", init.checkpoint, step)
         state = dict(state, params=params)
     if init.hf_bert_dir or init.monai_vit:

@@ -3,8 +3,9 @@
 `make_train_program(config, mesh)` is the single place that decides how training runs on
 devices. It is generic over tasks: `config.task` names a `t3d_jax.tasks` module, which gives
 the model, the batch contract (`task.batch_spec()`) and the loss; this module adds the
-optimizer, the shardings and the guard against non-finite steps. It returns a `TrainProgram` whose `step` is one `jax.jit` with explicit
-`in_shardings`/`out_shardings` and the state donated (the current form of a pjit step), so
+optimizer, the shardings and the guard against non-finite steps. It returns a `TrainProgram`
+whose `step` is one `jax.jit` with explicit `in_shardings`/`out_shardings` and the state
+donated (the current form of a pjit step), so
 
 * the loop calls `program.init()` then `program.step(state, batch)`;
 * the AOT compiler (`t3d_jax.train.aot`) calls `program.step.lower(program.abstract_state,
@@ -46,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t3d_jax import tasks
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import optim as optim_lib
+from t3d_jax.train import params as params_lib
 from t3d_jax.utils import UserValueError, path_str
 
 def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
@@ -92,16 +94,9 @@ def _split_model(model: nnx.Module):
     return graphdef, params, rest
 
 
-def _build_model(task: tasks.Task, seed: int) -> nnx.Module:
-    # Eager sharding off: shardings come from our rules table, applied by jit's out_shardings.
-    with nnx.use_eager_sharding(False):
-        return task.build_model(nnx.Rngs(seed))
-
-
 def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
     """Builds the sharded init and step of `config`'s task on `mesh` (see module docstring)."""
     task = tasks.get_task(config)
-    seed = int(config.train.seed)
     rules = config.sharding_rules
     num_steps = int(config.train.num_steps)
     accum = int(config.train.grad_accum_steps)
@@ -115,24 +110,12 @@ def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
             f"config.train.global_batch_size={gbs} must be a multiple of grad_accum_steps "
             f"({accum}) x the data-parallel devices ({dp}, mesh {mesh_lib.describe(mesh)})")
 
-    # -- Abstract model: structure, logical axis names, shapes (no memory) -----------------
-    # (jax.eval_shape rather than nnx.eval_shape: the latter would resolve logical names
-    # against the ambient mesh itself; the graph and the logical specs are static, so they
-    # are captured at trace time.)
-    static: dict[str, Any] = {}
-
-    def abstract_model():
-        graphdef, params, rest = _split_model(_build_model(task, seed))
-        static["graphdef"] = graphdef
-        static["param_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(params))
-        static["rest_specs"] = nnx.to_pure_dict(nnx.get_partition_spec(rest))
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-    abs_params, abs_rest = jax.eval_shape(abstract_model)
-    graphdef, param_specs, rest_specs = static["graphdef"], static["param_specs"], static["rest_specs"]
+    # -- Abstract model: structure, logical axis names, shapes and shardings (no memory) ------
+    abstract = params_lib.abstract_model(config, mesh)
+    graphdef, param_specs, abs_params = abstract.graphdef, abstract.param_specs, abstract.params
+    param_shardings = abstract.shardings(abstract.params)
 
     # -- Optimizer: decay rule from the logical names; optionally flattened (optim.flatten) ----
-    param_shardings = mesh_lib.tree_shardings(abs_params, param_specs, mesh, rules)
     flatten = optim_lib.resolve_flatten(config.optim.get("flatten", "auto"))
     tx, schedule, label_mult = optim_lib.make_optimizer(
         config.optim, abs_params, num_steps, logical_specs=param_specs, flatten=flatten,
@@ -141,8 +124,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
     eligible = optim_lib.flat_eligible(abs_params, param_shardings) if flatten else None
 
     def init() -> dict:
-        model = _build_model(task, seed)
-        _, params, rest = _split_model(model)
+        _, params, rest = _split_model(abstract.build())
         # Strong types throughout: a weak-typed leaf (e.g. from jnp.asarray(2.6)) would come
         # back strong from the step and force a second trace.
         params = jax.tree.map(_strong_type, nnx.to_pure_dict(params))
@@ -160,7 +142,7 @@ def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
 
     # -- Shardings: params by the rules table; optimizer state mirrors its params -------------
     replicated = mesh_lib.replicated(mesh)
-    rest_shardings = mesh_lib.tree_shardings(abs_rest, rest_specs, mesh, rules)
+    rest_shardings = abstract.shardings(abstract.rest)
     opt_shardings = mirror_param_shardings(
         abstract_state["opt_state"], abs_params, param_shardings, replicated)
     state_shardings = {

@@ -1,9 +1,10 @@
-"""launch/evaluate.py's engine: checkpoint restore, embedding, files, table, periodic hooks.
+"""launch/evaluate.py's engine: params-only restore, embedding, files, table, periodic evaluators.
 
 Checkpoints are written straight from the training program (init, then a perturbed copy)
 instead of training, so the test is about evaluation plumbing: the figures in the files
 must be what the restored parameters produce on the evaluated split (recomputed here
-from the in-memory model, independently of the runner) and must agree with each other.
+from the in-memory model, independently of the evaluation code) and must agree with each
+other.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from sklearn.metrics import roc_auc_score
 
 from configs.t3d import get_config
 from t3d_jax.data.labels import CT_RATE_LABELS
-from t3d_jax.evaluate import runner, zeroshot
+from t3d_jax.data.tokenizer import tokenizer_for_config
+from t3d_jax.evaluate import embedding, registry, run, zeroshot
 from t3d_jax.train import checkpoint as ckpt_lib
-from t3d_jax.train import hooks
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import step as step_lib
+from t3d_jax.utils import UserFileNotFoundError, UserValueError
 
 # The reference runs the model eagerly on other batch sizes: float32 reassociation, ~1e-6 in
 # a cosine, times a logit scale of ~14, halved by the softmax slope: well under 2e-5.
@@ -58,7 +60,7 @@ def write_checkpoints(config, workdir, steps_and_scales):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_prepared_dir, tmp_path_factory):
+def trained(tiny_prepared_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("eval_run")
     config = tiny_config(tiny_prepared_dir)
     program, states = write_checkpoints(config, workdir, [(3, 1.0), (7, 1.3)])
@@ -70,7 +72,7 @@ def reference_scores(program, state, config):
     from t3d_jax.data.pipeline import eval_iterator
 
     model = program.model(state)
-    tok = runner.make_tokenizer(config)
+    tok = tokenizer_for_config(config)
     pos, neg = zeroshot.build_prompts(CT_RATE_LABELS)
     ids, mask = tok.encode(pos + neg)
     text = np.asarray(model.embed_text(ids, mask))
@@ -95,9 +97,9 @@ def read_predictions(path):
     return ids, scores, labels
 
 
-def test_latest_checkpoint_files_and_figures(run, capsys):
-    config, workdir, program, states = run
-    metrics, out = runner.evaluate_checkpoint(config, workdir)
+def test_latest_checkpoint_files_and_figures(trained, capsys):
+    config, workdir, program, states = trained
+    metrics, out = run.evaluate_checkpoint(config, workdir)
     assert out == workdir / "eval" / "7"
     for name in ("metrics.json", "per_label.csv", "predictions.csv", "roc_grid.png", "retrieval_recall.png"):
         assert (out / name).stat().st_size > 0, name
@@ -132,29 +134,98 @@ def test_latest_checkpoint_files_and_figures(run, capsys):
     assert "MEAN" in table and "roc_grid.png" in table and "Retrieval report to volume" in table
 
 
-def test_explicit_checkpoint_step_and_errors(run):
-    config, workdir, program, states = run
-    metrics, out = runner.evaluate_checkpoint(config, workdir, step=3)
+def test_explicit_checkpoint_step_and_errors(trained):
+    config, workdir, program, states = trained
+    metrics, out = run.evaluate_checkpoint(config, workdir, step=3)
     assert out.name == "3"
     _, scores, _ = read_predictions(out / "predictions.csv")
     _, ref = reference_scores(program, states[3], config)
     np.testing.assert_allclose(scores, ref, atol=SCORE_TOL)
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5; have \[3, 7\]"):
-        runner.load_checkpoint(config, workdir, 5)
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
-        runner.load_checkpoint(config, workdir / "nowhere")
+    with pytest.raises(UserFileNotFoundError, match=r"no checkpoint at step 5; have \[3, 7\]"):
+        run.evaluate_checkpoint(config, workdir, step=5)
+    with pytest.raises(UserFileNotFoundError, match="nowhere/checkpoints: no checkpoint folder; train first"):
+        run.evaluate_checkpoint(config, workdir / "nowhere")
+    assert not (workdir / "nowhere").exists()  # looking never creates the folder
+    other = tiny_config(config.data.dir)
+    other.model.embed_dim = 16  # another model than the one saved
+    with pytest.raises(UserValueError, match=r"does not fit this config's model: .*image_proj/kernel saved"):
+        run.evaluate_checkpoint(other, workdir)
 
 
-def test_periodic_evaluators_share_one_embedding_pass(run, monkeypatch):
-    config, workdir, program, states = run
-    calls = []
-    real = runner.embed_split
-    monkeypatch.setattr(runner, "embed_split", lambda e, d, split, b: calls.append(split) or real(e, d, split, b))
-    mesh = mesh_lib.make_mesh(config.mesh)
-    ctx = hooks.EvalContext(model=program.model(states[7]), config=config, step=11, workdir=str(workdir), mesh=mesh)
-    out = hooks.run_evaluators(("zeroshot", "retrieval", "linear_probe"), ctx)
+def test_evaluation_ignores_the_optimizer_settings(trained, tmp_path):
+    """Only the parameters are read: another optimizer (whose state would have another tree,
+    e.g. flattened AdamW groups) evaluates the same checkpoint to the same scores."""
+    config, workdir, program, states = trained
+    other = tiny_config(config.data.dir)
+    other.optim.lr = 0.5
+    other.optim.schedule = "constant"
+    other.optim.warmup_steps = 0
+    other.optim.weight_decay = 0.3
+    other.optim.flatten = "on"
+    other.checkpoint.dir = str(workdir / "checkpoints")  # the run's checkpoints, files elsewhere
+    other.eval.num_bootstrap = 0
+    metrics, out = run.evaluate_checkpoint(other, tmp_path, step=3)
+    assert out == tmp_path / "eval" / "3"
+    _, scores, _ = read_predictions(out / "predictions.csv")
+    _, ref = reference_scores(program, states[3], config)
+    np.testing.assert_allclose(scores, ref, atol=SCORE_TOL)
+
+
+def _count_embedded_splits(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = embedding.embed_split
+    monkeypatch.setattr(embedding, "embed_split", lambda e, d, split, b: calls.append(split) or real(e, d, split, b))
+    return calls
+
+
+def _context(config, program, state, workdir, step):
+    return registry.EvalContext(model=program.model(state), config=config, step=step, workdir=str(workdir),
+                                mesh=mesh_lib.make_mesh(config.mesh))
+
+
+def test_periodic_evaluators_share_one_embedding_pass(trained, monkeypatch):
+    config, workdir, program, states = trained
+    calls = _count_embedded_splits(monkeypatch)
+    ctx = _context(config, program, states[7], workdir, 11)
+    out = registry.run_evaluators(("zeroshot", "retrieval", "linear_probe"), ctx)
     assert sorted(calls) == ["train", "valid"]  # once per split, not once per evaluator
     assert 0.0 <= out["eval/zeroshot/mean_auc"] <= 1.0
+    assert "eval/zeroshot/leakfree_mean_accuracy" in out
     assert "eval/retrieval/report_to_volume/R@5" in out
     assert "eval/linear_probe/mean_auc" in out
     assert not (workdir / "eval" / "11").exists()  # scalar evaluators write no files
+    np.testing.assert_equal(registry.run_evaluators(("retrieval", "zeroshot"), ctx),  # NaN == NaN here
+                            {k: v for k, v in out.items() if not k.startswith("eval/linear_probe")})
+    assert sorted(calls) == ["train", "valid"]  # the context's cache answered
+
+    # Other parameters of the same model: a new context embeds again (nothing is cached by
+    # model identity) and reuses the compiled embedding programs (one per model structure).
+    compiled = embedding._apply._cache_size()
+    ctx3 = _context(config, program, states[3], workdir, 12)
+    registry.run_evaluators(("zeroshot",), ctx3)
+    assert sorted(calls) == ["train", "train", "valid", "valid"]
+    assert np.abs(ctx3.cache.evaluated()["volume"] - ctx.cache.evaluated()["volume"]).max() > 1e-4
+    assert embedding._apply._cache_size() == compiled
+
+
+def test_retrieval_alone_embeds_only_the_evaluated_split(trained, monkeypatch):
+    config, workdir, program, states = trained
+    calls = _count_embedded_splits(monkeypatch)
+
+    def no_prompts(self, texts):
+        raise AssertionError("retrieval embedded free texts (prompts)")
+
+    monkeypatch.setattr(embedding.EmbeddingCache, "texts", no_prompts)
+    out = registry.run_evaluators(("retrieval",), _context(config, program, states[7], workdir, 13))
+    assert calls == ["valid"]
+    assert set(out) == {f"eval/retrieval/{d}/R@{k}" for d in ("report_to_volume", "volume_to_report")
+                        for k in (1, 5, 10, 50, 100)}
+
+
+def test_full_evaluator_writes_the_files_of_launch_evaluate(trained):
+    config, workdir, program, states = trained
+    out = registry.run_evaluators(("full",), _context(config, program, states[7], workdir, 14))
+    assert 0.0 <= out["eval/full/zeroshot/mean_auc"] <= 1.0
+    saved = json.loads((workdir / "eval" / "14" / "metrics.json").read_text())
+    assert saved["step"] == 14 and saved["zeroshot"]["num_bootstrap"] == 40
+    assert out["eval/full/retrieval/report_to_volume/R@1"] == saved["retrieval"]["report_to_volume"]["R@1"]

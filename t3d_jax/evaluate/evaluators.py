@@ -1,0 +1,7 @@
+"""Every evaluator module, imported so that each registers its evaluators by name.
+
+`registry.get_evaluator` imports this module on first lookup. A new evaluator is a module of
+`t3d_jax/evaluate/` with a `@register_evaluator("name")` function, added to the line below.
+"""
+
+from t3d_jax.evaluate import linear_probe, retrieval, run, zeroshot  # noqa: F401
