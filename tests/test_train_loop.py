@@ -88,25 +88,23 @@ def poisoned_batches(steps):
 
     real = pipeline.train_iterator
 
-    class Poisoned:
-        def __init__(self, it):
-            self.it, self.count = it, 0
+    def poisoned_iterator(*args, **kwargs):
+        it = real(*args, **kwargs)
+        fetch, count = type(it).__next__, [0]
 
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            batch = next(self.it)
-            self.count += 1
-            if self.count in steps:
-                batch = dict(batch, views=np.full_like(batch["views"], np.nan))
+        def next_batch(self):
+            batch = fetch(self)
+            if self is it:
+                count[0] += 1
+                if count[0] in steps:
+                    batch = dict(batch, views=np.full_like(batch["views"], np.nan))
             return batch
 
-        def __getattr__(self, name):  # get_state / set_state for checkpoints
-            return getattr(self.it, name)
+        mp.setattr(type(it), "__next__", next_batch)
+        return it
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
+        mp.setattr(pipeline, "train_iterator", poisoned_iterator)
         yield
 
 
