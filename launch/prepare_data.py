@@ -12,7 +12,6 @@ defaults of ``configs/t3d.py:demo`` apply. See docs/data.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -25,14 +24,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def load_config(spec: str):
-    """``path/to/config.py[:variant]`` -> the file's ``get_config(variant)``."""
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_t3d_config", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--config: {path}: config file not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    """``path/to/config.py[:variant]`` -> its ConfigDict, read by ml_collections' config-file
+    parser: the same loader as the --config flag of launch/train.py and launch/evaluate.py."""
+    from ml_collections.config_flags import config_flags
+
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise SystemExit(f"launch/prepare_data.py: --config: {path}: config file not found")
+    try:
+        return config_flags.ConfigFileFlagParser(name="config").parse(spec)
+    except Exception as e:  # the config file's own error (e.g. an unknown variant), on one line
+        last = str(e).strip().splitlines()[-1].split("Error: ", 1)[-1]
+        raise SystemExit(f"launch/prepare_data.py: --config={spec}: {last}") from None
 
 
 def main(argv=None) -> int:
@@ -79,4 +82,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from t3d_jax.utils import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as e:  # an expected problem (e.g. the manifest is missing): one line, no traceback
+        sys.exit(f"launch/prepare_data.py: {e}")

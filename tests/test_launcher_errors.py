@@ -43,6 +43,22 @@ CASES = {
         "launch/export_embeddings.py",
         [f"--config={REPO}/configs/t3d.py:nope", "--workdir={tmp}/run", "--input={tmp}", "--output={tmp}/e.npz"],
         "unknown variant 'nope'"),
+    "train/unknown_variant": (
+        "launch/train.py", [f"--config={REPO}/configs/t3d.py:nope", "--workdir={tmp}/run"],
+        "unknown variant 'nope'"),
+    "train/data_dir_without_dataset_json": (
+        "launch/train.py", [TINY, "--config.data.dir={tmp}", "--workdir={tmp}/run"],
+        "no dataset.json there; prepare the data"),
+    "train/unknown_task": (
+        "launch/train.py", [TINY, "--config.data.dir={data}", "--config.task=mae", "--workdir={tmp}/run"],
+        "config.task='mae': unknown task"),
+    "prepare/manifest_not_found": (
+        "launch/prepare_data.py", ["--manifest={tmp}/none.csv", "--out={tmp}/out"],
+        "none.csv: manifest not found"),
+    "prepare/unknown_variant": (
+        "launch/prepare_data.py", ["--manifest={tmp}/none.csv", "--out={tmp}/out",
+                                   f"--config={REPO}/configs/t3d.py:nope"],
+        "unknown variant 'nope'"),
 }
 
 
@@ -56,4 +72,4 @@ def test_user_error_is_one_line_without_traceback(case, tiny_prepared_dir, tmp_p
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{tool}: ") and expected in last, proc.stderr[-2000:]
-    assert not (tmp_path / "run").exists()  # a failed look-up creates nothing
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # a failure creates nothing

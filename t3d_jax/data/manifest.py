@@ -28,13 +28,15 @@ import os
 import pathlib
 import re
 
+from t3d_jax.utils import UserValueError
+
 REQUIRED = ("id", "volume", "report")
 RESERVED = ("id", "volume", "report", "split", "labels")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names go into shard file names
 _MISSING = {"", "nan", "na", "n/a", "none", "null"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserValueError):
     """The manifest as a whole cannot be read (missing file, unknown format, missing columns)."""
 
 

@@ -202,14 +202,14 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
     vocab_path = pathlib.Path(vocab) if vocab else default_vocab_path()
     if not vocab_path.is_file():
         raise FileNotFoundError(f"{vocab_path}: WordPiece vocab file not found")
     tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len)
 
-    rows, manifest_labels = read_manifest(manifest)
+    rows, manifest_labels = read_manifest(manifest)  # before creating anything: a bad manifest leaves no trace
+    out_dir.mkdir(parents=True, exist_ok=True)
     label_names = list(manifest_labels if label_names is None else label_names)
     ignored = [n for n in manifest_labels if n not in label_names]
     absent = [n for n in label_names if n not in manifest_labels]

@@ -15,6 +15,7 @@ report->volume retrieval, and the zero-shot AUC of each label.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -75,7 +76,8 @@ def _figures(pred: dict[str, np.ndarray], idx: np.ndarray) -> tuple[dict[str, fl
 def _over_seeds(runs: Sequence[dict], idx: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     figs = [_figures(r, idx) for r in runs]
     mean = {k: float(np.mean([f[0][k] for f in figs])) for k in figs[0][0]}
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a label without both classes in a resample: NaN, left out
+        warnings.simplefilter("ignore", RuntimeWarning)
         per_label = np.nanmean(np.stack([f[1] for f in figs]), axis=0)
     return mean, per_label
 

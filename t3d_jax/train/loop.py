@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from t3d_jax import tasks
 from t3d_jax.data.prepared import check_data_config, sync_config_with_data
 from t3d_jax.evaluate import registry as eval_registry
 from t3d_jax.train import checkpoint as ckpt_lib
@@ -58,6 +59,7 @@ def default_workdir(config) -> str:
 def train_and_evaluate(config, workdir: str | os.PathLike) -> TrainResult:
     """Trains (or resumes) `config`'s task in `workdir`; every process of a job calls this."""
     check_data_config(config)
+    tasks.get_task(config)  # an unknown task fails here, before anything is written
     config = sync_config_with_data(config)
     peak = float(config.metrics.peak_flops_per_device)
     if peak <= 0:  # measured before the mesh is set: a single-device matmul
