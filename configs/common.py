@@ -50,6 +50,11 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # there first (0 = never; the demo variant sets it, so a fresh clone trains out of the box).
     c.data.synthetic_if_missing = 0
     c.data.synthetic_seed = 0
+    # Cached report states of a frozen text tower (launch/cache_text_features.py, docs/training.md
+    # "Locked text tower"): False | True (= 'tokens', [L, d_t] per report: clip and t3d) |
+    # 'pooled' ([d_t] per report: clip only). The pipelines then add `text_states` / `text_pooled`.
+    # Any-typed so that both True and 'pooled' can be given (--config.data.text_features=pooled).
+    c.data.text_features = ml_collections.FieldReference(False, field_type=object)
 
     # --- Preprocessing (prepare_data.py and export use the same) ---------------------
     c.preprocess = ml_collections.ConfigDict()
@@ -88,6 +93,10 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # Report embedding: "cls" (the [CLS] state, for pretrained text towers) or "mean" (mean over
     # the non-padding tokens; a from-scratch BERT's [CLS] state is nearly the same for every report).
     c.model.text.pool = "cls"
+    # Locked text tower: the tasks take the report states from data.text_features' cache instead
+    # of running the text encoder, which stays in the model (evaluation embeds prompts with it)
+    # and must be frozen: optim.freeze = ("^text_encoder/",); text_proj keeps training.
+    c.model.text.locked = False
 
     # --- Loss ---------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()

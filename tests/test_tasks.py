@@ -29,7 +29,8 @@ def test_tasks_are_built_by_name_and_declare_their_batch_contract():
     assert clip.batch_spec()["views"].shape == (8, 1, 16, 16, 16, 1)  # configs/clip.py: one view
     bad = t3d_config.get_config("tiny")
     bad.task = "mae"
-    with pytest.raises(UserError, match=r"config.task='mae'.*\['clip', 't3d'\]"):
+    assert {"clip", "t3d"} <= set(tasks.TASKS)
+    with pytest.raises(UserError, match=r"config.task='mae': unknown task; choose one of \[.*'clip'.*'t3d'"):
         tasks.get_task(bad)
 
 

@@ -31,6 +31,14 @@ layout from `t3d_jax.data.iterator_state`).
 Evaluation is finite and deterministic: records in shard order, the whole volume
 resampled to ``view_size``, padded at the end to whole batches (``valid`` False on
 padding) so every process runs the same number of steps.
+
+Cached text features (``data.text_features``: True = 'tokens', or 'pooled'; the locked text
+tower, `t3d_jax.data.text_features`): both pipelines add each record's row of
+``DIR/text_features/{split}.npy`` as ``text_states`` [L, d_t] ('tokens') or ``text_pooled``
+[d_t] ('pooled'), float16. The record's position in its split is attached right at the
+source (before the shuffle), so the row follows the record whatever the shuffle, workers
+or processes; the ``.npy`` is memory-mapped in each worker. A missing or stale cache is a
+UserError naming ``launch/cache_text_features.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import grain
 import numpy as np
 
 from t3d_jax.data import shards
+from t3d_jax.data import text_features as text_features_lib
 from t3d_jax.data.records import decode_record
 from t3d_jax.data.views import ViewOptions, eval_view, make_views
 from t3d_jax.utils import cfg_get
@@ -103,41 +112,72 @@ def _decode(data: bytes, what: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-class TrainExample(grain.transforms.MapWithIndex):
-    """Record bytes -> training example with ``num_views`` random views and their boxes."""
+class WithPosition(grain.transforms.MapWithIndex):
+    """Record bytes -> (position in the split, bytes); applied on the source, before any shuffle.
 
-    def __init__(self, options: ViewOptions, seed: int):
+    Grain hands the source's map the index past the first epoch too (shuffle maps index i of
+    epoch e to a position + e * n; the source wraps it), hence the modulo."""
+
+    def __init__(self, num_records: int):
+        self.num_records = int(num_records)
+
+    def map_with_index(self, index: int, data: bytes) -> tuple[int, bytes]:
+        return int(index) % self.num_records, data
+
+
+class TrainExample(grain.transforms.MapWithIndex):
+    """Record bytes -> training example with ``num_views`` random views and their boxes.
+
+    With ``features`` (a :class:`t3d_jax.data.text_features.FeatureReader`) the element is
+    ``(position, bytes)`` (:class:`WithPosition`) and the record's cached text features are
+    added."""
+
+    def __init__(self, options: ViewOptions, seed: int, features=None):
         self.options = options
         self.seed = int(seed)
+        self.features = features
 
-    def map_with_index(self, index: int, data: bytes) -> dict[str, np.ndarray]:
+    def map_with_index(self, index: int, data) -> dict[str, np.ndarray]:
+        position = None
+        if self.features is not None:
+            position, data = data
         record = _decode(data, f"training element {index}")
         # A fresh generator keyed by (seed, global index): independent of who computes it.
         rng = np.random.default_rng((self.seed, int(index)))
         views, boxes = make_views(
             record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
             rng, self.options)
-        return {
+        example = {
             "views": views,
             "boxes": boxes,
             "input_ids": record["input_ids"].astype(np.int32),
             "attention_mask": record["attention_mask"].astype(np.int32),
             "labels": record["labels"].astype(np.float32),
         }
+        if self.features is not None:
+            example.update(self.features(position))
+        return example
 
 
 class EvalExample(grain.transforms.Map):
-    """Record bytes -> deterministic evaluation example (whole volume at ``view_size``)."""
+    """Record bytes -> deterministic evaluation example (whole volume at ``view_size``).
 
-    def __init__(self, view_size: tuple[int, int, int]):
+    With ``features`` the element is ``(position, bytes)`` and the cached text features are
+    added, as in :class:`TrainExample`."""
+
+    def __init__(self, view_size: tuple[int, int, int], features=None):
         self.view_size = tuple(int(s) for s in view_size)
+        self.features = features
 
-    def map(self, data: bytes) -> dict[str, np.ndarray]:
+    def map(self, data) -> dict[str, np.ndarray]:
+        position = None
+        if self.features is not None:
+            position, data = data
         record = _decode(data, "evaluation record")
         volume = eval_view(
             record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
             self.view_size)
-        return {
+        example = {
             "volume": volume,
             "input_ids": record["input_ids"].astype(np.int32),
             "attention_mask": record["attention_mask"].astype(np.int32),
@@ -145,6 +185,9 @@ class EvalExample(grain.transforms.Map):
             "id": np.asarray(record["id"], dtype=np.str_),
             "valid": np.asarray(True),
         }
+        if self.features is not None:
+            example.update(self.features(position))
+        return example
 
 
 class PaddingExample(grain.transforms.Map):
@@ -175,6 +218,12 @@ def _data_dir(data_config: Any) -> str:
         raise ValueError("config.data.dir is empty: set it to a folder written by launch/prepare_data.py "
                          "(e.g. --config.data.dir=PATH)")
     return str(data_dir)
+
+
+def _text_features(data_config: Any, data_dir: str, split: str):
+    """The split's cached-feature reader when ``data.text_features`` is on, else None."""
+    keep = text_features_lib.mode(data_config)
+    return text_features_lib.open_features(data_dir, split, keep) if keep else None
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -227,9 +276,14 @@ def train_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     options = ViewOptions.from_config(data_config)
-    source = open_split(_data_dir(data_config), cfg_get(data_config, "train_split", "train"))
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds.map_with_index(TrainExample(options, seed))
+    split = cfg_get(data_config, "train_split", "train")
+    source = open_split(_data_dir(data_config), split)
+    features = _text_features(data_config, _data_dir(data_config), split)
+    ds = grain.MapDataset.source(source)
+    if features is not None:
+        ds = ds.map_with_index(WithPosition(len(source)))
+    ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.map_with_index(TrainExample(options, seed, features))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.
@@ -273,12 +327,16 @@ def eval_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     view_size = tuple(cfg_get(data_config, "view_size", ViewOptions().view_size))
     source = open_split(_data_dir(data_config), split)
-    to_example = EvalExample(view_size)
-    ds = grain.MapDataset.source(source).map(to_example)
+    features = _text_features(data_config, _data_dir(data_config), split)
+    to_example = EvalExample(view_size, features)
+    ds = grain.MapDataset.source(source)
+    if features is not None:
+        ds = ds.map_with_index(WithPosition(len(source)))
+    ds = ds.map(to_example)
     per_step = batch_size * process_count
     padding = math.ceil(len(source) / per_step) * per_step - len(source)
     if padding:
-        template = to_example.map(source[0])
+        template = to_example.map((0, source[0]) if features is not None else source[0])
         pad = grain.MapDataset.range(padding).map(PaddingExample(template))
         ds = grain.MapDataset.concatenate([ds, pad])
     ds = ds.slice(slice(process_index, None, process_count))

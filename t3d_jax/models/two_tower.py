@@ -9,6 +9,9 @@ parts the tasks, the evaluators and the exporter use:
 * ``embed_volume(volume [B,X,Y,Z,1]) -> [B,D]`` and ``embed_text(input_ids, attention_mask)
   -> [B,D]``: L2-normalised float32 embeddings, deterministic (no patch dropout, no dropout).
 * ``volume_tokens(volume)``: the image encoder's output dict (pooled, tokens, token_index, grid).
+* ``project_text(pooled)``: the text projection alone, for report states computed elsewhere
+  (the locked-text mode, ``model.text.locked``: a frozen pretrained text tower whose states
+  are cached with the data; ``frozen_text_tower`` is that tower as a host function).
 
 Submodule names are part of the contract (optimizer lr multipliers and freeze regexes match
 path prefixes): ``image_encoder``, ``image_proj``, ``text_encoder``, ``text_proj``,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from t3d_jax.losses import contrastive
@@ -55,6 +59,46 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs) -> BertEncoder:
                                max_position_embeddings=max(512, max_len), remat=remat,
                                scan_layers=scan_layers, dtype=dtype)
     return BertEncoder(cfg, rngs=rngs)
+
+
+def pool_text(hidden: jax.Array, attention_mask: jax.Array, pool: str) -> jax.Array:
+    """The report vector [B, d_t] of the last hidden states [B, L, d_t] (``model.text.pool``):
+    'cls' = the [CLS] state, 'mean' = the mean over the non-padding tokens. One definition for
+    the live tower and the locked-text cache (t3d_jax/data/text_features.py)."""
+    if pool == "mean":
+        weights = jnp.asarray(attention_mask, hidden.dtype)[..., None]
+        return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    if pool == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"unknown text pooling {pool!r}; choose one of {TEXT_POOLS}")
+
+
+def frozen_text_tower(hf_bert_dir, *, pool: str | None = None):
+    """The locked text tower of a local Hugging Face BERT folder as a host function:
+    ``fn(input_ids [B,L], attention_mask [B,L]) -> float32 NumPy`` last hidden states
+    [B, L, d_t] (``pool=None``) or pooled report vectors [B, d_t] (``pool`` 'cls' | 'mean').
+
+    Our ``BertEncoder`` with the folder's weights (``convert.load_hf_bert``, the same converter
+    as ``init_from.hf_bert_dir``), float32, deterministic, jitted once per input shape. What
+    ``launch/cache_text_features.py`` runs over a prepared folder's reports."""
+    from t3d_jax.models import convert
+
+    if pool is not None and pool not in TEXT_POOLS:
+        raise ValueError(f"unknown text pooling {pool!r}; choose one of {TEXT_POOLS}")
+    with nnx.use_eager_sharding(False):
+        encoder = convert.load_hf_bert(hf_bert_dir, dtype="float32", param_dtype="float32")
+    graphdef, state = nnx.split(encoder)
+
+    @jax.jit
+    def run(state, input_ids, attention_mask):
+        hidden = nnx.merge(graphdef, state)(input_ids, attention_mask, deterministic=True)["hidden"]
+        hidden = hidden.astype(jnp.float32)
+        return hidden if pool is None else pool_text(hidden, attention_mask, pool)
+
+    def fn(input_ids, attention_mask):
+        return np.asarray(run(state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)))
+
+    return fn, encoder.cfg
 
 
 class CLIPModel(nnx.Module):
@@ -106,12 +150,12 @@ class CLIPModel(nnx.Module):
         """(last hidden states [B,L,d_t], L2-normalised float32 report embeddings [B,D])."""
         out = self.text_encoder(input_ids, attention_mask, deterministic=deterministic)
         hidden = out["hidden"]
-        if self.text_pool == "mean":
-            weights = jnp.asarray(attention_mask, hidden.dtype)[..., None]
-            pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-        else:
-            pooled = hidden[:, 0]
-        return hidden, l2_normalize(self.text_proj(pooled))
+        return hidden, self.project_text(pool_text(hidden, attention_mask, self.text_pool))
+
+    def project_text(self, pooled: jax.Array) -> jax.Array:
+        """Pooled text states [.., d_t] (``model.text.pool``) -> L2-normalised float32 [.., D].
+        The locked-text mode (``model.text.locked``) calls it on cached states."""
+        return l2_normalize(self.text_proj(pooled))
 
     def embed_volume(self, volume: jax.Array) -> jax.Array:
         """L2-normalised float32 [B, D] volume embeddings (deterministic)."""

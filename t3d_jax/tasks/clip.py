@@ -12,6 +12,14 @@ carried past it could never come back.
 
 Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_mask`
 [B, L] int32 (V = `data.num_views`, X, Y, Z = `data.view_size`, L = `preprocess.max_len`).
+
+Locked text tower (`model.text.locked`, docs/training.md): the report states come from the
+cache of `launch/cache_text_features.py` (`data.text_features`) instead of the text encoder,
+which stays in the model (evaluation embeds prompts with it) but is frozen by the optimizer
+(`optim.freeze` must match `^text_encoder/`; the text projection stays trainable). The batch
+then holds `text_states` [B, L, d_t] float16 (`data.text_features=True`, pooled here by
+`model.text.pool`) or `text_pooled` [B, d_t] float16 (`data.text_features='pooled'`) in place
+of `input_ids` (d_t = the hidden width of `model.text.size`).
 """
 
 from __future__ import annotations
@@ -22,12 +30,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t3d_jax.data import text_features
 from t3d_jax.losses import contrastive
 from t3d_jax.tasks.base import Task
 
 
 class ClipTask(Task):
     name = "clip"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.locked_text = text_features.locked_source(config)  # '' | 'tokens' | 'pooled'
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from t3d_jax.models import build_model_from_config
@@ -39,11 +52,20 @@ class ClipTask(Task):
         x, y, z = (int(s) for s in c.data.view_size)
         channels = int(c.model.image.get("in_channels", 1))
         length = int(c.preprocess.max_len)
-        return {
+        spec = {
             "views": jax.ShapeDtypeStruct((b, v, x, y, z, channels), jnp.float32),
             "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
         }
+        if self.locked_text:  # cached report states replace the ids (module docstring)
+            from t3d_jax.models.bert import BertConfig
+
+            del spec["input_ids"]
+            width = BertConfig.from_size(str(c.model.text.size)).hidden_size
+            shape = (b, length, width) if self.locked_text == "tokens" else (b, width)
+            spec[text_features.BATCH_KEYS[self.locked_text]] = jax.ShapeDtypeStruct(
+                shape, jnp.dtype(text_features.DTYPE))
+        return spec
 
     def encode(self, model, batch: dict, deterministic: bool):
         """(image encoder output over all B*V views, image embeddings [B,V,D], text states
@@ -54,9 +76,22 @@ class ClipTask(Task):
         b, v = views.shape[:2]
         image = model.volume_tokens(views.reshape(b * v, *views.shape[2:]), deterministic=deterministic)
         image_emb = model.project_image(image["pooled"]).reshape(b, v, -1)
-        text_states, text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"],
-                                                  deterministic=deterministic)
+        if self.locked_text:
+            text_states, text_emb = self.cached_text(model, batch)
+        else:
+            text_states, text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                                      deterministic=deterministic)
         return image, image_emb, text_states, text_emb
+
+    def cached_text(self, model, batch: dict):
+        """(text states [B,L,d_t] or None, text embeddings [B,D]) of the locked tower's cached
+        features: the live tower's pooling and the trainable projection on them."""
+        from t3d_jax.models.two_tower import pool_text
+
+        if self.locked_text == "pooled":
+            return None, model.project_text(jnp.asarray(batch["text_pooled"], model.dtype))
+        states = jnp.asarray(batch["text_states"], model.dtype)
+        return states, model.project_text(pool_text(states, batch["attention_mask"], model.text_pool))
 
     def contrastive(self, model, image_emb, text_emb) -> tuple[jax.Array, dict]:
         bias = None if model.logit_bias is None else model.logit_bias[...]

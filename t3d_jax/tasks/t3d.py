@@ -13,7 +13,9 @@ image, kept for comparison). Prototypes get no gradient for the first
 `model.tma.freeze_prototypes_steps` steps.
 
 Batch contract: the `clip` task's plus `boxes` [B, V, 2, 3] float32, each view's crop box in
-volume coordinates (needed to match tokens across views).
+volume coordinates (needed to match tokens across views). With a locked text tower
+(`model.text.locked`) the TMA head attends to the cached token states (`text_states`), so the
+cache must keep tokens (`data.text_features=True`, not 'pooled').
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class T3DTask(ClipTask):
         self.targets = str(tma.get("targets", "visual"))
         if self.targets not in TARGETS:
             raise UserValueError(f"config.model.tma.targets={self.targets!r}: choose one of {TARGETS}")
+        if self.locked_text == "pooled":
+            raise UserValueError("task 't3d' with model.text.locked=True needs the cached token states "
+                                 "(TMA's cross-attention reads them): set data.text_features=True and cache "
+                                 "with launch/cache_text_features.py --keep tokens")
 
     def batch_spec(self):
         spec = super().batch_spec()

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from t3d_jax import tasks
+from t3d_jax.data import text_features
 from t3d_jax.data.prepared import check_data_config, sync_config_with_data
 from t3d_jax.evaluate import registry as eval_registry
 from t3d_jax.train import checkpoint as ckpt_lib
@@ -61,6 +62,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> TrainResult:
     check_data_config(config)
     tasks.get_task(config)  # an unknown task fails here, before anything is written
     config = sync_config_with_data(config)
+    text_features.check_config(config)  # a cached text-feature set must be the run's tower's
     peak = float(config.metrics.peak_flops_per_device)
     if peak <= 0:  # measured before the mesh is set: a single-device matmul
         # All devices of a CPU host share its cores, so the host's measured matmul rate
