@@ -5,6 +5,7 @@
 * `cfg_get`: a config value that may be missing (a ConfigDict, a plain dict, an object with
   attributes or None), so library code can take a section of a config without requiring
   every key;
+* `sha256_file`: a file's fingerprint (checkpoints and caches record what they came from);
 * `UserError`: the base class of errors a user can fix (a missing checkpoint, an input path
   that does not exist, an unknown config variant, data not prepared). The launchers print
   its message on one line and exit non-zero; any other exception is a bug and keeps its
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 
@@ -45,3 +48,12 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     else:
         value = getattr(cfg, key, default)
     return default if value is None else value
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (weights files are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -28,19 +27,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from t3d_jax.utils import sha256_file  # noqa: E402
+
 CACHE = pathlib.Path(os.environ.get("T3D_TEST_CACHE", pathlib.Path.home() / ".cache" / "t3d_jax"))
 TOTALSEG_SDIST = "totalsegmentator-2.18.0.tar.gz"
 TOTALSEG_SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
 EXAMPLE_CT_SHA256 = "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180cc2a12"
 _REF = "totalsegmentator-2.18.0/tests/reference_files"
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch_totalseg() -> pathlib.Path:
@@ -60,7 +53,7 @@ def _fetch_totalseg() -> pathlib.Path:
             if os.environ.get("CI"):
                 pytest.fail(msg)
             pytest.skip(msg)
-    digest = _sha256(sdist)
+    digest = sha256_file(sdist)
     if digest != TOTALSEG_SDIST_SHA256:
         pytest.fail(f"{sdist}: sha256 {digest} != expected {TOTALSEG_SDIST_SHA256}")
     members = (f"{_REF}/aorta_report/example_ct.nii.gz", f"{_REF}/example_ct_dicom/")
@@ -68,7 +61,7 @@ def _fetch_totalseg() -> pathlib.Path:
         picked = [m for m in tar.getmembers() if m.name.startswith(members)]
         tar.extractall(CACHE, members=picked, filter="data")
     ct = CACHE / _REF / "aorta_report" / "example_ct.nii.gz"
-    if _sha256(ct) != EXAMPLE_CT_SHA256:
+    if sha256_file(ct) != EXAMPLE_CT_SHA256:
         pytest.fail(f"{ct}: sha256 mismatch")
     marker.touch()
     return CACHE / _REF

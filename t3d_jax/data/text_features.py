@@ -40,7 +40,6 @@ features by its position in the split.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from t3d_jax.data import records, shards
-from t3d_jax.utils import UserFileNotFoundError, UserValueError, cfg_get
+from t3d_jax.utils import UserFileNotFoundError, UserValueError, cfg_get, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -300,20 +299,12 @@ def check_config(config) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_fingerprint(model_dir: str | os.PathLike) -> dict[str, str]:
     """{'weights': file name, 'sha256': its digest} of a Hugging Face BERT folder."""
     d = pathlib.Path(model_dir)
     for name in WEIGHT_FILES:
         if (d / name).is_file():
-            return {"weights": name, "sha256": _sha256(d / name)}
+            return {"weights": name, "sha256": sha256_file(d / name)}
     raise UserFileNotFoundError(f"{d}: no {' or '.join(WEIGHT_FILES)} (a Hugging Face BERT folder is expected)")
 
 
@@ -452,7 +443,7 @@ def cache_text_features(data_dir: str | os.PathLike, hf_bert_dir: str | os.PathL
         meta = {
             "format": FORMAT,
             "model": {"dir": str(model_dir.resolve()), **fingerprint,
-                      "vocab_sha256": _sha256(model_dir / "vocab.txt"),
+                      "vocab_sha256": sha256_file(model_dir / "vocab.txt"),
                       "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_layers),
                       "max_position_embeddings": int(hf.get("max_position_embeddings", 512))},
             "pool": pool if keep == "pooled" else None,
