@@ -1,10 +1,14 @@
 r"""Writes the synthetic chest-CT demo dataset: NIfTI volumes + manifest.csv.
 
-  python launch/make_synthetic.py --out demo_out/raw --num 200 --seed 0 [--size demo]
+  python launch/make_synthetic.py --out demo_out/raw --num 200 --seed 0 [--size demo] \
+      [--difficulty demo|realistic]
 
 Each volume is a chest phantom with an independent random subset of the 18 CT-RATE
 findings drawn into it and a findings + impression report that states them; see
-docs/data_synthetic.md. Same --seed, --num and --size -> byte-identical output.
+docs/data_synthetic.md. --difficulty sets the findings' sizes and contrasts: `demo` (the
+default for --size demo) draws them large enough to survive the demo preset (5 mm, 64^3)
+and the demo's 32^3 views, `realistic` (the default for --size realistic) at clinical sizes.
+Same --seed, --num, --size and --difficulty -> byte-identical output.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="demo", choices=sorted(synthetic.SIZES),
                         help="grid size: demo (capped voxel count) or realistic (0.6-1.5 mm in-plane)")
+    parser.add_argument("--difficulty", default=None, choices=sorted(synthetic.RENDER),
+                        help="findings' sizes/contrasts: demo (survive 5 mm / 32^3 views) or realistic "
+                             "(clinical); default: demo for --size demo, else realistic")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = synthetic.write_dataset(args.out, args.num, args.seed, size=args.size,
-                                       workers=args.workers, progress=True)
-    print(f"wrote {args.num} volumes and {manifest} in {time.perf_counter() - start:.1f} s")
+                                       workers=args.workers, progress=True, difficulty=args.difficulty)
+    difficulty = args.difficulty or synthetic.default_difficulty(args.size)
+    print(f"wrote {args.num} volumes ({difficulty} difficulty) and {manifest} in "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -3,12 +3,15 @@
 Rendering checks compare two noise-free volumes drawn from the same seed, one without
 findings and one with a single label switched on; the generator gives anatomy, noise and
 each label their own random streams, so the two differ exactly where that label is drawn.
+Both difficulties are checked: `realistic` (clinical sizes, the renderings of earlier
+versions voxel for voxel) and `demo` (larger, denser findings that survive ~10 mm voxels).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 
 import nibabel as nib
@@ -22,9 +25,9 @@ from t3d_jax.data.labels import CT_RATE_LABELS
 NONE = {n: 0 for n in CT_RATE_LABELS}
 
 
-def _phantom(seed, label=None):
+def _phantom(seed, label=None, difficulty="realistic"):
     labels = dict(NONE, **({label: 1} if label else {}))
-    return S.make_volume(np.random.default_rng(seed), labels, noise=False)
+    return S.make_volume(np.random.default_rng(seed), labels, noise=False, difficulty=difficulty)
 
 
 def _coords(ph, mask):
@@ -166,8 +169,10 @@ def _sides_ok(x, side):
     return {"left": left > 0.95, "right": right > 0.95, "bilateral": min(left, right) > 0.15}[side]
 
 
-def _check(label, base, pos, changed):
+def _check(label, base, pos, changed, difficulty="realistic"):
     """Label-specific assertions about what changed, where and to which HU."""
+    if difficulty == "demo" and label in _DEMO_CHECKS:
+        return _DEMO_CHECKS[label](base, pos, changed)
     v, b = pos.hu[changed], base.hu[changed]
     x, y, z = _coords(pos, changed)
     lung = (base.hu > -960) & (base.hu < -600)  # aerated lung (noise-free: outside air is -1000)
@@ -233,29 +238,148 @@ def _check(label, base, pos, changed):
         raise AssertionError(f"no rendering check for {label}")
 
 
+def _lung_mask(ph):
+    return (ph.hu > -960) & (ph.hu < -600)
+
+
+def _demo_emphysema(base, pos, changed):
+    """Hyperinflation (lower, flatter diaphragm: more aerated lung) and upper-zone bullae."""
+    f, lung = pos.findings["Emphysema"], _lung_mask(base)
+    assert 20 <= f["diaphragm_lowered_mm"] <= 35 and 0.3 <= f["dome_height_factor"] <= 0.5
+    assert pos.landmarks["z_diaphragm"] < base.landmarks["z_diaphragm"] - 19
+    inside = base.hu > -995  # noise-free: the air around the body is exactly -1000 HU
+    assert ((pos.hu < -600) & inside).sum() > 1.05 * ((base.hu < -600) & inside).sum()  # more aerated lung
+    bullae = (pos.hu <= -984) & (base.hu > -960) & (base.hu < -600)  # lung that became near-air
+    assert bullae.sum() * np.prod(pos.spacing) > 50e3
+    assert _coords(pos, bullae)[2].mean() > _coords(base, lung)[2].mean()  # upper zones
+
+
+def _demo_atelectasis(base, pos, changed):
+    """A dense plate in the lower lobe(s) and volume loss: the hemidiaphragm(s) raised."""
+    f, lung = pos.findings["Atelectasis"], _lung_mask(base)
+    raised = f["hemidiaphragm_raised_mm"]
+    assert set(raised) == set(S._Chest._sides(f["side"])) and all(20 <= v <= 30 for v in raised.values())
+    v, b = pos.hu[changed], base.hu[changed]
+    x, _, z = _coords(pos, changed)
+    assert _in_range(v, 15, 85, 0.97) and np.mean(b < -600) > 0.8 and _sides_ok(x, f["side"])
+    assert z.mean() < _coords(base, lung)[2].mean()
+    assert _lung_mask(pos).sum() < 0.95 * lung.sum()  # volume loss
+
+
+def _demo_fibrosis(base, pos, changed):
+    """Thick subpleural strands (-80..20 HU) and a reticular band (-350..-200 HU), lower zones."""
+    v, b = pos.hu[changed], base.hu[changed]
+    z = _coords(pos, changed)[2]
+    assert _in_range(v, -360, 30, 1.0) and np.all(b < -600) and z.mean() < _coords(base, _lung_mask(base))[2].mean()
+    assert np.mean(v < -150) > 0.2 and np.mean(v > -100) > 0.05  # band and strands
+
+
+def _demo_mosaic(base, pos, changed):
+    """Checkerboard of darker (-180..-210 HU, clipped at -1024) and brighter (+350..+420 HU) lung."""
+    d = pos.hu[changed] - base.hu[changed]
+    assert np.mean(d > 0) > 0.25 and np.mean(d < 0) > 0.25
+    assert _in_range(d[d > 0], 345, 425, 1.0) and _in_range(-d[d < 0], 30, 215, 1.0)
+    assert pos.findings["Mosaic attenuation pattern"]["cell_mm"] >= 70
+
+
+_DEMO_CHECKS = {"Emphysema": _demo_emphysema, "Atelectasis": _demo_atelectasis,
+                "Pulmonary fibrotic sequela": _demo_fibrosis, "Mosaic attenuation pattern": _demo_mosaic}
+
+
 def _segment_distance(q, p0, p1):
     d = p1 - p0
     t = np.clip((q - p0) @ d / max(d @ d, 1e-9), 0, 1)
     return float(np.linalg.norm(q - p0 - t * d))
 
 
+@pytest.mark.parametrize("difficulty", S.DIFFICULTIES)
 @pytest.mark.parametrize("label", CT_RATE_LABELS)
-def test_each_label_renders_where_and_how_it_should(label):
+def test_each_label_renders_where_and_how_it_should(label, difficulty):
     for seed in (1, 2):
-        base, pos = _phantom(seed), _phantom(seed, label)
+        base, pos = _phantom(seed, None, difficulty), _phantom(seed, label, difficulty)
         changed = np.abs(pos.hu - base.hu) > 30
         assert changed.any(), f"{label}: nothing drawn"
-        _check(label, base, pos, changed)
+        _check(label, base, pos, changed, difficulty)
         # survives resampling to ~5 mm voxels: many 5 mm blocks change by > 60 HU
         diff = np.abs(_block_mean(pos.hu, pos.spacing) - _block_mean(base.hu, base.spacing))
         assert (diff > 60).sum() >= 8, f"{label}: only {(diff > 60).sum()} 5-mm blocks change"
 
 
-def test_unrelated_labels_leave_volume_unchanged():
-    # A label's stream is independent: switching Emphysema on does not move a nodule.
-    a = _phantom(4, "Lung nodule")
-    b = S.make_volume(np.random.default_rng(4), dict(NONE, **{"Lung nodule": 1, "Emphysema": 1}), noise=False)
+@pytest.mark.parametrize("difficulty, other", [("realistic", "Emphysema"), ("demo", "Medical material")])
+def test_unrelated_labels_leave_volume_unchanged(difficulty, other):
+    # A label's stream is independent: switching another label on does not move a nodule.
+    # (At demo difficulty emphysema hyperinflates the lungs, so it does move them: pair the
+    # nodule with a finding outside the lungs there.)
+    a = _phantom(4, "Lung nodule", difficulty)
+    b = S.make_volume(np.random.default_rng(4), dict(NONE, **{"Lung nodule": 1, other: 1}), noise=False,
+                      difficulty=difficulty)
     assert a.findings["Lung nodule"] == b.findings["Lung nodule"]
+
+
+# -------------------------------------------------------------------- difficulty ------
+# sha256 of the float32 HU grid of this noise-free, all-findings realistic volume, as the
+# generator drew it before difficulties existed: `realistic` is that rendering, voxel for voxel.
+REALISTIC_DIGEST = "0f7976184d650f2c5d6e781e5679bd35cdf5eeaf08d4b988a8c6d974a79b48ff"
+
+
+def test_realistic_is_the_earlier_rendering_and_demo_changes_only_findings():
+    every = {n: 1 for n in CT_RATE_LABELS}
+    real = S.make_volume(np.random.default_rng(2024), every, noise=False, difficulty="realistic")
+    assert hashlib.sha256(real.hu.tobytes()).hexdigest() == REALISTIC_DIGEST
+    demo = S.make_volume(np.random.default_rng(2024), every, noise=False, difficulty="demo")
+    assert demo.hu.shape == real.hu.shape and not np.array_equal(demo.hu, real.hu)
+    # Without findings both difficulties draw the same chest.
+    np.testing.assert_array_equal(_phantom(3, None, "demo").hu, _phantom(3, None, "realistic").hu)
+    # The default follows the grid size: demo for the demo size.
+    assert (S.default_difficulty("demo"), S.default_difficulty("realistic")) == ("demo", "realistic")
+    np.testing.assert_array_equal(S.make_volume(np.random.default_rng(5), every, noise=False).hu,
+                                  S.make_volume(np.random.default_rng(5), every, noise=False, difficulty="demo").hu)
+    with pytest.raises(ValueError, match="unknown synthetic difficulty 'hard'"):
+        S.make_volume(np.random.default_rng(0), NONE, difficulty="hard")
+
+
+def test_demo_findings_are_larger_at_5_mm():
+    """Each finding whose rendering differs changes more 5-mm blocks by > 60 HU at demo difficulty;
+    the ones kept as they are (already visible at 5 mm) change exactly as at realistic."""
+    same = {"Cardiomegaly", "Hiatal hernia", "Interlobular septal thickening"}
+    for label in CT_RATE_LABELS:
+        blocks = {}
+        for difficulty in S.DIFFICULTIES:
+            base, pos = _phantom(1, None, difficulty), _phantom(1, label, difficulty)
+            diff = np.abs(_block_mean(pos.hu, pos.spacing) - _block_mean(base.hu, base.spacing))
+            blocks[difficulty] = int((diff > 60).sum())
+        if label in same:
+            assert blocks["demo"] == blocks["realistic"], label
+        else:
+            assert blocks["demo"] > 1.3 * blocks["realistic"], (label, blocks)
+    nodule = _phantom(1, "Lung nodule", "demo").findings["Lung nodule"]
+    assert 24 <= nodule["size_mm"] <= 30  # realistic: 12-20 mm
+
+
+def test_examples_keep_labels_and_report_across_difficulties():
+    for i in range(6):
+        a, b = S.make_example(3, i, difficulty="realistic"), S.make_example(3, i, difficulty="demo")
+        assert a["labels"] == b["labels"] and (a["slope"], a["inter"]) == (b["slope"], b["inter"])
+        m = R.mentions(b["report"])
+        for name in CT_RATE_LABELS:
+            assert m[name]["asserted"] == bool(b["labels"][name]), (name, b["report"])
+        if b["labels"]["Lung nodule"]:
+            size = b["phantom"].findings["Lung nodule"]["size_mm"]
+            assert f"{size} mm" in b["report"]  # the report states what was drawn
+
+
+def test_dataset_records_its_difficulty(tmp_path):
+    S.write_dataset(tmp_path / "d", 2, seed=1, workers=1)
+    S.write_dataset(tmp_path / "r", 2, seed=1, workers=1, difficulty="realistic")
+    for name, difficulty in (("d", "demo"), ("r", "realistic")):
+        lines = [json.loads(line) for line in (tmp_path / name / "findings.jsonl").read_text().splitlines()]
+        assert [d["difficulty"] for d in lines] == [difficulty] * 2
+        settings = json.loads((tmp_path / name / "synthetic.json").read_text())
+        assert (settings["difficulty"], settings["size"], settings["seed"], settings["num"]) == (difficulty, "demo", 1, 2)
+        assert settings["render"] == json.loads(json.dumps(S.RENDER[difficulty]))
+    assert _digest(tmp_path / "d")["volumes/syn_00000.nii.gz"] != _digest(tmp_path / "r")["volumes/syn_00000.nii.gz"]
+    with pytest.raises(ValueError, match="unknown synthetic difficulty"):
+        S.write_dataset(tmp_path / "x", 1, seed=0, difficulty="easy")
 
 
 # ----------------------------------------------------------------------- reports ------

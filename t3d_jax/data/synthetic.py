@@ -14,7 +14,15 @@ written RAS or LPS (alternating) with the array flipped to match, so the physica
 anatomy is identical however the file is stored. Storage is int16 with
 ``scl_slope``/``scl_inter`` (HU = stored * slope + inter).
 
-What is drawn per label is described in docs/data_synthetic.md.
+Difficulty. ``RENDER`` holds the findings' sizes, counts and contrasts per difficulty:
+``realistic`` (clinical sizes; the renderings of earlier versions, voxel for voxel) and
+``demo`` (the default for the demo grid size: larger, denser findings, plus secondary signs
+such as hyperinflation for emphysema and volume loss for atelectasis, so that each survives
+the demo preset's 5 mm voxels and the demo's 32^3 (~10 mm) views). The drawing methods'
+docstrings quote the realistic numbers. Anatomy and the order of random draws do not depend
+on the difficulty: the same seed draws the same chest, labels and report wording.
+
+What is drawn per label, at each difficulty, is described in docs/data_synthetic.md.
 """
 
 from __future__ import annotations
@@ -56,6 +64,78 @@ SIZES: dict[str, GridSize] = {
     "realistic": GridSize(inplane_spacing=(0.6, 1.5),
                           slice_spacings=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)),
 }
+
+# How findings are drawn, per difficulty. `realistic`: clinical sizes and contrasts (a 12-20 mm
+# nodule, 3-4.5 mm calcified foci, 1.5-2.5 mm fibrotic strands), much of which the 5 mm / 64^3
+# demo preset and the demo's 32^3 views (~10 mm voxels) blur away. `demo`: the same findings,
+# larger, more numerous and of higher contrast, so that each survives ~10 mm voxels; still
+# plausible (a nodule is a round soft-tissue lesion in lung, calcifications are bright foci on
+# the aortic wall / heart surface). Ranges are (lo, hi) of uniform draws; counts are
+# numpy `integers(lo, hi)` (hi excluded). docs/data_synthetic.md lists what changes.
+DIFFICULTIES = ("demo", "realistic")
+RENDER: dict[str, dict[str, Any]] = {
+    "realistic": {
+        "material_port": (13.0, 13.0, 5.0), "material_pacemaker": (22.0, 6.0, 16.0),
+        "material_wire": 1.5, "material_sternal_wire": 1.8, "material_sternal_count": (4, 7),
+        "material_port_x": (50.0, 70.0), "material_port_z": (20.0, 40.0), "material_pacemaker_x": (55.0, 75.0),
+        "material_pacemaker_z": (25.0, 45.0), "material_on_surface": False,
+        "arterial_count": (8, 16), "coronary_count": (6, 11), "calc_radius": (3.0, 4.5),
+        "pericardial_rim": (10.0, 18.0),
+        "node_count": (3, 6), "node_radius": (10.0, 15.0), "node_hu": (35.0, 55.0),
+        "emph_count": (8, 14), "emph_radius": (9.0, 16.0), "emph_zone": (0.5, 0.95),
+        "emph_hu": (-995.0, -965.0), "emph_hyperinflation": None,
+        "opacity_count": (2, 5), "opacity_radius": (18.0, 30.0), "opacity_hu": (-480.0, -320.0),
+        "opacity_zone": (0.25, 0.9),
+        "fib_count": (7, 12), "fib_half_length": (10.0, 20.0), "fib_radius": (1.5, 2.5),
+        "fib_hu": (-80.0, 20.0), "fib_band": None, "fib_band_hu": None,
+        "bronchiectasis_count": (3, 6), "bronchiectasis_lumen": (5.0, 7.5),
+        "bronchiectasis_wall": (2.5, 3.5), "bronchiectasis_start": 0.3,
+        "consolidation_radius": (28.0, 42.0), "consolidation_radius_z": (26.0, 38.0),
+        "atel_radius": ((30.0, 45.0), (25.0, 38.0), (6.0, 9.0)), "atel_hu": (20.0, 60.0),
+        "atel_volume_loss": None,
+        "nodule_count": (1, 4), "nodule_radius": (6.0, 10.0), "nodule_margin": 10.0, "nodule_zone": (0.3, 0.95),
+        "effusion_depth": (35.0, 55.0), "effusion_height": (70.0, 110.0),
+        "mosaic_cell": (20.0, 28.0), "mosaic_dark": (80.0, 100.0), "mosaic_bright": (80.0, 110.0),
+        "bronchial_wall": (3.5, 5.0),
+    },
+    "demo": {
+        "material_port": (24.0, 24.0, 11.0), "material_pacemaker": (34.0, 12.0, 26.0),
+        "material_wire": 3.0, "material_sternal_wire": 3.5, "material_sternal_count": (8, 12),
+        "material_port_x": (60.0, 80.0), "material_port_z": (45.0, 65.0), "material_pacemaker_x": (65.0, 85.0),
+        "material_pacemaker_z": (50.0, 70.0), "material_on_surface": True,
+        "arterial_count": (24, 35), "coronary_count": (18, 27), "calc_radius": (8.5, 10.5),
+        "pericardial_rim": (16.0, 24.0),
+        "node_count": (5, 6), "node_radius": (20.0, 26.0), "node_hu": (40.0, 60.0),
+        "emph_count": (20, 31), "emph_radius": (16.0, 24.0), "emph_zone": (0.3, 0.95),
+        "emph_hu": (-1000.0, -985.0), "emph_hyperinflation": (20.0, 35.0),
+        "opacity_count": (5, 9), "opacity_radius": (30.0, 42.0), "opacity_hu": (-450.0, -300.0),
+        "opacity_zone": (0.5, 0.92),
+        "fib_count": (25, 36), "fib_half_length": (20.0, 35.0), "fib_radius": (4.0, 6.0),
+        "fib_hu": (-80.0, 20.0), "fib_band": (15.0, 22.0), "fib_band_hu": (-350.0, -200.0),
+        "bronchiectasis_count": (10, 16), "bronchiectasis_lumen": (10.0, 13.0),
+        "bronchiectasis_wall": (5.0, 7.0), "bronchiectasis_start": 0.45,
+        "consolidation_radius": (50.0, 65.0), "consolidation_radius_z": (42.0, 55.0),
+        "atel_radius": ((55.0, 75.0), (40.0, 55.0), (16.0, 24.0)), "atel_hu": (40.0, 80.0),
+        "atel_volume_loss": (20.0, 30.0),
+        "nodule_count": (16, 26), "nodule_radius": (12.0, 15.0), "nodule_margin": 15.0,
+        "nodule_zone": (0.15, 0.6),
+        "effusion_depth": (60.0, 90.0), "effusion_height": (110.0, 160.0),
+        "mosaic_cell": (70.0, 90.0), "mosaic_dark": (180.0, 210.0), "mosaic_bright": (350.0, 420.0),
+        "bronchial_wall": (8.0, 11.0),
+    },
+}
+
+
+def default_difficulty(size: str) -> str:
+    """`demo` for the demo grid size, `realistic` otherwise."""
+    return "demo" if size == "demo" else "realistic"
+
+
+def _check_difficulty(difficulty: str) -> str:
+    if difficulty not in RENDER:
+        raise ValueError(f"unknown synthetic difficulty {difficulty!r}; choose one of {sorted(RENDER)}")
+    return difficulty
+
 
 # Prevalence of each label, drawn independently. Close to CT-RATE's, but at least 10%
 # so that the 20% validation split of a 200-volume demo holds a few positives per label.
@@ -198,8 +278,9 @@ def _unit(rng, bias=(0.0, 0.0, 0.0)):
 class _Chest:
     """Draws one chest: anatomy first, then the findings of the positive labels."""
 
-    def __init__(self, rng, shape, spacing, positive, label_rngs):
+    def __init__(self, rng, shape, spacing, positive, label_rngs, difficulty="realistic"):
         self.rng, self.cv = rng, _Canvas(shape, spacing)
+        self.P = RENDER[_check_difficulty(difficulty)]  # sizes/contrasts of the findings
         self.positive = set(positive)  # names of the labels to draw
         self.rngs = label_rngs  # one random stream per label
         u = rng.uniform
@@ -216,6 +297,24 @@ class _Chest:
         self.med_half = u(18, 25)
         self.z_dia = self.zb + u(40, 60)
         self.dome_h = u(18, 30)
+        self.hyperinflation = None
+        if self.P["emph_hyperinflation"] and "Emphysema" in self.positive:
+            # Emphysema at demo difficulty also hyperinflates the lungs: lower, flatter
+            # hemidiaphragms (drawn from the label's own stream, before its bullae).
+            er = self.rngs["Emphysema"]
+            drop, flat = er.uniform(*self.P["emph_hyperinflation"]), er.uniform(0.3, 0.5)
+            self.z_dia -= drop
+            self.dome_h *= flat
+            self.hyperinflation = {"diaphragm_lowered_mm": round(drop, 1), "dome_height_factor": round(flat, 2)}
+        self.elevation = {"left": 0.0, "right": 0.0}
+        self.atelectasis_side = None
+        if self.P["atel_volume_loss"] and "Atelectasis" in self.positive:
+            # Atelectasis at demo difficulty also shows volume loss: the hemidiaphragm of the
+            # collapsed side(s) is raised (side drawn here, first, as _atelectasis would).
+            ar = self.rngs["Atelectasis"]
+            self.atelectasis_side = self._side(ar)
+            for s_ in self._sides(self.atelectasis_side):
+                self.elevation[s_] = float(ar.uniform(*self.P["atel_volume_loss"]))
         self.right_lift = u(8, 16)
         self.z_apex = self.zt - u(5, 20)
         self.lung_hu = u(-870, -830)
@@ -236,7 +335,7 @@ class _Chest:
         ha = self.cav_a * 0.5
         side_x = np.abs(x - self.xmed) - ha
         bump = np.clip(1.0 - (side_x / ha) ** 2 - ((y - self.cav_yc) / self.cav_b) ** 2, 0, 1)
-        lift = np.where(x > self.xmed, self.right_lift, 0.0)
+        lift = np.where(x > self.xmed, self.right_lift + self.elevation["right"], self.elevation["left"])
         recess = 12.0 * np.clip(-(y - self.cav_yc) / self.cav_b, 0, 1)
         return self.z_dia + self.dome_h * bump + lift - recess
 
@@ -306,7 +405,7 @@ class _Chest:
         c, a, cav = self.heart_c, self.heart_angle, self.cavity
         if "Pericardial effusion" in self.positive:
             lr = self.rngs["Pericardial effusion"]
-            rim = lr.uniform(10, 18)
+            rim = lr.uniform(*self.P["pericardial_rim"])
             cv.ellipsoid(c, radii + 4 + rim, lr.uniform(5, 18), a, within=cav)
             f["Pericardial effusion"] = {"rim_mm": round(rim, 1)}
         cv.ellipsoid(c, radii + 4, u(-100, -80), a, within=cav)  # epicardial fat
@@ -348,7 +447,7 @@ class _Chest:
         self.lung_left &= aerated
         # airways: trachea, main bronchi, lobar/segmental bronchi from each hilum
         thick = "Peribronchial thickening" in self.positive
-        wall = self.rngs["Peribronchial thickening"].uniform(3.5, 5.0) if thick else 1.2
+        wall = self.rngs["Peribronchial thickening"].uniform(*self.P["bronchial_wall"]) if thick else 1.2
         carina = np.array([0.0, y_tr, self.z_carina])
         cv.capsule((0.0, y_tr, self.zt + 5), carina, u(10, 12) + 1.5, 40.0)
         cv.capsule((0.0, y_tr, self.zt + 5), carina, 9.5, -990.0)
@@ -457,24 +556,26 @@ class _Chest:
         """Lobular checkerboard (20-28 mm cells) of darker (-90 HU) and brighter (+95 HU) lung."""
         lungs = self.lung_right | self.lung_left
         x, y, z = cv.grid
-        s = u(20, 28)
+        P = self.P
+        s = u(*P["mosaic_cell"])
         off = rng.uniform(0, s, 3)
         parity = (np.floor((x + off[0]) / s) + np.floor((y + off[1]) / s)
                   + np.floor((z + off[2]) / s)) % 2
         paren = lungs & (cv.hu > -960) & (cv.hu < -600)  # parenchyma, not airway lumen
         dark = np.broadcast_to(parity == 0, paren.shape)
-        cv.hu[paren & dark] -= u(80, 100)
-        cv.hu[paren & ~dark] += u(80, 110)
+        cv.hu[paren & dark] -= u(*P["mosaic_dark"])
+        cv.hu[paren & ~dark] += u(*P["mosaic_bright"])
         F["Mosaic attenuation pattern"] = {"cell_mm": round(s, 1)}
 
     def _emphysema(self, rng, u, cv, F):
         """8-13 low-attenuation (-995..-965 HU) spheres, 9-16 mm radius, in each upper lung."""
+        P = self.P
         for side in ("left", "right"):
-            for _ in range(int(rng.integers(8, 14))):
-                cv.ellipsoid(self.lung_point(rng, side, (0.5, 0.95), margin=4), (u(9, 16),) * 3,
-                             u(-995, -965), within=self.lung(side), mode="min",
+            for _ in range(int(rng.integers(*P["emph_count"]))):
+                cv.ellipsoid(self.lung_point(rng, side, P["emph_zone"], margin=4), (u(*P["emph_radius"]),) * 3,
+                             u(*P["emph_hu"]), within=self.lung(side), mode="min",
                              where=lambda h: h < -600)  # vessels stay
-        F["Emphysema"] = {"zone": "upper"}
+        F["Emphysema"] = {"zone": "upper", **(self.hyperinflation or {})}
 
     def _septal(self, rng, u, cv, F):
         """A 3D grid of dense lines (-150..-60 HU, ~2 mm, every 13-17 mm) in the outer 12 mm of lung."""
@@ -489,21 +590,34 @@ class _Chest:
 
     def _opacity(self, rng, u, cv, F):
         """2-4 ground-glass patches (-480..-320 HU, 18-30 mm radii) in the mid/upper lungs."""
-        for _ in range(int(rng.integers(2, 5))):
+        P = self.P
+        for _ in range(int(rng.integers(*P["opacity_count"]))):
             side = ("left", "right")[rng.integers(2)]
-            cv.ellipsoid(self.lung_point(rng, side, (0.25, 0.9), margin=8),
-                         (u(18, 30), u(18, 30), u(18, 30)), u(-480, -320),
+            cv.ellipsoid(self.lung_point(rng, side, P["opacity_zone"], margin=8),
+                         (u(*P["opacity_radius"]), u(*P["opacity_radius"]), u(*P["opacity_radius"])),
+                         u(*P["opacity_hu"]),
                          within=self.lung(side), mode="max")
         F["Lung opacity"] = {}
 
     def _fibrosis(self, rng, u, cv, F):
         """7-11 dense reticular strands (-80..20 HU) per lung, subpleural, lower posterior zone."""
+        P = self.P
         for side in ("left", "right"):
-            for _ in range(int(rng.integers(7, 12))):
+            for _ in range(int(rng.integers(*P["fib_count"]))):
                 q = self.lung_point(rng, side, (0.0, 0.45), margin=3, peripheral=True, y_range=(-1, 0.3))
                 d = _unit(rng, bias=(0, 0, 0))
-                cv.capsule(q - d * u(10, 20), q + d * u(10, 20), u(1.5, 2.5), u(-80, 20),
+                cv.capsule(q - d * u(*P["fib_half_length"]), q + d * u(*P["fib_half_length"]),
+                           u(*P["fib_radius"]), u(*P["fib_hu"]),
                            within=self.lung(side), mode="max")
+        if P["fib_band"]:
+            # demo: a subpleural band of reticular haze in the lower posterior zones (UIP-like,
+            # bilateral), which 10 mm voxels keep where they average the strands away
+            x, y, z = cv.grid
+            depth = u(*P["fib_band"])
+            zone = (z < self.zone_z(0.45)) & (y < self.cav_yc + 0.3 * self.cav_b)
+            lungs = self.lung_right | self.lung_left
+            shell = lungs & ~_erode(lungs, [int(np.ceil(depth / sp)) for sp in cv.spacing[:2]] + [0]) & zone
+            cv.hu[shell] = np.maximum(cv.hu[shell], u(*P["fib_band_hu"]))
         F["Pulmonary fibrotic sequela"] = {"zone": "lower"}
 
     def _bronchiectasis(self, rng, u, cv, F):
@@ -511,11 +625,11 @@ class _Chest:
         side = self._side(rng)
         for s_ in self._sides(side):
             hilum = self.hila[s_]
-            for _ in range(int(rng.integers(3, 6))):
+            for _ in range(int(rng.integers(*self.P["bronchiectasis_count"]))):
                 end = self.lung_point(rng, s_, (0.0, 0.3), margin=4)
-                start = hilum + (end - hilum) * 0.3
-                r = u(5.0, 7.5)
-                cv.capsule(start, end, r + u(2.5, 3.5), u(20, 40), within=self.lung(s_))
+                start = hilum + (end - hilum) * self.P["bronchiectasis_start"]
+                r = u(*self.P["bronchiectasis_lumen"])
+                cv.capsule(start, end, r + u(*self.P["bronchiectasis_wall"]), u(20, 40), within=self.lung(s_))
                 cv.capsule(start, end, r, -995.0, within=self.lung(s_))
         F["Bronchiectasis"] = {"side": side}
 
@@ -525,7 +639,8 @@ class _Chest:
         upper = rng.random() < 0.5
         h = (0.6, 0.8) if upper else (0.15, 0.35)
         c = self.lung_point(rng, side, h, margin=15)
-        radii = (u(28, 42), u(28, 42), u(26, 38))
+        rxy, rz = self.P["consolidation_radius"], self.P["consolidation_radius_z"]
+        radii = (u(*rxy), u(*rxy), u(*rz))
         cv.ellipsoid(c, radii, u(20, 50), within=self.lung(side))
         for _ in range(2):  # air bronchograms
             d = _unit(rng)
@@ -536,21 +651,24 @@ class _Chest:
 
     def _atelectasis(self, rng, u, cv, F):
         """A plate-like band (6-9 mm thick, 20-60 HU) in the lower lobe(s), left/right/bilateral."""
-        side = self._side(rng)
+        side = self.atelectasis_side or self._side(rng)
         for s_ in self._sides(side):
             c = self.lung_point(rng, s_, (0.08, 0.25), margin=6, y_range=(-0.3, 0.3))
-            cv.ellipsoid(c, (u(30, 45), u(25, 38), u(6, 9)), u(20, 60), angle=u(0, math.pi),
+            ra, rb, rc = self.P["atel_radius"]
+            cv.ellipsoid(c, (u(*ra), u(*rb), u(*rc)), u(*self.P["atel_hu"]), angle=u(0, math.pi),
                          within=self.lung(s_))
         F["Atelectasis"] = {"side": side}
+        if self.atelectasis_side:
+            F["Atelectasis"]["hemidiaphragm_raised_mm"] = {k: round(v, 1) for k, v in self.elevation.items() if v}
 
     def _nodule(self, rng, u, cv, F):
         """1-3 solid spheres (12-20 mm diameter, 20-80 HU) in the lungs; the largest is reported."""
-        best = None
-        for _ in range(int(rng.integers(1, 4))):
+        best, P = None, self.P
+        for _ in range(int(rng.integers(*P["nodule_count"]))):
             side = ("left", "right")[rng.integers(2)]
-            hq = rng.uniform(0.3, 0.95)
-            c = self.lung_point(rng, side, (hq, hq), margin=10)
-            r = u(6.0, 10.0)
+            hq = rng.uniform(*P["nodule_zone"])
+            c = self.lung_point(rng, side, (hq, hq), margin=P["nodule_margin"])
+            r = u(*P["nodule_radius"])
             cv.ellipsoid(c, (r, r, r), u(20, 80), within=self.lung(side))
             if best is None or r > best[0]:
                 best = (r, side, "upper" if hq >= 0.5 else "lower", c)
@@ -561,7 +679,7 @@ class _Chest:
         """Dependent fluid layer (5-18 HU) at the posterior lung base, 35-55 mm deep, left/right/bilateral."""
         side = self._side(rng)
         x, y, z = cv.grid
-        depth, height = u(35, 55), u(70, 110)
+        depth, height = u(*self.P["effusion_depth"]), u(*self.P["effusion_height"])
         thick = depth * np.clip(1.0 - (z - self.z_dia) / height, 0, 1)
         layer = (y - self.y_post) < thick
         fluid = u(5, 18)
@@ -575,9 +693,10 @@ class _Chest:
         stations = [(12, y_tr + 5, self.z_carina + 25), (0, y_tr - 8, self.z_carina - 18),
                     (-20, y_tr + 22, self.z_carina + 30), tuple(self.hila["right"] + [4, 12, -8]),
                     tuple(self.hila["left"] + [-4, 12, -8])]
-        for i in rng.choice(len(stations), int(rng.integers(3, 6)), replace=False):
-            r = u(10, 15)
-            cv.ellipsoid(np.array(stations[i]), (r, r * u(0.8, 1.0), r * u(0.9, 1.2)), u(35, 55),
+        P = self.P
+        for i in rng.choice(len(stations), int(rng.integers(*P["node_count"])), replace=False):
+            r = u(*P["node_radius"])
+            cv.ellipsoid(np.array(stations[i]), (r, r * u(0.8, 1.0), r * u(0.9, 1.2)), u(*P["node_hu"]),
                          where=lambda h: (h < 0) & (h > -960))
         F["Lymphadenopathy"] = {}
 
@@ -597,7 +716,7 @@ class _Chest:
     def _arterial_calcification(self, rng, u, cv, F):
         """8-15 bright foci (900-1500 HU, 3-4.5 mm radius; brighter than bone) on the aortic arch/descending wall."""
         foci = []
-        for _ in range(int(rng.integers(8, 16))):
+        for _ in range(int(rng.integers(*self.P["arterial_count"]))):
             p0, p1, r = self.aorta[int(rng.integers(2, len(self.aorta)))]
             axis = (p1 - p0) / max(np.linalg.norm(p1 - p0), 1e-9)
             d = _unit(rng)
@@ -605,14 +724,14 @@ class _Chest:
             d /= max(np.linalg.norm(d), 1e-9)
             q = p0 + (p1 - p0) * rng.uniform(0, 1)
             foci.append(q + d * (r + 0.5))
-            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(900, 1500))
+            cv.ellipsoid(foci[-1], (u(*self.P["calc_radius"]),) * 3, u(900, 1500))
         F["Arterial wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
 
     def _coronary_calcification(self, rng, u, cv, F):
         """6-10 bright foci (900-1500 HU, 3-4.5 mm radius) on the heart surface along the AV groove ring."""
         a = self.heart_angle
         long_axis = np.array([math.cos(a), math.sin(a), 0.0])
-        foci, n_foci = [], int(rng.integers(6, 11))
+        foci, n_foci = [], int(rng.integers(*self.P["coronary_count"]))
         for _ in range(400):
             d = _unit(rng)
             if abs(d @ long_axis) > 0.3 or d[2] < -0.2:
@@ -622,7 +741,7 @@ class _Chest:
             world = np.array([local[0] * math.cos(a) - local[1] * math.sin(a),
                               local[0] * math.sin(a) + local[1] * math.cos(a), local[2]])
             foci.append(self.heart_c + world + d * 2.0)
-            cv.ellipsoid(foci[-1], (u(3, 4.5),) * 3, u(900, 1500))
+            cv.ellipsoid(foci[-1], (u(*self.P["calc_radius"]),) * 3, u(900, 1500))
             if len(foci) >= n_foci:
                 break
         F["Coronary artery wall calcification"] = {"foci_mm": np.round(foci, 1).tolist()}
@@ -631,26 +750,36 @@ class _Chest:
         """A >2000 HU device: chest-wall port with catheter, pacemaker with lead, or sternotomy wires."""
         kind = ("port", "pacemaker", "sternotomy")[rng.integers(3)]
         dense = u(2400, 3000)
+        P = self.P
         y_front = self.body_yc + self.body_b - self.fat * 0.6
+
+        def pocket(x):  # y of a subcutaneous device at x: the front at the midline, or (demo) the body surface there
+            if not P["material_on_surface"]:
+                return y_front - 4
+            return self.body_yc + self.body_b * math.sqrt(max(0.0, 1 - (x / self.body_a) ** 2)) - self.fat * 0.6 - 4
+
         if kind == "port":
             side = ("left", "right")[rng.integers(2)]
             sign = 1.0 if side == "right" else -1.0
-            c = np.array([sign * u(50, 70), y_front - 4, self.z_carina + u(20, 40)])
-            cv.ellipsoid(c, (13, 13, 5.0), dense, angle=0.0)
+            x = sign * u(*P["material_port_x"])
+            c = np.array([x, pocket(x), self.z_carina + u(*P["material_port_z"])])
+            cv.ellipsoid(c, self.P["material_port"], dense, angle=0.0)
             cv.capsule(c, (self.xmed + 15, self.heart_c[1] - 5, self.heart_c[2] + self.heart_r[2]),
-                       1.5, dense)
+                       self.P["material_wire"], dense)
             device = f"a {side} chest wall port with catheter tip in the superior vena cava"
         elif kind == "pacemaker":
-            c = np.array([-u(55, 75), y_front - 4, self.z_carina + u(25, 45)])
-            cv.ellipsoid(c, (22, 6, 16), dense)
-            cv.capsule(c, self.heart_c + [5, 5, 0], 1.5, dense)
+            x = -u(*P["material_pacemaker_x"])
+            c = np.array([x, pocket(x), self.z_carina + u(*P["material_pacemaker_z"])])
+            cv.ellipsoid(c, self.P["material_pacemaker"], dense)
+            cv.capsule(c, self.heart_c + [5, 5, 0], self.P["material_wire"], dense)
             device = "a left pectoral pacemaker with a lead in the right ventricle"
         else:
             y_st = self.cav_yc + self.cav_b + 5
-            for zc in np.linspace(self.z_dia + 25, self.z_apex - 30, int(rng.integers(4, 7))):
-                cv.capsule((-16, y_st - 2, zc), (16, y_st - 2, zc), 1.8, dense)
-                cv.capsule((-16, y_st - 2, zc), (-16, y_st + 6, zc), 1.8, dense)
-                cv.capsule((16, y_st - 2, zc), (16, y_st + 6, zc), 1.8, dense)
+            w = self.P["material_sternal_wire"]
+            for zc in np.linspace(self.z_dia + 25, self.z_apex - 30, int(rng.integers(*self.P["material_sternal_count"]))):
+                cv.capsule((-16, y_st - 2, zc), (16, y_st - 2, zc), w, dense)
+                cv.capsule((-16, y_st - 2, zc), (-16, y_st + 6, zc), w, dense)
+                cv.capsule((16, y_st - 2, zc), (16, y_st + 6, zc), w, dense)
             device = "median sternotomy wires"
         F["Medical material"] = {"device": device, "kind": kind}
 
@@ -673,16 +802,21 @@ def _erode(mask, steps):
 
 
 def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "demo",
-                orientation: str | None = None, noise: bool = True) -> Phantom:
+                orientation: str | None = None, noise: bool = True,
+                difficulty: str | None = None) -> Phantom:
     """Draws one chest CT with exactly the positive ``labels`` rendered.
 
     Returns the HU grid in canonical RAS+ (the file written for it may be LPS), its
     spacing, the storage orientation and what was drawn for each positive label.
     ``noise=False`` skips the Gaussian noise (tests compare clean renderings).
+    ``difficulty`` ('demo' | 'realistic', ``RENDER``; None = ``default_difficulty(size)``)
+    sets the findings' sizes and contrasts; the anatomy and the random draws' order are the
+    same for both, and 'realistic' is the rendering of earlier versions, voxel for voxel.
     """
     unknown = set(labels) - set(CT_RATE_LABELS)
     if unknown:
         raise ValueError(f"unknown labels {sorted(unknown)}; expected names from CT_RATE_LABELS")
+    difficulty = _check_difficulty(default_difficulty(size) if difficulty is None else difficulty)
     shape, spacing = sample_grid(rng, size)
     if orientation is None:
         orientation = ("RAS", "LPS")[rng.integers(2)]
@@ -692,7 +826,7 @@ def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "d
     # only that label's rendering (the tests compare such pairs voxel by voxel).
     streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2 + len(CT_RATE_LABELS))]
     chest = _Chest(streams[0], shape, spacing, positive={n for n, v in labels.items() if v},
-                   label_rngs=dict(zip(CT_RATE_LABELS, streams[2:])))
+                   label_rngs=dict(zip(CT_RATE_LABELS, streams[2:])), difficulty=difficulty)
     chest.anatomy()
     chest.findings_all()
     hu = chest.cv.hu
@@ -746,14 +880,16 @@ def split_of(sample_id: str) -> str:
     return "train" if int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % 10 < 8 else "valid"
 
 
-def make_example(seed: int, index: int, size: str = "demo") -> dict[str, Any]:
+def make_example(seed: int, index: int, size: str = "demo", difficulty: str | None = None) -> dict[str, Any]:
     """Everything about example ``index``: labels, report, volume. Independent of other
-    examples (own random stream), so the dataset is identical for any worker count."""
+    examples (own random stream), so the dataset is identical for any worker count. The
+    labels, report wording and anatomy do not depend on ``difficulty``, only the findings'
+    renderings (and the sizes/sides the report takes from them)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     labels = sample_labels(rng)
     scaling = SCALINGS[int(rng.integers(len(SCALINGS)))]
     orientation = ("RAS", "LPS")[index % 2]
-    phantom = make_volume(rng, labels, size=size, orientation=orientation)
+    phantom = make_volume(rng, labels, size=size, orientation=orientation, difficulty=difficulty)
     report = make_report(rng, labels, phantom.findings)
     origin = tuple(-(n - 1) / 2.0 * s for n, s in zip(phantom.hu.shape, phantom.spacing))
     return {"id": f"syn_{index:05d}", "labels": labels, "report": report, "phantom": phantom,
@@ -761,8 +897,8 @@ def make_example(seed: int, index: int, size: str = "demo") -> dict[str, Any]:
 
 
 def _write_one(args):
-    out, seed, index, size = args
-    ex = make_example(seed, index, size)
+    out, seed, index, size, difficulty = args
+    ex = make_example(seed, index, size, difficulty)
     ph = ex["phantom"]
     data = nifti_bytes(ph.hu, ph.spacing, ph.orientation, ex["slope"], ex["inter"], ex["origin"])
     rel = f"volumes/{ex['id']}.nii.gz"
@@ -771,24 +907,29 @@ def _write_one(args):
     tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
     os.replace(tmp, path)
     return {"id": ex["id"], "volume": rel, "report": ex["report"], "split": split_of(ex["id"]),
-            **ex["labels"]}, {"id": ex["id"], "orientation": ph.orientation,
+            **ex["labels"]}, {"id": ex["id"], "difficulty": difficulty, "orientation": ph.orientation,
                               "spacing": list(ph.spacing), "shape": list(ph.hu.shape),
                               "slope": ex["slope"], "inter": ex["inter"], "findings": ph.findings}
 
 
 def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | None = None,
-                  progress: bool = False) -> pathlib.Path:
+                  progress: bool = False, difficulty: str | None = None) -> pathlib.Path:
     """Writes ``num`` volumes under ``out/volumes/`` and ``out/manifest.csv``.
 
     The manifest's ``volume`` paths are relative to the manifest's folder. A side file
-    ``out/findings.jsonl`` records, per volume, orientation, spacing, shape, storage
-    scaling and what was drawn for each positive label. Returns the manifest path.
+    ``out/findings.jsonl`` records, per volume, the difficulty, orientation, spacing, shape,
+    storage scaling and what was drawn for each positive label; ``out/synthetic.json`` the
+    generator's settings (seed, num, size, difficulty). ``difficulty`` None =
+    ``default_difficulty(size)`` ('demo' for the demo grid size). Returns the manifest path.
     """
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; choose one of {sorted(SIZES)}")
+    difficulty = _check_difficulty(default_difficulty(size) if difficulty is None else difficulty)
     out = pathlib.Path(out)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), seed, i, size) for i in range(num)]
+    jobs = [(str(out), seed, i, size, difficulty) for i in range(num)]
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         workers = min(cpus or 1, 8)
@@ -818,4 +959,7 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     with open(out / "findings.jsonl", "w", encoding="utf-8") as f:
         for d in details:
             f.write(json.dumps(d, sort_keys=True) + "\n")
+    settings = {"generator": "t3d_jax.data.synthetic", "seed": int(seed), "num": int(num), "size": size,
+                "difficulty": difficulty, "render": RENDER[difficulty]}
+    (out / "synthetic.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -1,6 +1,8 @@
 """3D ViT patch encoder for CT volumes.
 
-A volume ``[B, X, Y, Z, C]`` (channel-last, canonical RAS+ voxel order) is cut into
+A volume ``[B, X, Y, Z, C]`` (channel-last, canonical RAS+ voxel order) is standardised
+(``(x - input_mean) / input_std``, config keys ``model.image.input_mean/input_std``; identity
+by default, so weights trained on raw inputs and MONAI checkpoints are unaffected), cut into
 non-overlapping patches (a Conv3d with stride = kernel = patch size, written as
 reshape + matmul, which is the same linear map), position embeddings are added, an
 optional random subset of tokens is kept (HLIP/FLIP-style patch dropout, training only),
@@ -69,6 +71,11 @@ class ViT3DConfig:
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | nothing_saveable
     scan_layers: bool = False  # blocks stacked and run by nnx.scan (see layers.make_layer_stack)
     layer_norm_eps: float = 1e-6
+    # Model-input standardisation, applied first: (x - input_mean) / input_std. The data's
+    # intensities (preset scaling, e.g. the demo preset's [0, 1]) stay as stored; zero-centred,
+    # unit-scale inputs are what the patch embedding's lecun init expects (docs/training.md).
+    input_mean: float = 0.0
+    input_std: float = 1.0
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -79,6 +86,8 @@ class ViT3DConfig:
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
+        if not self.input_std > 0:
+            raise ValueError(f"input_std must be > 0, got {self.input_std}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout is the dropped fraction, in [0, 1): got {self.patch_dropout}")
         if self.width % self.num_heads:
@@ -110,6 +119,7 @@ class ViT3DConfig:
             patch_dropout=c.get("patch_dropout", 0.0), remat=c.get("remat", "none"),
             scan_layers=bool(c.get("scan_layers", False)),
             layer_norm_eps=c.get("layer_norm_eps", 1e-6),  # 1e-5 to match MONAI-pretrained weights
+            input_mean=float(c.get("input_mean", 0.0)), input_std=float(c.get("input_std", 1.0)),
             dtype=dtype, param_dtype=param_dtype)
 
 
@@ -221,9 +231,16 @@ class ViT3D(nnx.Module):
         index = jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1).astype(jnp.int32)
         return jnp.take_along_axis(tokens, index[:, :, None], axis=1), index
 
+    def standardise(self, x: jax.Array) -> jax.Array:
+        """``(x - input_mean) / input_std`` in float32 (the identity with the defaults)."""
+        cfg = self.cfg
+        if cfg.input_mean == 0.0 and cfg.input_std == 1.0:
+            return x
+        return (x.astype(jnp.float32) - cfg.input_mean) * (1.0 / cfg.input_std)
+
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> dict:
         cfg = self.cfg
-        tokens, grid = self.patchify(x.astype(self.dtype))
+        tokens, grid = self.patchify(self.standardise(x).astype(self.dtype))
         b, n, _ = tokens.shape
         tokens = tokens + self.position_table(grid)[None]
         if not deterministic and cfg.patch_dropout > 0:
