@@ -158,7 +158,7 @@ def run(config, *, workdir: pathlib.Path, split: str, num_bootstrap: int, batch_
     """Trains, restores, scores `split`; returns the JSON-ready result (see the module docstring)."""
     import jax
 
-    from t3d_jax.data.prepared import check_data_config, sync_config_with_data
+    from t3d_jax.data.prepared import check_data_config, data_fingerprint, sync_config_with_data
     from t3d_jax.evaluate.zeroshot import evaluate_scores
     from t3d_jax.train import mesh as mesh_lib
     from t3d_jax.train import params as params_lib
@@ -191,6 +191,7 @@ def run(config, *, workdir: pathlib.Path, split: str, num_bootstrap: int, batch_
     log(f"scored {len(test_x)} {split} volumes (+ pooled-LR on {len(train_x)} {train_split}) in {score_s:.0f} s")
     return {
         "data": str(config.data.dir),
+        "data_fingerprint": data_fingerprint(config.data.dir),  # eval.ceiling shows it beside runs on this data
         "split": split,
         "num_test": int(len(test_x)),
         "num_train": int(len(train_x)),

@@ -200,6 +200,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.eval.probe_split = "train"
     c.eval.probe_C = 1.0
     c.eval.use_logit_scale = True
+    # A bench/ceiling.py result (JSON) shown beside zero-shot and probe AUC: the supervised
+    # ceiling of the same data (t3d_jax/evaluate/ceiling.py). "" = none.
+    c.eval.ceiling = ""
 
     _apply_variant(c, variant)
     return c

@@ -118,7 +118,8 @@ def write_tiny_prepared(root: pathlib.Path, num_train: int = 24, num_valid: int 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     info = {"preset": {"name": "tiny-test", "size": list(shape)}, "label_names": list(CT_RATE_LABELS),
-            "tokenizer": {"max_len": max_len, "vocab_size": 30522, "lowercase": True}, "splits": {}}
+            "tokenizer": {"max_len": max_len, "vocab_size": 30522, "lowercase": True}, "splits": {},
+            "manifest_sha256": f"tiny-test-seed{seed}"}  # stands for the source manifest's digest
     for split, n in (("train", num_train), ("valid", num_valid)):
         name = f"{split}-00000-of-00001.array_record"
         writer = ArrayRecordWriter(str(root / name), "group_size:1")

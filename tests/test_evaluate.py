@@ -14,6 +14,7 @@ import json
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -132,6 +133,25 @@ def test_latest_checkpoint_files_and_figures(trained, capsys):
     assert [r["label"] for r in rows] == list(CT_RATE_LABELS)
     table = capsys.readouterr().out
     assert "MEAN" in table and "roc_grid.png" in table and "Retrieval report to volume" in table
+
+
+def test_the_ceiling_is_shown_beside_zero_shot(trained, tmp_path, capsys):
+    """eval.ceiling (a bench/ceiling.py result for this data) adds a CEIL column and line."""
+    from t3d_jax.data.prepared import data_fingerprint
+
+    config, workdir, _, _ = trained
+    per_label = {n: {"auc": {"value": 0.5 + 0.01 * i}} for i, n in enumerate(CT_RATE_LABELS)}
+    result = {"data": "elsewhere", "data_fingerprint": data_fingerprint(config.data.dir),
+              "supervised": {"mean": {"auc": {"value": 0.585, "ci_low": 0.5, "ci_high": 0.6}},
+                             "per_label": per_label},
+              "pooled_lr": {"mean": {"auc": {"value": 0.7}}}}
+    (tmp_path / "ceiling.json").write_text(json.dumps(result))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval.ceiling = str(tmp_path / "ceiling.json")
+    metrics, _ = run.evaluate_checkpoint(config, workdir, step=3)
+    assert metrics["ceiling"]["same_data"] and metrics["ceiling"]["mean_auc"] == 0.585
+    table = capsys.readouterr().out
+    assert "CEIL" in table and "measured on this data" in table and "  0.510\n" in table  # label 1's ceiling, last column
 
 
 def test_explicit_checkpoint_step_and_errors(trained):

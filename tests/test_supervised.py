@@ -6,6 +6,7 @@ steps on the tiny prepared fixture followed by the ceiling's restore-and-score p
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import pathlib
 
@@ -19,6 +20,7 @@ from t3d_jax import tasks
 from t3d_jax.data.labels import CT_RATE_LABELS
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 from t3d_jax.tasks.supervised import SupervisedModel, SupervisedTask, masked_bce
+from t3d_jax.utils import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -161,3 +163,20 @@ def test_a_few_trainer_steps_then_the_ceiling_scores_the_held_out_split(tiny_pre
         value = lr[n]["auc"]["value"]
         assert (0.0 <= value <= 1.0) if n in fitted else math.isnan(value), (n, value)
     assert "pooled-LR AUC" in ceiling.table(result)
+
+    # The result carries the data's fingerprint: eval.ceiling shows it beside runs on this data,
+    # and marks it as other data beside runs on anything else.
+    from t3d_jax.evaluate.ceiling import ceiling_figures
+    from conftest import write_tiny_prepared
+
+    assert result["data_fingerprint"]
+    path = tmp_path / "ceiling.json"
+    path.write_text(json.dumps(result, default=float))
+    same = ceiling_figures(str(path), str(tiny_prepared_dir), CT_RATE_LABELS)
+    assert same["same_data"] and same["mean_auc"] == result["supervised"]["mean"]["auc"]["value"]
+    np.testing.assert_equal([same["per_label_auc"][n] for n in CT_RATE_LABELS],
+                            [per[n]["auc"]["value"] for n in CT_RATE_LABELS])  # NaN where undefined
+    other = write_tiny_prepared(tmp_path / "other", seed=1)
+    assert not ceiling_figures(str(path), str(other), CT_RATE_LABELS)["same_data"]
+    with pytest.raises(UserError, match="no such ceiling file"):
+        ceiling_figures(str(tmp_path / "missing.json"), str(tiny_prepared_dir), CT_RATE_LABELS)

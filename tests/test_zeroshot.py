@@ -257,3 +257,22 @@ def test_linear_probe_recovers_a_linearly_separable_label():
     assert res["num_labels_in_mean"] == 2
     # Independent check of the reported AUC from the returned probabilities.
     assert res["per_label"]["a"]["auc"] == pytest.approx(mann_whitney_auc(y[300:, 0].astype(int), res["scores"][:, 0]), abs=TOL)
+
+
+def test_prompt_ensembles_average_normalised_embeddings():
+    """Either side of the templates may be an ensemble: per label, the mean of its prompts'
+    L2-normalised embeddings, normalised again (float64 reference, tolerance 1e-12)."""
+    pos, neg = zeroshot.build_prompts(["a", "b"], (("{label} here.", "There is {label}."), "No {label}."))
+    assert pos == ["a here.", "There is a.", "b here.", "There is b."] and neg == ["No a.", "No b."]
+    rng = np.random.default_rng(3)
+    table = {t: rng.normal(size=6) for t in pos + neg}
+    embed = lambda texts: np.stack([table[t] / np.linalg.norm(table[t]) for t in texts])  # noqa: E731
+    p, n = zeroshot.prompt_embeddings(embed, ["a", "b"], (("{label} here.", "There is {label}."), "No {label}."))
+    for i, name in enumerate("ab"):
+        m = embed([f"{name} here.", f"There is {name}."]).mean(0)
+        np.testing.assert_allclose(p[i], m / np.linalg.norm(m), atol=1e-12)
+        np.testing.assert_allclose(n[i], embed([f"No {name}."])[0], atol=1e-12)
+    with pytest.raises(ValueError, match="pair"):
+        zeroshot.build_prompts(["x"], ("{label} is present.",))
+    with pytest.raises(ValueError, match="placeholder"):
+        zeroshot.build_prompts(["x"], (("{label} a.", "b."), "{label} c."))

@@ -10,6 +10,8 @@ clone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pathlib
 
@@ -84,3 +86,19 @@ def sync_config_with_data(config) -> ml_collections.ConfigDict:
     if names:
         config.data.label_names = tuple(names)
     return config
+
+
+def data_fingerprint(data_dir) -> str:
+    """A digest of what a prepared folder holds, the same wherever it was prepared: the source
+    manifest's sha256, the preset, the label names and each split's record count. "" for data
+    prepared before `dataset.json` recorded `manifest_sha256`. Results measured on one data
+    set (bench/ceiling.py) carry it, so they are shown only beside runs on the same data."""
+    from t3d_jax.data.pipeline import read_dataset_info
+
+    info = read_dataset_info(data_dir)
+    if not info.get("manifest_sha256"):
+        return ""
+    key = {"manifest_sha256": info["manifest_sha256"], "preset": info.get("preset"),
+           "label_names": info.get("label_names"),
+           "splits": {k: v.get("num_records") for k, v in sorted((info.get("splits") or {}).items())}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -33,10 +33,8 @@ def predictions(cache: EmbeddingCache) -> dict[str, np.ndarray]:
     templates, logit scale and probe settings, as the evaluators use them)."""
     evaluated = cache.evaluated()
     templates = tuple(cache.setting("templates", zeroshot.DEFAULT_TEMPLATES))
-    positive, negative = zeroshot.build_prompts(cache.label_names, templates)
-    prompts = cache.texts(positive + negative)
-    scores = zeroshot.pair_softmax_scores(evaluated["volume"], prompts[: len(positive)],
-                                          prompts[len(positive):], cache.logit_scale())
+    positive, negative = zeroshot.prompt_embeddings(cache.texts, cache.label_names, templates)
+    scores = zeroshot.pair_softmax_scores(evaluated["volume"], positive, negative, cache.logit_scale())
     out = {"labels": evaluated["labels"], "id": evaluated["id"], "zeroshot": scores,
            "r2v_rank": partner_ranks(evaluated["volume"], evaluated["text"])["report_to_volume"]}
     train = cache.other_split(cache.setting("probe_split", "train"))

@@ -87,15 +87,18 @@ def format_table(metrics: dict, label_names: Sequence[str]) -> str:
     zs = metrics["zeroshot"]
     f = lambda v: "  n/a" if v is None or not np.isfinite(v) else f"{v:5.3f}"  # noqa: E731
     width = max(5, *(len(n) for n in label_names))
+    ceil = metrics.get("ceiling")
     lines = [f"Zero-shot (CT-CLIP protocol, {zs['num_volumes']} volumes, threshold chosen on this set)",
-             f"{'label':<{width}}   AUC    ACC    F1w    PREC   n+"]
+             f"{'label':<{width}}   AUC    ACC    F1w    PREC   n+" + ("   CEIL" if ceil else "")]
     for name in label_names:
         e = zs["per_label"][name]
         lines.append(f"{name:<{width}}  {f(e['auc']['value'])}  {f(e['accuracy']['value'])}  "
-                     f"{f(e['f1_weighted']['value'])}  {f(e['precision']['value'])}  {e['n_positive']:3d}")
+                     f"{f(e['f1_weighted']['value'])}  {f(e['precision']['value'])}  {e['n_positive']:3d}"
+                     + (f"  {f(ceil['per_label_auc'].get(name))}" if ceil else ""))
     m = zs["mean"]
     lines.append(f"{'MEAN':<{width}}  {f(m['auc']['value'])}  {f(m['accuracy']['value'])}  "
-                 f"{f(m['f1_weighted']['value'])}  {f(m['precision']['value'])}")
+                 f"{f(m['f1_weighted']['value'])}  {f(m['precision']['value'])}"
+                 + (f"       {f(ceil['mean_auc'])}" if ceil else ""))
     ci = lambda e: f"[{f(e['ci_low'])}, {f(e['ci_high'])}]"  # noqa: E731
     lines.append(f"95% CI ({zs['num_bootstrap']} bootstrap): AUC {ci(m['auc'])}  ACC {ci(m['accuracy'])}  "
                  f"F1w {ci(m['f1_weighted'])}  PREC {ci(m['precision'])}")
@@ -115,4 +118,9 @@ def format_table(metrics: dict, label_names: Sequence[str]) -> str:
         p = metrics["linear_probe"]
         lines.append(f"Linear probe (fit on {p['train_split']!r}): mean AUC {f(p['mean_auc'])} "
                      f"over {p['num_labels_in_mean']} labels")
+    if ceil:
+        where = "this data" if ceil["same_data"] else f"OTHER data ({ceil['data']}): not a bound for this run"
+        lines.append(f"Supervised ceiling (CEIL; {ceil['source']}, measured on {where}): mean AUC "
+                     f"{f(ceil['mean_auc'])} [{f(ceil['ci_low'])}, {f(ceil['ci_high'])}]; pooled-voxel "
+                     f"logistic regression {f(ceil['pooled_lr_mean_auc'])}")
     return "\n".join(lines)

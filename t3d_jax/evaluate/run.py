@@ -22,7 +22,7 @@ import pathlib
 import jax
 
 from t3d_jax.data.prepared import check_data_config, sync_config_with_data
-from t3d_jax.evaluate import linear_probe, report, retrieval, zeroshot
+from t3d_jax.evaluate import ceiling, linear_probe, report, retrieval, zeroshot
 from t3d_jax.evaluate.embedding import EmbeddingCache
 from t3d_jax.evaluate.registry import EvalContext, register_evaluator
 from t3d_jax.train import mesh as mesh_lib
@@ -51,6 +51,9 @@ def evaluate(ctx: EvalContext) -> tuple[dict, pathlib.Path | None]:
     cache = EmbeddingCache.of(ctx)
     metrics, arrays = evaluate_embeddings(cache, final=True)
     metrics.update(step=int(ctx.step), split=cache.eval_split, data_dir=str(ctx.config.data.dir))
+    ceiling_file = cache.setting("ceiling", "")
+    if ceiling_file:
+        metrics["ceiling"] = ceiling.ceiling_figures(ceiling_file, str(ctx.config.data.dir), cache.label_names)
     out = None
     if jax.process_index() == 0:
         out = report.write_outputs(pathlib.Path(ctx.workdir) / "eval" / str(ctx.step), metrics, arrays,

@@ -4,7 +4,7 @@ Protocol, as in CT-CLIP's released scripts (``zero_shot.py``, ``eval.py``,
 ``bootstrap_values.py``):
 
 * For every label two prompts, "{label} is present." and "{label} is not present."
-  (templates configurable). The label's score for a volume is the softmax over the pair
+  (templates configurable; either side may be a prompt ensemble, `template_sets`). The label's score for a volume is the softmax over the pair
   of (logit scale x cosine similarity) and its "present" entry. The logit scale does not
   change the ranking (the softmax of a pair is monotone in the similarity difference), so
   AUC is the same with or without it; it only moves the score values.
@@ -49,7 +49,7 @@ from t3d_jax.evaluate.embedding import EmbeddingCache
 from t3d_jax.evaluate.registry import EvalContext, register_evaluator
 from t3d_jax.utils import cfg_get
 
-DEFAULT_TEMPLATES: tuple[str, str] = ("{label} is present.", "{label} is not present.")
+DEFAULT_TEMPLATES: tuple = ("{label} is present.", "{label} is not present.")
 METRICS: tuple[str, ...] = ("auc", "accuracy", "f1_weighted", "precision")
 THRESHOLD_RULES = ("roc", "ct_clip_grid")
 
@@ -57,16 +57,52 @@ THRESHOLD_RULES = ("roc", "ct_clip_grid")
 # ----------------------------------------------------------------------------- prompts + scores
 
 
-def build_prompts(label_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> tuple[list[str], list[str]]:
-    """The (present, not present) prompt of every label, in label order."""
-    if len(templates) != 2:
-        raise ValueError(f"zero-shot needs exactly two prompt templates (present, absent), got {templates!r}")
-    for t in templates:
-        if "{label}" not in t:
-            raise ValueError(f"prompt template {t!r} has no '{{label}}' placeholder")
-    positive = [templates[0].format(label=name) for name in label_names]
-    negative = [templates[1].format(label=name) for name in label_names]
+def template_sets(templates: Sequence) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``templates`` as (present templates, absent templates).
+
+    ``templates`` is a pair (present, absent); each side is one template string or a
+    sequence of them, a prompt ensemble (CLIP's prompt ensembling: a label's side is the
+    mean of its prompts' L2-normalised embeddings, normalised again). Every template has a
+    ``{label}`` placeholder.
+    """
+    if isinstance(templates, str) or len(templates) != 2:
+        raise ValueError(f"zero-shot needs a pair of prompt templates (present, absent), got {templates!r}")
+    sides = tuple((side,) if isinstance(side, str) else tuple(side) for side in templates)
+    for side in sides:
+        if not side:
+            raise ValueError(f"a side of the zero-shot templates is empty: {templates!r}")
+        for t in side:
+            if not isinstance(t, str) or "{label}" not in t:
+                raise ValueError(f"prompt template {t!r} has no '{{label}}' placeholder")
+    return sides[0], sides[1]
+
+
+def build_prompts(label_names: Sequence[str], templates: Sequence = DEFAULT_TEMPLATES) -> tuple[list[str], list[str]]:
+    """The (present, not present) prompts of every label: label-major, template-minor (one
+    prompt per label for a plain pair of templates)."""
+    present, absent = template_sets(templates)
+    positive = [t.format(label=name) for name in label_names for t in present]
+    negative = [t.format(label=name) for name in label_names for t in absent]
     return positive, negative
+
+
+def _ensemble(emb: np.ndarray, num_labels: int) -> np.ndarray:
+    """[C * T, D] prompt embeddings (label-major) -> [C, D]: mean over T, L2-normalised."""
+    emb = np.asarray(emb, np.float64).reshape(num_labels, -1, np.shape(emb)[-1])
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    mean = emb.mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+def prompt_embeddings(embed_texts, label_names: Sequence[str],
+                      templates: Sequence = DEFAULT_TEMPLATES) -> tuple[np.ndarray, np.ndarray]:
+    """([C, D] present, [C, D] absent) embeddings of the prompts; ``embed_texts(list[str])``
+    gives L2-normalised [N, D] text embeddings (an `EmbeddingCache.texts`). Ensembles are
+    averaged per label (`template_sets`)."""
+    positive, negative = build_prompts(label_names, templates)
+    emb = np.asarray(embed_texts(positive + negative))
+    c = len(label_names)
+    return _ensemble(emb[: len(positive)], c), _ensemble(emb[len(positive):], c)
 
 
 def pair_softmax_scores(
@@ -322,7 +358,7 @@ def zeroshot_figures(
     threshold_split: str = "",
     num_bootstrap: int = 1000,
     threshold_rule: str = "roc",
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence = DEFAULT_TEMPLATES,
     seed: int = 0,
 ) -> tuple[dict, np.ndarray]:
     """({"zeroshot": protocol figures[, "zeroshot_leakfree": ...]}, the [N, C] scores).
@@ -335,7 +371,7 @@ def zeroshot_figures(
     labels = evaluated["labels"]
     zs = evaluate_scores(scores, labels, label_names, num_bootstrap=num_bootstrap,
                          threshold_rule=threshold_rule, seed=seed)
-    zs.update(templates=list(templates), logit_scale=logit_scale,
+    zs.update(templates=[s if isinstance(s, str) else list(s) for s in templates], logit_scale=logit_scale,
               score="softmax over (present, not present) of logit_scale * cosine; 'present' entry")
     out = {"zeroshot": zs}
     if threshold_set is not None:
@@ -372,9 +408,7 @@ def figures(cache: EmbeddingCache, *, final: bool) -> tuple[dict, np.ndarray]:
     templates = tuple(cache.setting("templates", DEFAULT_TEMPLATES))
     rule = cache.setting("threshold_rule", "roc")
     threshold_split = cache.setting("threshold_split", "train")
-    positive, negative = build_prompts(cache.label_names, templates)
-    prompts = cache.texts(positive + negative)
-    positive, negative = prompts[: len(positive)], prompts[len(positive):]
+    positive, negative = prompt_embeddings(cache.texts, cache.label_names, templates)
     evaluated, scale = cache.evaluated(), cache.logit_scale()
     out, scores = zeroshot_figures(
         evaluated, cache.label_names, positive, negative, logit_scale=scale,
