@@ -62,6 +62,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.preprocess.vocab = ""  # vocab.txt; "" = the bundled bert-base-uncased vocab if installed
     c.preprocess.lowercase = True
     c.preprocess.max_len = 128
+    # as_written | impression_first: the report's IMPRESSION section first, so cutting at
+    # max_len loses findings detail rather than conclusions (t3d_jax/data/tokenizer.py).
+    c.preprocess.report_order = "as_written"
 
     # --- Model ------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()

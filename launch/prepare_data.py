@@ -4,7 +4,7 @@ r"""Manifest (CSV/JSONL) of CT volumes + reports -> ArrayRecord shards for train
   python launch/prepare_data.py --manifest M --out DIR --config=configs/t3d.py:base \
       [--vocab vocab.txt] [--lowercase | --cased] [--max-len 128] [--workers 8] [--shard-size 64]
 
-Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len;
+Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len, report_order;
 ``config.data.label_names`` selects and orders the label columns). Without --config the
 defaults of ``configs/t3d.py:demo`` apply. See docs/data.md.
 """
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None)
     case.add_argument("--cased", dest="lowercase", action="store_false")
     parser.add_argument("--max-len", type=int, default=None, help="token ids per report")
+    parser.add_argument("--report-order", default=None, choices=("as_written", "impression_first"),
+                        help="impression_first: the IMPRESSION section first, so max_len cuts findings detail")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (0 = in process)")
     parser.add_argument("--shard-size", type=int, default=64, help="records per shard")
     parser.add_argument("--label-names", default=None,
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     vocab = args.vocab if args.vocab is not None else (pre.vocab or None)
     lowercase = pre.lowercase if args.lowercase is None else args.lowercase
     max_len = args.max_len or pre.max_len
+    report_order = args.report_order or pre.get("report_order", "as_written")
     if args.label_names is not None:
         label_names = [n.strip() for n in args.label_names.split(",") if n.strip()]
     elif explicit_config and "label_names" in config.data:
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     from t3d_jax.data.prepare import prepare_dataset
 
     result = prepare_dataset(args.manifest, args.out, preset=preset, vocab=vocab, lowercase=lowercase,
-                             max_len=max_len, workers=args.workers, shard_size=args.shard_size,
+                             max_len=max_len, report_order=report_order, workers=args.workers,
+                             shard_size=args.shard_size,
                              label_names=label_names, progress=not args.no_progress)
     if result.rejected:
         print(f"rejected inputs and reasons: {pathlib.Path(args.out) / 'errors.jsonl'}", file=sys.stderr)

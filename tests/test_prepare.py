@@ -320,3 +320,23 @@ def test_reports_longer_than_max_len_are_counted_and_reported(dataset, bert_voca
     assert meta["max"] == max(lengths) and meta["max_len"] == 12
     assert f"{expected} of 3 reports are longer than max_len=12 tokens" in capsys.readouterr().err
     assert shards.read_dataset_json(dataset["out"])["report_tokens"]["num_truncated"] == 0  # max_len 24
+
+
+def test_report_order_is_recorded_and_used_by_the_config_tokenizer(dataset, bert_vocab, tmp_path):
+    """prepare --report-order impression_first: dataset.json records it, and the tokenizer that
+    evaluation and export build from the data (tokenizer_for_config) reorders as the shards did."""
+    import ml_collections
+
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+
+    out = tmp_path / "impression_first"
+    prepare.prepare_dataset(dataset["manifest"], out, preset=TINY, vocab=bert_vocab, max_len=12,
+                            report_order="impression_first", workers=0, progress=False)
+    assert shards.read_dataset_json(out)["tokenizer"]["report_order"] == "impression_first"
+    config = ml_collections.ConfigDict({"data": {"dir": str(out)}, "preprocess": {"max_len": 12}})
+    tok = tokenizer_for_config(config)
+    assert tok.decode(tok.encode(["FINDINGS: a. IMPRESSION: b."])[0][0]).startswith("impression : b")
+    rec = decode_record(shards.open_split(out, "train")[0])
+    np.testing.assert_array_equal(rec["input_ids"], tok.encode([rec["report"]])[0][0])
+    # Data prepared before the key existed was tokenized as written.
+    assert tokenizer_for_config(config, {"max_len": 12}).report_order == "as_written"

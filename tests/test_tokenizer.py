@@ -177,3 +177,24 @@ def test_bad_inputs(tmp_path, bert_tok):
         bert_tok.encode(["ok", 3])
     with pytest.raises(ValueError, match="max_len"):
         WordPieceTokenizer(tmp_path / "missing.txt", max_len=1)
+
+
+def test_impression_first_moves_the_section_and_nothing_else(bert_vocab):
+    from t3d_jax.data.tokenizer import order_sections
+
+    report = "FINDINGS: No pleural effusion. Cardiomegaly is present. IMPRESSION: Cardiomegaly."
+    moved = order_sections(report, "impression_first")
+    assert moved == "IMPRESSION: Cardiomegaly. FINDINGS: No pleural effusion. Cardiomegaly is present."
+    assert order_sections(report, "as_written") == report
+    # The section ends at the next capitals header; lower-case headers are found; no header: unchanged.
+    three = "Findings: a. Impression: b. COMPARISON: none."
+    assert order_sections(three, "impression_first") == "Impression: b. Findings: a. COMPARISON: none."
+    assert order_sections("No header here.", "impression_first") == "No header here."
+    assert order_sections("IMPRESSION: first already. FINDINGS: x.", "impression_first").startswith("IMPRESSION")
+    with pytest.raises(ValueError, match="report order"):
+        order_sections(report, "impression_last")
+    # The tokenizer applies it before cutting: at 8 tokens the impression survives.
+    tok = WordPieceTokenizer(str(bert_vocab), max_len=8, report_order="impression_first")
+    assert tok.decode(tok.encode([report])[0][0]) == "impression : cardiomegaly"
+    plain = WordPieceTokenizer(str(bert_vocab), max_len=8)
+    assert "cardiomegaly" not in plain.decode(plain.encode([report])[0][0])

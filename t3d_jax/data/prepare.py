@@ -194,7 +194,7 @@ def _report_length_summary(lengths: Sequence[int], max_len: int) -> dict:
 
 def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, preset: str | preprocess.Preset = "demo",
                     vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
-                    workers: int | None = None, shard_size: int = 64,
+                    report_order: str = "as_written", workers: int | None = None, shard_size: int = 64,
                     label_names: Sequence[str] | None = None, progress: bool = True) -> PrepareResult:
     """Runs the whole job; see the module docstring. Returns the counts."""
     from t3d_jax.data.tokenizer import WordPieceTokenizer  # imports TensorFlow Text
@@ -207,7 +207,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     vocab_path = pathlib.Path(vocab) if vocab else default_vocab_path()
     if not vocab_path.is_file():
         raise FileNotFoundError(f"{vocab_path}: WordPiece vocab file not found")
-    tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len)
+    tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len, report_order=report_order)
 
     rows, manifest_labels = read_manifest(manifest)  # before creating anything: a bad manifest leaves no trace
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,8 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
             "preset": preset.to_json(),
             "label_names": label_names,
             "tokenizer": {"vocab": str(vocab_path.resolve()), "lowercase": bool(lowercase),
-                          "max_len": int(max_len), "vocab_size": int(tokenizer.vocab_size)},
+                          "max_len": int(max_len), "vocab_size": int(tokenizer.vocab_size),
+                          "report_order": tokenizer.report_order},
             "report_tokens": report_tokens,
             "splits": splits_meta,
             "manifest": str(pathlib.Path(manifest).resolve()),

@@ -63,7 +63,9 @@ def make_synthetic_if_missing(config, *, progress: bool = True) -> bool:
     result = prepare.prepare_dataset(manifest, out, preset=config.preprocess.preset,
                                      vocab=config.preprocess.get("vocab", "") or None,
                                      lowercase=bool(config.preprocess.get("lowercase", True)),
-                                     max_len=int(config.preprocess.max_len), progress=progress)
+                                     max_len=int(config.preprocess.max_len),
+                                     report_order=str(config.preprocess.get("report_order", "as_written")),
+                                     progress=progress)
     print(f"{out}: {result.summary()}", flush=True)
     return True
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -87,6 +88,34 @@ def bert_normalize(text: str, lowercase: bool) -> str:
     return text
 
 
+REPORT_ORDERS = ("as_written", "impression_first")
+# A section header: "IMPRESSION:" / "Impressions:" / "CONCLUSION:" (case-insensitive), and the
+# header that ends it (any other "WORD(S):" in capitals, e.g. "FINDINGS:", "COMPARISON:").
+_IMPRESSION = re.compile(r"\b(?:impressions?|conclusions?)\s*:", re.IGNORECASE)
+_NEXT_HEADER = re.compile(r"\b[A-Z][A-Z ]{2,}:")
+
+
+def order_sections(text: str, order: str = "as_written") -> str:
+    """``text`` with its impression section moved to the front (``order="impression_first"``).
+
+    Why: the impression lists the positive findings in a few tokens; truncating a report at
+    ``max_len`` then cuts the findings section's detail (and its negations) instead of the
+    conclusions. A report without an "IMPRESSION:" / "CONCLUSION:" header is unchanged; the
+    section runs to the next all-capitals header ("FINDINGS:") or the end.
+    """
+    if order == "as_written":
+        return text
+    if order != "impression_first":
+        raise ValueError(f"report order must be one of {REPORT_ORDERS}, got {order!r}")
+    m = _IMPRESSION.search(text)
+    if m is None or m.start() == 0:
+        return text
+    end = _NEXT_HEADER.search(text, m.end())
+    stop = end.start() if end else len(text)
+    pieces = (text[m.start():stop], text[:m.start()], text[stop:])
+    return " ".join(p.strip() for p in pieces if p.strip())
+
+
 class WordPieceTokenizer:
     """BERT WordPiece tokenizer over a standard ``vocab.txt``.
 
@@ -94,9 +123,13 @@ class WordPieceTokenizer:
     stripping); ``False`` keeps case and accents (BERT-cased). ``encode`` returns
     ``input_ids`` and ``attention_mask``, int32 [B, max_len]: [CLS] tokens [SEP], then
     0 ([PAD]); texts that are too long lose their last tokens, never the [SEP].
+    ``report_order`` (`order_sections`) is applied to every text first, so reports tokenized
+    for training and for export agree; prompts have no section header and are unchanged.
     """
 
-    def __init__(self, vocab_path, lowercase: bool = True, max_len: int = 128):
+    def __init__(self, vocab_path, lowercase: bool = True, max_len: int = 128, report_order: str = "as_written"):
+        order_sections("", report_order)  # checks the name
+        self.report_order = str(report_order)
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
         self.vocab_path = str(vocab_path)
@@ -136,7 +169,7 @@ class WordPieceTokenizer:
             return []
         if self._tokenizer is None:
             self._build()
-        normalized = [bert_normalize(t, self.lowercase) for t in texts]
+        normalized = [bert_normalize(order_sections(t, self.report_order), self.lowercase) for t in texts]
         ragged, starts, ends = self._tokenizer.tokenize_with_offsets(
             self._tf.constant(normalized, dtype=self._tf.string))
         splits = ragged.row_splits.numpy()
@@ -208,7 +241,7 @@ def tokenizer_for_config(config, tokenizer_info: dict | None = None) -> WordPiec
     """The tokenizer the run's data was prepared with, for prompts and free text.
 
     Evaluation prompts and exported texts must be tokenized as the reports the model saw.
-    Vocab, lower-casing and length come from ``dataset.json``'s ``tokenizer`` entry
+    Vocab, lower-casing, length and report order come from ``dataset.json``'s ``tokenizer`` entry
     (``tokenizer_info``, read from ``config.data.dir`` when not given), else from
     ``config.preprocess``, else the bundled bert-base-uncased vocab. A vocab path recorded
     in dataset.json that is not on this machine falls back the same way.
@@ -225,7 +258,9 @@ def tokenizer_for_config(config, tokenizer_info: dict | None = None) -> WordPiec
     vocab = vocab or cfg_get(pre, "vocab", "") or str(default_vocab_path())
     lowercase = bool(info.get("lowercase", cfg_get(pre, "lowercase", True)))
     max_len = int(info.get("max_len", cfg_get(pre, "max_len", 128)))
-    return WordPieceTokenizer(vocab, lowercase=lowercase, max_len=max_len)
+    # Data prepared before report_order was recorded was tokenized as written.
+    order = info.get("report_order", "as_written" if info else cfg_get(pre, "report_order", "as_written"))
+    return WordPieceTokenizer(vocab, lowercase=lowercase, max_len=max_len, report_order=order)
 
 
 def build_vocab(texts: Iterable[str], vocab_size: int, out_path, lowercase: bool = True,
