@@ -42,6 +42,10 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.data.intensity_jitter = 0.05  # +- scale and shift of model-input intensities
     c.data.noise_std = 0.02
     c.data.flip_lr = False  # reports name sides; no left-right flips by default
+    # Report augmentation in training (t3d_jax/data/report_augment.py): drop each sentence with
+    # this probability (at least one kept) and/or shuffle the kept sentences.
+    c.data.report_sentence_drop = 0.0
+    c.data.report_shuffle = False
     c.data.worker_count = 2
     c.data.prefetch_buffer_size = 2
     c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without

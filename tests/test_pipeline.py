@@ -246,3 +246,17 @@ def test_missing_data_dir_is_a_clear_error(data_dir):
     plain = dict(_config(data_dir))  # a plain dict works as well as a ConfigDict
     batch = next(pipeline.eval_iterator(plain, "valid", 2))
     assert batch["volume"].shape == (2, 12, 12, 8, 1)
+
+
+def test_report_augmentation_leaves_views_alone_and_refuses_cached_text(data_dir):
+    """data.report_sentence_drop / report_shuffle draw from their own stream: the views and
+    labels of every batch are those of the plain pipeline, and the result is seeded. (The
+    fixture's reports are one sentence, so the ids stay too; tests/test_report_augment.py
+    covers the sentence logic.)"""
+    plain = _take(pipeline.train_iterator(_config(data_dir), global_batch_size=3, seed=5), 2)
+    config = _config(data_dir, report_sentence_drop=0.5, report_shuffle=True)
+    aug = _take(pipeline.train_iterator(config, global_batch_size=3, seed=5), 2)
+    _assert_same_batches(plain, aug)
+    with pytest.raises(ValueError, match="text_features"):
+        pipeline.train_iterator(_config(data_dir, report_shuffle=True, text_features=True),
+                                global_batch_size=3, seed=5)

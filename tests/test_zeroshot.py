@@ -69,6 +69,8 @@ def test_prompts_follow_ct_clip_templates():
     assert (pos, neg) == (["There is x."], ["No x."])
     with pytest.raises(ValueError, match="placeholder"):
         zeroshot.build_prompts(["x"], ("present", "{label} absent"))
+    # An "absent" side without the placeholder is a normal-scan reference shared by all labels.
+    assert zeroshot.build_prompts(["x", "y"], ("{label}.", "Normal.")) == (["x.", "y."], ["Normal.", "Normal."])
 
 
 def test_pair_softmax_matches_explicit_softmax():
@@ -275,4 +277,4 @@ def test_prompt_ensembles_average_normalised_embeddings():
     with pytest.raises(ValueError, match="pair"):
         zeroshot.build_prompts(["x"], ("{label} is present.",))
     with pytest.raises(ValueError, match="placeholder"):
-        zeroshot.build_prompts(["x"], (("{label} a.", "b."), "{label} c."))
+        zeroshot.build_prompts(["x"], (("{label} a.", "b."), "c."))

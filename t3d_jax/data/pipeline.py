@@ -43,6 +43,7 @@ UserError naming ``launch/cache_text_features.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,7 @@ import numpy as np
 from t3d_jax.data import shards
 from t3d_jax.data import text_features as text_features_lib
 from t3d_jax.data.records import decode_record
+from t3d_jax.data.report_augment import ReportAugment, augment_report
 from t3d_jax.data.views import ViewOptions, eval_view, make_views
 from t3d_jax.utils import cfg_get
 
@@ -132,10 +134,11 @@ class TrainExample(grain.transforms.MapWithIndex):
     ``(position, bytes)`` (:class:`WithPosition`) and the record's cached text features are
     added."""
 
-    def __init__(self, options: ViewOptions, seed: int, features=None):
+    def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None):
         self.options = options
         self.seed = int(seed)
         self.features = features
+        self.report_aug = report_aug or ReportAugment()
 
     def map_with_index(self, index: int, data) -> dict[str, np.ndarray]:
         position = None
@@ -147,11 +150,15 @@ class TrainExample(grain.transforms.MapWithIndex):
         views, boxes = make_views(
             record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
             rng, self.options)
+        ids, mask = record["input_ids"].astype(np.int32), record["attention_mask"].astype(np.int32)
+        if self.report_aug.active:  # its own stream: views are the same with or without it
+            ids, mask = augment_report(ids, mask, np.random.default_rng((self.seed, int(index), 1)),
+                                       self.report_aug)
         example = {
             "views": views,
             "boxes": boxes,
-            "input_ids": record["input_ids"].astype(np.int32),
-            "attention_mask": record["attention_mask"].astype(np.int32),
+            "input_ids": ids,
+            "attention_mask": mask,
             "labels": record["labels"].astype(np.float32),
         }
         if self.features is not None:
@@ -226,6 +233,23 @@ def _text_features(data_config: Any, data_dir: str, split: str):
     return text_features_lib.open_features(data_dir, split, keep) if keep else None
 
 
+def _report_augment(data_config: Any, data_dir: str) -> ReportAugment:
+    """``data.report_sentence_drop`` / ``data.report_shuffle`` with the "." id of the data's vocab."""
+    aug = ReportAugment(drop=float(cfg_get(data_config, "report_sentence_drop", 0.0)),
+                        shuffle=bool(cfg_get(data_config, "report_shuffle", False)))
+    if not aug.active:
+        return aug
+    if text_features_lib.mode(data_config):
+        raise ValueError("data.report_sentence_drop / data.report_shuffle change the reports, but "
+                         "data.text_features feeds cached states of the unchanged ones: turn one off")
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+
+    vocab = tokenizer_for_config({"data": {"dir": data_dir}}).vocab
+    if "." not in vocab:
+        raise ValueError(f"{data_dir}: the data's vocab has no '.' token to split reports into sentences")
+    return dataclasses.replace(aug, end_id=vocab.index("."))
+
+
 def _allow_unparsed_absl_flags() -> None:
     """Lets grain start worker processes from scripts that never parse absl flags.
 
@@ -276,6 +300,7 @@ def train_dataset(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     options = ViewOptions.from_config(data_config)
+    report_aug = _report_augment(data_config, _data_dir(data_config))
     split = cfg_get(data_config, "train_split", "train")
     source = open_split(_data_dir(data_config), split)
     features = _text_features(data_config, _data_dir(data_config), split)
@@ -283,7 +308,7 @@ def train_dataset(
     if features is not None:
         ds = ds.map_with_index(WithPosition(len(source)))
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map_with_index(TrainExample(options, seed, features))
+    ds = ds.map_with_index(TrainExample(options, seed, features, report_aug))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

@@ -62,17 +62,18 @@ def template_sets(templates: Sequence) -> tuple[tuple[str, ...], tuple[str, ...]
 
     ``templates`` is a pair (present, absent); each side is one template string or a
     sequence of them, a prompt ensemble (CLIP's prompt ensembling: a label's side is the
-    mean of its prompts' L2-normalised embeddings, normalised again). Every template has a
-    ``{label}`` placeholder.
+    mean of its prompts' L2-normalised embeddings, normalised again). Every "present" template
+    has a ``{label}`` placeholder; an "absent" one may have none, a reference description of a
+    normal scan shared by all labels ("No acute cardiopulmonary abnormality.").
     """
     if isinstance(templates, str) or len(templates) != 2:
         raise ValueError(f"zero-shot needs a pair of prompt templates (present, absent), got {templates!r}")
     sides = tuple((side,) if isinstance(side, str) else tuple(side) for side in templates)
-    for side in sides:
+    for k, side in enumerate(sides):
         if not side:
             raise ValueError(f"a side of the zero-shot templates is empty: {templates!r}")
         for t in side:
-            if not isinstance(t, str) or "{label}" not in t:
+            if not isinstance(t, str) or (k == 0 and "{label}" not in t):
                 raise ValueError(f"prompt template {t!r} has no '{{label}}' placeholder")
     return sides[0], sides[1]
 

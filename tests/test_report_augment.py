@@ -1,0 +1,72 @@
+"""Report augmentation (t3d_jax/data/report_augment.py): sentences dropped and shuffled on the
+stored token ids, re-packed at the same length; an independent reference re-splits the text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from t3d_jax.data.report_augment import ReportAugment, augment_report, sentences
+
+CLS, SEP, DOT = 101, 102, 1012
+MAX_LEN = 24
+
+
+def _report(sentence_lengths, start=2000):
+    """[CLS] s1 . s2 . ... [SEP] 0...: sentence k's words are start + 100 k + i."""
+    body = []
+    for k, n in enumerate(sentence_lengths):
+        body += [start + 100 * k + i for i in range(n)] + [DOT]
+    ids = np.zeros(MAX_LEN, np.int32)
+    ids[:len(body) + 2] = [CLS, *body, SEP]
+    return ids, (ids > 0).astype(np.int32)
+
+
+def _sentences_of(ids, mask):
+    n = int(mask.sum())
+    assert ids[0] == CLS and ids[n - 1] == SEP and not ids[n:].any() and mask[:n].all() and not mask[n:].any()
+    return [tuple(s) for s in sentences(ids[1:n - 1], DOT)]
+
+
+def test_sentences_split_after_each_end_token():
+    assert [list(s) for s in sentences(np.array([5, 6, DOT, 7, DOT, 8]), DOT)] == [[5, 6, DOT], [7, DOT], [8]]
+
+
+def test_shuffle_permutes_whole_sentences_and_keeps_every_token():
+    ids, mask = _report([3, 1, 4, 2])
+    original = _sentences_of(ids, mask)
+    aug = ReportAugment(shuffle=True, end_id=DOT)
+    orders = set()
+    for seed in range(20):
+        out_ids, out_mask = augment_report(ids, mask, np.random.default_rng(seed), aug)
+        got = _sentences_of(out_ids, out_mask)
+        assert sorted(got) == sorted(original) and out_ids.shape == ids.shape
+        orders.add(tuple(got))
+    assert len(orders) > 5  # 24 orders possible
+
+
+def test_drop_keeps_an_ordered_subset_and_at_least_one_sentence():
+    ids, mask = _report([2, 2, 2, 2, 2])
+    original = _sentences_of(ids, mask)
+    aug = ReportAugment(drop=0.5, end_id=DOT)
+    counts = []
+    for seed in range(200):
+        got = _sentences_of(*augment_report(ids, mask, np.random.default_rng(seed), aug))
+        assert 1 <= len(got) and [original.index(s) for s in got] == sorted(original.index(s) for s in got)
+        counts.append(len(got))
+    # Binomial(5, 0.5) kept, with 0 replaced by 1: mean 2.5 + 1/32; 200 draws, +-0.3 is > 4 sd.
+    assert abs(np.mean(counts) - (2.5 + 1 / 32)) < 0.3
+    # The same generator state gives the same report (the pipeline keys it by seed and index).
+    a = augment_report(ids, mask, np.random.default_rng(7), aug)
+    b = augment_report(ids, mask, np.random.default_rng(7), aug)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_inactive_and_bad_settings():
+    ids, mask = _report([2, 2])
+    out = augment_report(ids, mask, np.random.default_rng(0), ReportAugment())
+    assert out[0] is ids and out[1] is mask
+    with pytest.raises(ValueError, match="probability"):
+        ReportAugment(drop=1.0)
+    with pytest.raises(ValueError, match="end_id"):
+        augment_report(ids, mask, np.random.default_rng(0), ReportAugment(drop=0.2))
