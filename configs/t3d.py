@@ -34,8 +34,4 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.tma.freeze_prototypes_steps = 0
     c.model.tma.num_heads = 0  # cross-attention heads; 0 = the image encoder's
     c.model.tma.mlp_dim = 0  # projection MLP hidden width; 0 = 2x the image width
-    if c.variant == "demo":
-        # Two distinct views of each volume are what TMA aligns; the common demo's whole-volume
-        # views would make them identical.
-        c.data.crop_min = 0.85
     return c
