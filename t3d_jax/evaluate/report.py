@@ -88,7 +88,9 @@ def format_table(metrics: dict, label_names: Sequence[str]) -> str:
     f = lambda v: "  n/a" if v is None or not np.isfinite(v) else f"{v:5.3f}"  # noqa: E731
     width = max(5, *(len(n) for n in label_names))
     ceil = metrics.get("ceiling")
+    prompts = " vs ".join(t if isinstance(t, str) else " | ".join(t) for t in zs.get("templates", ()))
     lines = [f"Zero-shot (CT-CLIP protocol, {zs['num_volumes']} volumes, threshold chosen on this set)",
+             f"Prompts (present vs absent; | = ensemble): {prompts}",
              f"{'label':<{width}}   AUC    ACC    F1w    PREC   n+" + ("   CEIL" if ceil else "")]
     for name in label_names:
         e = zs["per_label"][name]
