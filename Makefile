@@ -20,7 +20,7 @@ demo: venv
 # --capture=sys: native stderr (XLA, TF) goes straight to the log, so a native abort
 # (LOG(FATAL)) leaves its reason behind instead of dying inside pytest's captured fd.
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --capture=sys tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --capture=sys --durations=15 tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
