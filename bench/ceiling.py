@@ -56,19 +56,9 @@ def load_config(spec: str, data_dir: str, steps: int | None, overrides: list[str
     if steps is not None:
         config.train.num_steps = int(steps)
         config.checkpoint.every_steps = int(steps)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        current = node.get(leaf)
-        parsed = json.loads(value) if not isinstance(current, str) else value
-        if isinstance(parsed, list):
-            parsed = tuple(parsed)
-        node[leaf] = parsed
+    from bench.compare_methods import apply_overrides  # the bench scripts' one --set parser
+
+    apply_overrides(config, overrides)
     return config
 
 

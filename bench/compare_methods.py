@@ -35,27 +35,35 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 
-def load_config(task: str, variant: str, overrides: list[str]):
-    """configs/<task>.py:<variant> (the config files are modules of the `configs` package),
-    with KEY=VALUE overrides parsed as Python literals where they parse."""
+def apply_overrides(config, overrides: list[str], flag: str = "--set"):
+    """KEY=VALUE items (dotted keys) set on `config`, values parsed as Python literals where they
+    parse (lists become tuples) and kept as text for string keys; the bench scripts' `--set`."""
     import ast
-    import importlib
 
-    if not (REPO / "configs" / f"{task}.py").is_file():
-        raise SystemExit(f"bench/compare_methods.py: --tasks names {task!r}, but configs/{task}.py does not exist")
-    config = importlib.import_module(f"configs.{task}").get_config(variant)
     for item in overrides:
-        key, _, raw = item.partition("=")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
         node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        node[leaf] = value
+        try:
+            value = raw if isinstance(node.get(leaf), str) else ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node[leaf] = tuple(value) if isinstance(value, list) else value
     return config
+
+
+def load_config(task: str, variant: str, overrides: list[str]):
+    """configs/<task>.py:<variant> (the config files are modules of the `configs` package),
+    with KEY=VALUE overrides (`apply_overrides`)."""
+    import importlib
+
+    if not (REPO / "configs" / f"{task}.py").is_file():
+        raise SystemExit(f"bench/compare_methods.py: --tasks names {task!r}, but configs/{task}.py does not exist")
+    return apply_overrides(importlib.import_module(f"configs.{task}").get_config(variant), overrides)
 
 
 def train_and_predict(config, workdir: pathlib.Path) -> tuple[dict, dict]:

@@ -62,6 +62,15 @@ class Task:
     def global_batch_size(self) -> int:
         return int(self.config.train.global_batch_size)
 
+    def views_spec(self) -> jax.ShapeDtypeStruct:
+        """`views` of a global batch, [B, V, X, Y, Z, C] float32 (V = `data.num_views`, X, Y, Z =
+        `data.view_size`, C = `model.image.in_channels`): what the training pipeline makes."""
+        c = self.config
+        x, y, z = (int(s) for s in c.data.view_size)
+        shape = (self.global_batch_size(), int(c.data.num_views), x, y, z,
+                 int(c.model.image.get("in_channels", 1)))
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
 
 def f32(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)

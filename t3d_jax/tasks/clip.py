@@ -48,12 +48,10 @@ class ClipTask(Task):
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
         c = self.config
-        b, v = self.global_batch_size(), int(c.data.num_views)
-        x, y, z = (int(s) for s in c.data.view_size)
-        channels = int(c.model.image.get("in_channels", 1))
+        b = self.global_batch_size()
         length = int(c.preprocess.max_len)
         spec = {
-            "views": jax.ShapeDtypeStruct((b, v, x, y, z, channels), jnp.float32),
+            "views": self.views_spec(),
             "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
         }

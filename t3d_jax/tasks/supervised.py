@@ -89,13 +89,10 @@ class SupervisedTask(Task):
         return SupervisedModel(self.config, rngs=rngs)
 
     def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-        c = self.config
-        b, v = self.global_batch_size(), int(c.data.num_views)
-        x, y, z = (int(s) for s in c.data.view_size)
-        channels = int(c.model.image.get("in_channels", 1))
         return {
-            "views": jax.ShapeDtypeStruct((b, v, x, y, z, channels), jnp.float32),
-            "labels": jax.ShapeDtypeStruct((b, len(c.data.label_names)), jnp.float32),
+            "views": self.views_spec(),
+            "labels": jax.ShapeDtypeStruct((self.global_batch_size(), len(self.config.data.label_names)),
+                                           jnp.float32),
         }
 
     def loss(self, model, batch, *, step, deterministic=False):
