@@ -247,7 +247,7 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.data.intensity_jitter = 0.0
         c.data.noise_std = 0.0
         # Sentences dropped (30%) and shuffled: a from-scratch text tower otherwise memorises the
-        # 1,269 reports by their incidental wording (training loss 0.04 at 1,200 steps).
+        # 1,269 reports by their incidental wording (training loss 0.04 by step 1,100).
         c.data.report_sentence_drop = 0.3
         c.data.report_shuffle = True
         # The impression first, cut at 128 tokens: every positive finding is kept (docs/data.md).
