@@ -75,6 +75,11 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.model.name = "clip"  # the two-tower model; configs/t3d.py sets 't3d' (adds the TMA head)
     c.model.embed_dim = 512
     c.model.dtype = "float32"  # compute dtype; bfloat16 on GPU/TPU
+    # Attention implementation of every attention layer (ViT, BERT, TMA cross-attention;
+    # t3d_jax/models/attention.py): auto | reference | xla | cudnn | pallas_tpu. 'auto' picks by
+    # platform: cuDNN flash attention on NVIDIA GPUs (bfloat16), the Pallas splash kernel on
+    # TPU, XLA on CPU; 'reference' (the original einsum path) wherever attention dropout is on.
+    c.model.attention = "auto"
     c.model.image = ml_collections.ConfigDict()
     c.model.image.size = "tiny"  # tiny | small | base | large
     c.model.image.patch_size = (8, 8, 8)
@@ -101,6 +106,10 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.model.text.max_len = 128
     c.model.text.remat = "none"  # per-layer rematerialisation policy, as model.image.remat
     c.model.text.scan_layers = False  # as model.image.scan_layers
+    # Dropout on BERT's attention probabilities in training (Hugging Face's 0.1). Only the
+    # 'reference' attention has that step, so while it is > 0 the text tower trains with it
+    # ('auto'; an explicit fused model.attention raises): 0.0 lets it use the fused kernels.
+    c.model.text.attention_dropout = 0.1
     # Report embedding: "cls" (the [CLS] state, for pretrained text towers) or "mean" (mean over
     # the non-padding tokens; a from-scratch BERT's [CLS] state is nearly the same for every report).
     c.model.text.pool = "cls"

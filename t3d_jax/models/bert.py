@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t3d_jax.models import attention as attention_lib
 from t3d_jax.models import layers
 
 # hidden, layers, heads, intermediate
@@ -57,6 +58,7 @@ class BertConfig:
     pad_token_id: int = 0
     remat: str = "none"
     scan_layers: bool = False  # layers stacked and run by nnx.scan (see layers.make_layer_stack)
+    attention: str = "auto"  # attention implementation (t3d_jax/models/attention.py; config model.attention)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -66,6 +68,7 @@ class BertConfig:
         if self.hidden_act not in _GELU_APPROX:
             raise ValueError(f"hidden_act {self.hidden_act!r} not supported; one of {sorted(_GELU_APPROX)}")
         layers.remat_policy(self.remat)
+        attention_lib.check_implementation(self.attention)
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> "BertConfig":
@@ -145,7 +148,7 @@ class BertLayer(nnx.Module):
         init = nnx.initializers.normal(cfg.initializer_range)
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn = layers.MultiHeadAttention(cfg.hidden_size, cfg.num_heads, qkv_bias=True, kernel_init=init,
-                                              dropout_rate=cfg.attention_dropout, **kw)
+                                              dropout_rate=cfg.attention_dropout, attention=cfg.attention, **kw)
         self.attn_norm = layers.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, **kw)
         self.mlp = layers.Mlp(cfg.hidden_size, cfg.intermediate_size, kernel_init=init,
                               approximate_gelu=_GELU_APPROX[cfg.hidden_act], **kw)

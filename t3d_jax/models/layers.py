@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t3d_jax.models import attention as attention_lib
+
 Initializer = Callable[..., jax.Array]
 
 # Named rematerialisation policies (config key ``remat``).  'full' and 'nothing_saveable'
@@ -160,19 +162,23 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head dot-product attention with separate q/k/v projections.
 
     Self-attention by default; pass ``context`` for cross-attention (keys/values from
-    another sequence whose width may differ: ``kv_features``).  ``mask`` is boolean and
-    broadcastable to ``[B, heads, Lq, Lk]`` -- a key padding mask ``[B, Lk]`` is accepted
-    and expanded.  Masked logits get the dtype's most negative value (as Hugging Face BERT
-    does) so a fully padded row stays finite.
+    another sequence whose width may differ: ``kv_features``).  ``mask`` is boolean (True =
+    attend) and broadcastable to ``[B, heads, Lq, Lk]`` (4-D) -- a key padding mask ``[B, Lk]``
+    is accepted as such.  The attention itself is :func:`t3d_jax.models.attention.dot_product_attention`
+    with ``attention`` naming the implementation (config ``model.attention``; 'auto' picks by
+    platform). Attention-probability dropout (``dropout_rate > 0`` and not deterministic)
+    exists only in the 'reference' implementation, which 'auto' then uses.
     """
 
     def __init__(self, features: int, num_heads: int, *, kv_features: int | None = None, qkv_bias: bool = True,
                  out_bias: bool = True, kernel_init: Initializer = nnx.initializers.xavier_uniform(),
-                 dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout_rate: float = 0.0, attention: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if features % num_heads:
             raise ValueError(f"width {features} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = features // num_heads
+        self.attention = attention_lib.check_implementation(attention)
         kv_features = kv_features or features
         common = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hd = (num_heads, self.head_dim)
@@ -184,20 +190,16 @@ class MultiHeadAttention(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None, *,
-                 deterministic: bool = True) -> jax.Array:
+                 causal: bool = False, deterministic: bool = True) -> jax.Array:
         context = x if context is None else context
         q = self.query(x)  # [B, Lq, H, Dh]
         k = self.key(context)
         v = self.value(context)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.head_dim))
-        if mask is not None:
-            mask = jnp.asarray(mask, bool)
-            if mask.ndim == 2:  # key padding mask [B, Lk]
-                mask = mask[:, None, None, :]
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        weights = self.dropout(weights, deterministic=deterministic)
-        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        dropout = None
+        if self.dropout.rate > 0 and not deterministic:
+            dropout = lambda w: self.dropout(w, deterministic=False)  # noqa: E731
+        y = attention_lib.dot_product_attention(q, k, v, mask=mask, causal=causal, dropout=dropout,
+                                                implementation=self.attention)
         return self.out(y)
 
 

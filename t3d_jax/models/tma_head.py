@@ -35,12 +35,13 @@ class TMAHead(nnx.Module):
 
     def __init__(self, image_width: int, text_width: int, embed_dim: int, num_prototypes: int, *,
                  num_heads: int, mlp_dim: int | None = None, layer_norm_eps: float = 1e-6,
-                 dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+                 attention: str = "auto", dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
         if num_prototypes < 1:
             raise ValueError(f"model.tma.num_prototypes must be >= 1, got {num_prototypes}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         mlp_dim = mlp_dim or 2 * image_width
-        self.cross_attn = layers.MultiHeadAttention(image_width, num_heads, kv_features=text_width, **kw)
+        self.cross_attn = layers.MultiHeadAttention(image_width, num_heads, kv_features=text_width,
+                                                    attention=attention, **kw)
         self.norm = layers.LayerNorm(image_width, epsilon=layer_norm_eps, **kw)
         self.fc1 = layers.Dense((image_width,), (mlp_dim,), ("embed",), ("mlp",), **kw)
         self.fc2 = layers.Dense((mlp_dim,), (embed_dim,), ("mlp",), ("joint",), **kw)

@@ -48,7 +48,7 @@ DEFAULT_LOSS = {"kind": "clip", "logit_scale_init": contrastive.CLIP_LOGIT_SCALE
 _get = cfg_get
 
 
-def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs) -> BertEncoder:
+def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs, attention: str = "auto") -> BertEncoder:
     """A BERT of ``model.text.size``. Pretrained weights (a local Hugging Face BERT folder) are
     loaded into it at initialisation by ``init_from.hf_bert_dir`` (t3d_jax/train/pretrained.py),
     so building the model never reads files (the abstract model, AOT and evaluation need none)."""
@@ -57,7 +57,8 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs) -> BertEncoder:
     max_len = int(_get(text_cfg, "max_len", 128))
     cfg = BertConfig.from_size(_get(text_cfg, "size", "tiny"), vocab_size=int(_get(text_cfg, "vocab_size", 30522)),
                                max_position_embeddings=max(512, max_len), remat=remat,
-                               scan_layers=scan_layers, dtype=dtype)
+                               scan_layers=scan_layers, attention=attention,
+                               attention_dropout=float(_get(text_cfg, "attention_dropout", 0.1)), dtype=dtype)
     return BertEncoder(cfg, rngs=rngs)
 
 
@@ -117,9 +118,11 @@ class CLIPModel(nnx.Module):
                              "choose 'clip' or 'siglip'")
         self.logit_scale_max = float(loss_cfg["logit_scale_max"])
 
-        self.image_encoder = ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype),
-                                   rngs=rngs)
-        self.text_encoder = build_text_encoder(model_config.text, dtype=dtype, rngs=rngs)
+        attention = str(_get(model_config, "attention", "auto"))  # t3d_jax/models/attention.py
+        self.attention = attention
+        self.image_encoder = ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype,
+                                                           attention=attention), rngs=rngs)
+        self.text_encoder = build_text_encoder(model_config.text, dtype=dtype, rngs=rngs, attention=attention)
         self.text_pool = str(_get(model_config.text, "pool", "cls"))
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"config.model.text.pool: unknown pooling {self.text_pool!r}; choose one of {TEXT_POOLS}")
@@ -176,7 +179,7 @@ class T3D(CLIPModel):
         self.tma_head = TMAHead(
             vit.width, self.text_encoder.cfg.hidden_size, self.embed_dim, int(_get(tma_cfg, "num_prototypes", 64)),
             num_heads=int(_get(tma_cfg, "num_heads", 0) or vit.num_heads),
-            mlp_dim=int(_get(tma_cfg, "mlp_dim", 0)) or None, dtype=self.dtype, rngs=rngs)
+            mlp_dim=int(_get(tma_cfg, "mlp_dim", 0)) or None, attention=self.attention, dtype=self.dtype, rngs=rngs)
 
 
 def model_class(name: str):

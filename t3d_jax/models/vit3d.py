@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t3d_jax.models import attention as attention_lib
 from t3d_jax.models import layers
 
 # width, depth, heads, mlp
@@ -76,6 +77,7 @@ class ViT3DConfig:
     # unit-scale inputs are what the patch embedding's lecun init expects (docs/training.md).
     input_mean: float = 0.0
     input_std: float = 1.0
+    attention: str = "auto"  # attention implementation (t3d_jax/models/attention.py; config model.attention)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -96,6 +98,7 @@ class ViT3DConfig:
             if s % p:
                 raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         layers.remat_policy(self.remat)  # validates the name
+        attention_lib.check_implementation(self.attention)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -109,8 +112,10 @@ class ViT3DConfig:
         return cls(**{"width": width, "depth": depth, "num_heads": heads, "mlp_dim": mlp, **overrides})
 
     @classmethod
-    def from_config(cls, image_cfg, *, image_size, dtype="float32", param_dtype="float32") -> "ViT3DConfig":
-        """Builds from ``config.model.image`` (+ ``config.data.view_size`` and ``config.model.dtype``)."""
+    def from_config(cls, image_cfg, *, image_size, dtype="float32", param_dtype="float32",
+                    attention="auto") -> "ViT3DConfig":
+        """Builds from ``config.model.image`` (+ ``config.data.view_size``, ``config.model.dtype``
+        and ``config.model.attention``)."""
         c = dict(image_cfg)
         return cls.from_size(
             c.get("size", "tiny"), image_size=image_size, patch_size=c.get("patch_size", (8, 8, 8)),
@@ -120,7 +125,7 @@ class ViT3DConfig:
             scan_layers=bool(c.get("scan_layers", False)),
             layer_norm_eps=c.get("layer_norm_eps", 1e-6),  # 1e-5 to match MONAI-pretrained weights
             input_mean=float(c.get("input_mean", 0.0)), input_std=float(c.get("input_std", 1.0)),
-            dtype=dtype, param_dtype=param_dtype)
+            attention=attention, dtype=dtype, param_dtype=param_dtype)
 
 
 @functools.lru_cache(maxsize=32)
@@ -163,7 +168,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: ViT3DConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.norm1 = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
-        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias, **kw)
+        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias,
+                                              attention=cfg.attention, **kw)
         self.norm2 = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
         self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, **kw)
 

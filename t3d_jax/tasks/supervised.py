@@ -44,8 +44,9 @@ class SupervisedModel(nnx.Module):
         self.label_names = tuple(str(n) for n in config.data.label_names)
         if not self.label_names:
             raise ValueError("config.data.label_names is empty: the supervised task needs labels")
-        self.image_encoder = ViT3D(ViT3DConfig.from_config(config.model.image, image_size=view_size, dtype=dtype),
-                                   rngs=rngs)
+        self.image_encoder = ViT3D(ViT3DConfig.from_config(
+            config.model.image, image_size=view_size, dtype=dtype,
+            attention=str(cfg_get(config.model, "attention", "auto"))), rngs=rngs)
         width = self.image_encoder.cfg.width
         # A randomly initialised head (lecun normal), not a zero one: with a zero head the
         # encoder gets no gradient until the head has grown, and then mostly from the labels
