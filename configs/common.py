@@ -81,6 +81,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # TPU, XLA on CPU; 'reference' (the original einsum path) wherever attention dropout is on.
     c.model.attention = "auto"
     c.model.image = ml_collections.ConfigDict()
+    # The image encoder: "vit3d" (the keys below) or "resnet3d" (MONAI-layout 3D ResNet: the
+    # model.image.resnet keys, plus in_channels, remat, input_mean/std; configs/t3d.py:resnet_*).
+    c.model.image.name = "vit3d"
     c.model.image.size = "tiny"  # tiny | small | base | large
     c.model.image.patch_size = (8, 8, 8)
     c.model.image.in_channels = 1
@@ -100,6 +103,21 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # preset's intensities. 0 / 1 = off (raw preset values; MONAI-pretrained weights expect that).
     c.model.image.input_mean = 0.0
     c.model.image.input_std = 1.0
+    # model.image.name = "resnet3d" (t3d_jax/models/resnet3d.py; MONAI's ResNet arguments in brackets)
+    c.model.image.resnet = ml_collections.ConfigDict()
+    c.model.image.resnet.arch = "resnet50"  # resnet10 | 18 | 34 (basic blocks) | 50 | 101 | 152 | 200
+    c.model.image.resnet.widen_factor = 1.0  # every stage's width x this [widen_factor]
+    c.model.image.resnet.conv1_size = (7, 7, 7)  # [conv1_t_size]
+    c.model.image.resnet.conv1_stride = (2, 2, 2)  # [conv1_t_stride; MONAI's default 1, MedicalNet's 2]
+    c.model.image.resnet.no_max_pool = False  # [no_max_pool]
+    c.model.image.resnet.shortcut = "B"  # B: 1x1x1 conv + norm | A: subsample + zero channels [shortcut_type]
+    c.model.image.resnet.bias_downsample = False  # [bias_downsample; MONAI ResNet's default True]
+    # batch: BatchNorm with the global batch's statistics, running statistics for evaluation |
+    # group: GroupNorm (no batch coupling; not exportable to MONAI's ResNet).
+    c.model.image.resnet.norm = "batch"
+    c.model.image.resnet.norm_groups = 32
+    c.model.image.resnet.norm_eps = 1e-5
+    c.model.image.resnet.bn_momentum = 0.1  # PyTorch's: the new batch's weight in the running statistics
     c.model.text = ml_collections.ConfigDict()
     c.model.text.size = "tiny"  # tiny | mini | minilm | base; pretrained weights: init_from.hf_bert_dir
     c.model.text.vocab_size = 30522
@@ -176,6 +194,8 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
         "joint": ("fsdp",),
         "kv": (),
         "patch": (),
+        "conv_in": (),  # 3D conv kernels [kx, ky, kz, conv_in, conv_out] (ResNet3D)
+        "conv_out": ("fsdp",),
         "prototypes": (),
         "layers": (),  # the stacked-layer axis of scan_layers models: never split
     })

@@ -1,19 +1,21 @@
-"""Import of PyTorch checkpoints: Hugging Face BERT and MONAI's 3D ``ViT``.
+"""Import of PyTorch checkpoints: Hugging Face BERT, MONAI's 3D ``ViT`` and ``ResNet`` (resnet50 ...).
 
 API (two layers, so a trainer can load weights into a sub-module of a bigger model):
 
-* ``hf_bert_state(path) -> (BertConfig, state)`` and ``monai_vit_state(sd_or_path, **monai_kwargs)
-  -> (ViT3DConfig, state)`` read a checkpoint and return the converted weights as a *flat
-  state*: ``{path tuple: np.ndarray}`` keyed by our module's parameter paths, e.g.
-  ``('layers', 0, 'attn', 'query', 'kernel')``.
+* ``hf_bert_state(path) -> (BertConfig, state)``, ``monai_vit_state(sd_or_path, **monai_kwargs)
+  -> (ViT3DConfig, state)`` and ``monai_resnet_state(sd_or_path, **monai_kwargs) -> (ResNet3DConfig,
+  state)`` read a checkpoint and return the converted weights as a *flat state*: ``{path tuple:
+  np.ndarray}`` keyed by our module's parameter paths, e.g. ``('layers', 0, 'attn', 'query',
+  'kernel')`` (a ResNet's state also holds its BatchNorm running statistics, ``.../mean|var``).
 * ``assign(module, state, *, allow_missing=())`` writes such a state into an existing module
   (any sub-module of a larger model), checking that every path exists, shapes agree and that
   no parameter is left unloaded (except paths starting with an ``allow_missing`` prefix);
   values are cast to each parameter's dtype.  Errors name the offending paths.
 * ``into_state(params, state, prefix=('text_encoder',))`` is the functional form for a split
   ``nnx.State`` (what a trainer holds after ``nnx.split``); it keeps each value's sharding.
-* ``load_hf_bert(path)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` do both
-  and return a ready module, e.g.::
+* ``load_hf_bert(path)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` /
+  ``load_monai_resnet(path_or_state_dict, **monai_resnet_kwargs)`` do both and return a ready
+  module, e.g.::
 
       text = convert.load_hf_bert("/models/BiomedBERT")                  # whole encoder
       cfg, state = convert.hf_bert_state("/models/BiomedBERT")
@@ -25,9 +27,12 @@ never an arbitrary unpickle; ``.safetensors`` needs no torch at all.
 Layout notes.  PyTorch ``nn.Linear`` stores ``[out, in]``; our kernels are ``[in..., out...]``
 with attention split by head: q/k/v ``[h, heads, dh]``, output ``[heads, dh, h]``.  MONAI's
 fused ``qkv`` Linear orders its outputs ``(qkv, head, dh)`` (einops ``(qkv l d)``); its
-Conv3d patch kernel ``[d, C, px, py, pz]`` becomes our ``[px, py, pz, C, d]``.  MONAI takes
+Conv3d patch kernel ``[d, C, px, py, pz]`` becomes our ``[px, py, pz, C, d]`` (every ResNet conv
+kernel ``[O, I, kx, ky, kz]`` likewise ``[kx, ky, kz, I, O]``).  MONAI takes
 channel-first ``[B, C, X, Y, Z]`` volumes, ours are channel-last ``[B, X, Y, Z, C]``; both
 order tokens row-major over (x, y, z), so outputs agree token for token.
+The reverse direction (our models as MONAI / Hugging Face checkpoints) is
+:mod:`t3d_jax.models.export_torch`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from t3d_jax.models.bert import BertConfig, BertEncoder
+from t3d_jax.models.resnet3d import ARCHS, BLOCK_INPLANES, ResNet3D, ResNet3DConfig
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 State = dict[tuple, np.ndarray]
@@ -133,15 +139,19 @@ def _check_paths(targets: Mapping[tuple, tuple], state: Mapping[tuple, Any], all
                              f"model {tuple(targets[p])}")
 
 
-def assign(module: nnx.Module, state: Mapping[tuple, Any], *, allow_missing: tuple[tuple, ...] = ()) -> nnx.Module:
-    """Writes a flat state ``{path: array}`` into ``module``'s ``nnx.Param`` leaves, in place."""
-    params = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)}
-    targets = {p: v[...].shape for p, v in params.items()}
+def assign(module: nnx.Module, state: Mapping[tuple, Any], *, allow_missing: tuple[tuple, ...] = (),
+           kinds: tuple[type, ...] = (nnx.Param,)) -> nnx.Module:
+    """Writes a flat state ``{path: array}`` into ``module``'s ``nnx.Param`` leaves, in place
+    (``kinds``: the variable types written and required, e.g. ``(nnx.Param, nnx.BatchStat)``
+    for BatchNorm running statistics)."""
+    params = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, kinds)}
+    # get_value/set_value rather than [...]: also fills an abstract module (nnx.eval_shape).
+    targets = {p: v.get_value().shape for p, v in params.items()}
     state = match_layer_stacks(state, targets)
     _check_paths(targets, state, allow_missing, type(module).__name__)
     for p, value in state.items():
         var = params[p]
-        var[...] = jnp.asarray(np.asarray(value), dtype=var[...].dtype)
+        var.set_value(jnp.asarray(np.asarray(value), dtype=var.get_value().dtype))
     return module
 
 
@@ -430,3 +440,158 @@ def load_monai_vit(path_or_state_dict, *, prefix: str | None = None, dtype="floa
                                  **monai_vit_kwargs)
     model = ViT3D(cfg, rngs=_default_rngs(rngs))
     return assign(model, state)
+
+
+# ----------------------------------------------------------------------------- MONAI ResNet
+# MONAI names -> ours inside a block: convN/bnN keep their names, ``downsample.0`` is the
+# shortcut conv and ``downsample.1`` its BatchNorm. BatchNorm: weight/bias are parameters,
+# running_mean/running_var are our nnx.BatchStat ``mean``/``var``; num_batches_tracked (only
+# read by PyTorch when momentum=None) and the ``fc`` head have no place and are skipped.
+_MONAI_RESNET_IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.")
+_BN_FIELDS = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var"))
+
+
+def _resnet_prefix(sd: Mapping[str, np.ndarray], where: str) -> str:
+    hits = [k for k in sd if k.endswith("layer1.0.conv1.weight")]
+    if not hits:
+        raise ValueError(f"{where}: no 'layer1.0.conv1.weight' -- not a MONAI ResNet state dict")
+    return min(hits, key=len)[: -len("layer1.0.conv1.weight")]
+
+
+def monai_resnet_config(sd: Mapping[str, np.ndarray], *, conv1_t_stride=1, no_max_pool: bool = False,
+                        n_input_channels=None, conv1_t_size=None, shortcut_type=None, widen_factor=None,
+                        bias_downsample=None, block=None, layers=None, block_inplanes=None, norm="batch",
+                        spatial_dims: int = 3, dtype="float32", param_dtype="float32", where: str = "state dict",
+                        **ignored) -> ResNet3DConfig:
+    """The :class:`ResNet3DConfig` equal to MONAI's ``ResNet(**kwargs)`` / ``resnet50(**kwargs)``.
+
+    Block kind, blocks per stage, widths (``widen_factor``), input channels, conv1 kernel,
+    shortcut type and downsample bias are read from ``sd`` and, if given, checked.
+    ``conv1_t_stride`` and ``no_max_pool`` cannot be read from weights: they default to MONAI's
+    ``ResNet`` defaults (1, False), so pass what the MONAI model was built with (MedicalNet /
+    ``ResNetFeatures``: ``conv1_t_stride=2``). Training-only kwargs (num_classes, feed_forward,
+    act) are ignored: ``fc`` is not imported.
+    """
+    if spatial_dims != 3:
+        raise ValueError(f"{where}: only 3D MONAI ResNets are supported (spatial_dims={spatial_dims})")
+    if norm not in ("batch", "BATCH", ("batch", {})):
+        raise ValueError(f"{where}: only BatchNorm MONAI ResNets are supported (norm={norm!r})")
+    if block_inplanes is not None and tuple(block_inplanes) != BLOCK_INPLANES:
+        raise ValueError(f"{where}: block_inplanes={tuple(block_inplanes)}: only MONAI's {BLOCK_INPLANES} "
+                         "(times widen_factor) is supported")
+    w1 = sd["conv1.weight"]
+    counts = tuple(len({m.group(1) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}) for i in range(1, 5))
+    kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
+    arch = next((a for a, (b, n) in ARCHS.items() if b == kind and n == counts), None)
+    if arch is None:
+        raise ValueError(f"{where}: {kind} blocks {counts} per stage match no MONAI resnet "
+                         f"({', '.join(f'{a}: {b} {n}' for a, (b, n) in ARCHS.items())})")
+    planes0 = int(w1.shape[0])
+    found_widen = planes0 / BLOCK_INPLANES[0]
+    has_down = any(k.endswith("downsample.0.weight") for k in sd)
+    found = dict(n_input_channels=int(w1.shape[1]), conv1_t_size=tuple(int(s) for s in w1.shape[2:]),
+                 shortcut_type="B" if has_down else "A", widen_factor=found_widen,
+                 bias_downsample=any(k.endswith("downsample.0.bias") for k in sd) if has_down else None,
+                 block=kind, layers=counts)
+    given = dict(n_input_channels=n_input_channels, conv1_t_size=conv1_t_size, shortcut_type=shortcut_type,
+                 widen_factor=widen_factor, bias_downsample=bias_downsample if has_down else None, block=block,
+                 layers=layers)
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k == "conv1_t_size" and isinstance(v, int):
+            v = (v,) * 3
+        if k == "widen_factor":
+            if int(BLOCK_INPLANES[0] * float(v)) != planes0:
+                raise ValueError(f"{where}: widen_factor={v} given, but conv1 has {planes0} channels")
+            continue
+        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
+            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+    widen = float(widen_factor) if widen_factor is not None else found_widen
+    cfg = ResNet3DConfig(arch=arch, widen_factor=widen, in_channels=found["n_input_channels"],
+                         conv1_size=found["conv1_t_size"], conv1_stride=conv1_t_stride, no_max_pool=bool(no_max_pool),
+                         shortcut=found["shortcut_type"], bias_downsample=bool(found["bias_downsample"]),
+                         norm="batch", dtype=dtype, param_dtype=param_dtype)
+    last = f"layer4.{counts[3] - 1}.bn{3 if kind == 'bottleneck' else 2}.weight"
+    if cfg.width != int(sd[last].shape[0]):
+        raise ValueError(f"{where}: stage widths {tuple(int(sd[f'layer{i}.0.bn1.weight'].shape[0]) for i in range(1, 5))} "
+                         f"are not MONAI's {BLOCK_INPLANES} x widen_factor {widen}")
+    return cfg
+
+
+def monai_resnet_state_from_dict(sd: Mapping[str, np.ndarray], cfg, where: str = "state dict") -> State:
+    """Maps MONAI ``ResNet`` names (prefix already stripped) onto :class:`ResNet3D` paths.
+
+    The state holds the parameters and the BatchNorm running statistics (``.../mean``,
+    ``.../var``, our ``nnx.BatchStat``); :func:`load_monai_resnet` assigns both."""
+    used: set[str] = set()
+
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"{where}: missing weight {name!r}")
+        used.add(name)
+        return np.asarray(sd[name])
+
+    st: State = {}
+
+    def conv(src, dst, bias=False):
+        st[dst + ("kernel",)] = get(f"{src}.weight").transpose(2, 3, 4, 1, 0)  # [O,I,x,y,z] -> [x,y,z,I,O]
+        if bias:
+            st[dst + ("bias",)] = get(f"{src}.bias")
+
+    def bn(src, dst):
+        for ours, theirs in _BN_FIELDS:
+            st[dst + (ours,)] = get(f"{src}.{theirs}")
+
+    conv("conv1", ("conv1",))
+    bn("bn1", ("bn1",))
+    convs = 3 if cfg.block == "bottleneck" else 2
+    for i, count in enumerate(cfg.layers, start=1):
+        for j in range(count):
+            src, dst = f"layer{i}.{j}", (f"layer{i}", j)
+            for n in range(1, convs + 1):
+                conv(f"{src}.conv{n}", dst + (f"conv{n}",))
+                bn(f"{src}.bn{n}", dst + (f"bn{n}",))
+            if f"{src}.downsample.0.weight" in sd:
+                conv(f"{src}.downsample.0", dst + ("downsample_conv",), bias=cfg.bias_downsample)
+                bn(f"{src}.downsample.1", dst + ("downsample_norm",))
+    leftover = sorted(k for k in sd if k not in used and not _MONAI_RESNET_IGNORED.search(k))
+    if leftover:
+        raise ValueError(f"{where}: MONAI ResNet weights not understood: {leftover[:10]}")
+    return {k: np.ascontiguousarray(v) for k, v in st.items()}
+
+
+def monai_resnet_state(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                       **monai_resnet_kwargs) -> tuple[ResNet3DConfig, State]:
+    """Reads a MONAI ``ResNet`` checkpoint (file or state dict) into ``(ResNet3DConfig, flat state)``.
+
+    ``prefix`` (e.g. ``'module.'`` or ``'vision_encoder.'``) is found automatically when None:
+    the part before ``layer1.0.conv1.weight``."""
+    if isinstance(path_or_state_dict, (str, pathlib.Path)):
+        where = str(path_or_state_dict)
+        raw = read_torch_weights(path_or_state_dict)
+    else:
+        where = "state dict"
+        raw = _tensors_to_numpy(path_or_state_dict, where)
+    if prefix is None:
+        prefix = _resnet_prefix(raw, where)
+    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    cfg = monai_resnet_config(sd, dtype=dtype, param_dtype=param_dtype, where=where, **monai_resnet_kwargs)
+    return cfg, monai_resnet_state_from_dict(sd, cfg, where)
+
+
+def load_monai_resnet(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                      **monai_resnet_kwargs) -> ResNet3D:
+    """A :class:`ResNet3D` computing what MONAI's ``ResNet(**kwargs)`` with these weights computes
+    in ``eval()`` mode: our ``pooled`` is MONAI's output with ``feed_forward=False`` (the
+    average-pooled last stage; with ``fc`` that head is not imported) and our ``tokens`` are
+    ``layer4``'s map, channel-last, row-major. Running statistics are imported too.
+
+    ``monai_resnet_kwargs`` are the MONAI constructor's (``conv1_t_stride``, ``no_max_pool``, ...;
+    see :func:`monai_resnet_config`)."""
+    cfg, state = monai_resnet_state(path_or_state_dict, prefix=prefix, dtype=dtype, param_dtype=param_dtype,
+                                    **monai_resnet_kwargs)
+    # Every variable comes from the checkpoint: build abstractly (a random init of ResNet-50's
+    # 46M parameters takes ~10 s of eager dispatch on CPU) and fill it.
+    model = nnx.eval_shape(lambda: ResNet3D(cfg, rngs=nnx.Rngs(0)))
+    return assign(model, state, kinds=(nnx.Param, nnx.BatchStat))

@@ -36,6 +36,7 @@ from flax import nnx
 from t3d_jax.losses import contrastive
 from t3d_jax.models import layers
 from t3d_jax.models.bert import BertConfig, BertEncoder
+from t3d_jax.models.resnet3d import ResNet3D, ResNet3DConfig
 from t3d_jax.models.tma_head import TMAHead, l2_normalize
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 from t3d_jax.utils import cfg_get
@@ -60,6 +61,22 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs, attention: str = "aut
                                scan_layers=scan_layers, attention=attention,
                                attention_dropout=float(_get(text_cfg, "attention_dropout", 0.1)), dtype=dtype)
     return BertEncoder(cfg, rngs=rngs)
+
+
+IMAGE_ENCODERS = ("vit3d", "resnet3d")
+
+
+def build_image_encoder(image_cfg, *, image_size, dtype, rngs: nnx.Rngs, attention: str = "auto"):
+    """The image encoder named by ``model.image.name``: 'vit3d' (default; ``model.image.size``,
+    ``patch_size``, ...) or 'resnet3d' (MONAI-layout 3D ResNet, ``model.image.resnet.*``). Both
+    return ``{pooled, tokens, token_index, grid}`` and carry ``cfg.width`` / ``cfg.num_heads``."""
+    name = str(_get(image_cfg, "name", "vit3d"))
+    if name == "vit3d":
+        return ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype,
+                                             attention=attention), rngs=rngs)
+    if name == "resnet3d":
+        return ResNet3D(ResNet3DConfig.from_config(image_cfg, dtype=dtype), rngs=rngs)
+    raise ValueError(f"config.model.image.name: unknown image encoder {name!r}; choose one of {IMAGE_ENCODERS}")
 
 
 def pool_text(hidden: jax.Array, attention_mask: jax.Array, pool: str) -> jax.Array:
@@ -103,7 +120,8 @@ def frozen_text_tower(hf_bert_dir, *, pool: str | None = None):
 
 
 class CLIPModel(nnx.Module):
-    """CT-CLIP-style two-tower baseline: ViT3D + BERT, linear projections, global-batch CLIP/SigLIP."""
+    """CT-CLIP-style two-tower baseline: ViT3D (or ResNet3D, ``model.image.name``) + BERT, linear
+    projections, global-batch CLIP/SigLIP."""
 
     def __init__(self, model_config, *, rngs: nnx.Rngs, loss_config=None, view_size=None):
         dtype = layers.as_dtype(_get(model_config, "dtype", "float32"))
@@ -120,8 +138,8 @@ class CLIPModel(nnx.Module):
 
         attention = str(_get(model_config, "attention", "auto"))  # t3d_jax/models/attention.py
         self.attention = attention
-        self.image_encoder = ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype,
-                                                           attention=attention), rngs=rngs)
+        self.image_encoder = build_image_encoder(image_cfg, image_size=image_size, dtype=dtype, rngs=rngs,
+                                                 attention=attention)
         self.text_encoder = build_text_encoder(model_config.text, dtype=dtype, rngs=rngs, attention=attention)
         self.text_pool = str(_get(model_config.text, "pool", "cls"))
         if self.text_pool not in TEXT_POOLS:
@@ -175,10 +193,10 @@ class T3D(CLIPModel):
     def __init__(self, model_config, *, rngs: nnx.Rngs, loss_config=None, view_size=None):
         super().__init__(model_config, rngs=rngs, loss_config=loss_config, view_size=view_size)
         tma_cfg = model_config.tma
-        vit = self.image_encoder.cfg
+        image = self.image_encoder.cfg  # ViT3DConfig or ResNet3DConfig: width, num_heads
         self.tma_head = TMAHead(
-            vit.width, self.text_encoder.cfg.hidden_size, self.embed_dim, int(_get(tma_cfg, "num_prototypes", 64)),
-            num_heads=int(_get(tma_cfg, "num_heads", 0) or vit.num_heads),
+            image.width, self.text_encoder.cfg.hidden_size, self.embed_dim, int(_get(tma_cfg, "num_prototypes", 64)),
+            num_heads=int(_get(tma_cfg, "num_heads", 0) or image.num_heads),
             mlp_dim=int(_get(tma_cfg, "mlp_dim", 0)) or None, attention=self.attention, dtype=self.dtype, rngs=rngs)
 
 

@@ -1,6 +1,6 @@
 """`supervised`: multi-label classification of the volume, the ceiling a pretraining is judged by.
 
-The image encoder of the other tasks (ViT3D, the same `model.image.*` keys) and one linear
+The image encoder of the other tasks (ViT3D or ResNet3D, the same `model.image.*` keys) and one linear
 head over its pooled embedding give one logit per label of `data.label_names` (18 CT-RATE
 findings). The loss is the binary cross-entropy of each label's sigmoid against the record's
 labels; a label that is NaN (unknown) is left out of the mean. Trained with the normal
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t3d_jax.models import layers
-from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
+from t3d_jax.models.two_tower import build_image_encoder
 from t3d_jax.tasks.base import Task, f32
 from t3d_jax.utils import cfg_get
 
@@ -44,9 +44,9 @@ class SupervisedModel(nnx.Module):
         self.label_names = tuple(str(n) for n in config.data.label_names)
         if not self.label_names:
             raise ValueError("config.data.label_names is empty: the supervised task needs labels")
-        self.image_encoder = ViT3D(ViT3DConfig.from_config(
-            config.model.image, image_size=view_size, dtype=dtype,
-            attention=str(cfg_get(config.model, "attention", "auto"))), rngs=rngs)
+        self.image_encoder = build_image_encoder(
+            config.model.image, image_size=view_size, dtype=dtype, rngs=rngs,
+            attention=str(cfg_get(config.model, "attention", "auto")))
         width = self.image_encoder.cfg.width
         # A randomly initialised head (lecun normal), not a zero one: with a zero head the
         # encoder gets no gradient until the head has grown, and then mostly from the labels

@@ -12,7 +12,9 @@ partial restore) means
   another.
 
 The model's other state (its RNG streams) is not the checkpoint's business here: it comes
-from a fresh initialisation, which evaluation (deterministic) never reads.
+from a fresh initialisation, which evaluation (deterministic) never reads. The exception is
+BatchNorm's running statistics (`nnx.BatchStat`, the ResNet3D encoder): evaluation normalises
+with them, so `restore_model` reads them from `state/model_state` as well.
 
     ckpt = checkpoint_dir(config, workdir)            # config.checkpoint.dir or WORKDIR/checkpoints
     model, step = restore_model(config, ckpt, mesh=mesh)   # latest step; step=N for another
@@ -49,9 +51,20 @@ class AbstractModel:
 
     graphdef: Any
     params: dict  # ShapeDtypeStructs with their NamedShardings (the layout of state/params)
-    rest: dict  # the same for every non-param variable (RNG streams)
+    rest: dict  # the same for every non-param variable (RNG streams, BatchNorm statistics)
     param_specs: dict  # logical axis names (PartitionSpecs of names) of every parameter
     build: Any  # () -> the real model (eager sharding off: shardings come from the rules)
+    batch_stats: tuple = ()  # paths (key tuples) in `rest` of nnx.BatchStat variables
+
+    def rest_subset(self, paths) -> dict:
+        """The nested sub-dict of `rest` holding only `paths`."""
+        out: dict = {}
+        for path in paths:
+            node, src = out, self.rest
+            for k in path[:-1]:
+                node, src = node.setdefault(k, {}), src[k]
+            node[path[-1]] = src[path[-1]]
+        return out
 
     def shardings(self, tree: dict) -> dict:
         return jax.tree.map(lambda a: a.sharding, tree)
@@ -76,9 +89,11 @@ def abstract_model(config, mesh: jax.sharding.Mesh) -> AbstractModel:
     static: dict[str, Any] = {}
 
     def shapes():
-        graphdef, params, rest = nnx.split(build(), nnx.Param, ...)
+        model = build()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         static.update(graphdef=graphdef, param_specs=nnx.to_pure_dict(nnx.get_partition_spec(params)),
-                      rest_specs=nnx.to_pure_dict(nnx.get_partition_spec(rest)))
+                      rest_specs=nnx.to_pure_dict(nnx.get_partition_spec(rest)),
+                      batch_stats=tuple(tuple(p) for p, _ in nnx.state(model, nnx.BatchStat).flat_state()))
         return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     params, rest = jax.eval_shape(shapes)  # the graph and the specs are static: captured while tracing
@@ -89,7 +104,8 @@ def abstract_model(config, mesh: jax.sharding.Mesh) -> AbstractModel:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
     return AbstractModel(static["graphdef"], laid_out(params, static["param_specs"]),
-                         laid_out(rest, static["rest_specs"]), static["param_specs"], build)
+                         laid_out(rest, static["rest_specs"]), static["param_specs"], build,
+                         static["batch_stats"])
 
 
 def read_params(directory: str | os.PathLike, abstract_params: dict, step: int | None = None,
@@ -101,6 +117,15 @@ def read_params(directory: str | os.PathLike, abstract_params: dict, step: int |
     `UserFileNotFoundError` naming the folder and ending with `fix`. The folder is only read
     (never created, nothing moved aside).
     """
+    parts, step = read_state_parts(directory, {"params": abstract_params}, step, fix=fix)
+    return parts["params"], step
+
+
+def read_state_parts(directory: str | os.PathLike, abstract_parts: dict, step: int | None = None,
+                     *, fix: str = TRAIN_FIRST) -> tuple[dict, int]:
+    """`read_params` for several parts of the saved train state at once: `abstract_parts` maps
+    a key of `state` ('params', 'model_state') to the abstract (sub-)tree to read; each must be
+    in the checkpoint with its shapes."""
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         raise UserFileNotFoundError(f"{directory}: no checkpoint folder; {fix}")
@@ -113,17 +138,20 @@ def read_params(directory: str | os.PathLike, abstract_params: dict, step: int |
         step = steps[-1] if step is None or int(step) < 0 else int(step)
         if step not in steps:
             raise UserFileNotFoundError(f"{directory}: no checkpoint at step {step}; have {steps}")
-        _check_fits(manager.item_metadata(step)[ckpt_lib.STATE]["params"], abstract_params, directory, step)
-        partial = {"params": ckpt_lib.abstract_storable(abstract_params)}
+        saved = manager.item_metadata(step)[ckpt_lib.STATE]
+        for key, abstract in abstract_parts.items():
+            _check_fits(saved[key] if key in saved else {}, abstract, directory, step)
+        partial = {key: ckpt_lib.abstract_storable(abstract) for key, abstract in abstract_parts.items()}
         restored = manager.restore(step, args=ocp.args.Composite(**{
             ckpt_lib.STATE: ocp.args.PyTreeRestore(
                 item=partial, restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
                 partial_restore=True)}))
-    return ckpt_lib.from_storable(restored[ckpt_lib.STATE]["params"], abstract_params), step
+    return {key: ckpt_lib.from_storable(restored[ckpt_lib.STATE][key], abstract)
+            for key, abstract in abstract_parts.items()}, step
 
 
 def _check_fits(saved, abstract_params: dict, directory: pathlib.Path, step: int) -> None:
-    """The checkpoint holds every parameter of the model, each with its shape, else a
+    """The checkpoint holds every parameter (or requested state entry) of the model, each with its shape, else a
     `UserValueError` (orbax's partial restore would leave a missing one unread, silently).
     Saved parameters the model lacks are fine: e.g. a `t3d` run evaluated as `clip`."""
     have = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -145,12 +173,21 @@ def _check_fits(saved, abstract_params: dict, directory: pathlib.Path, step: int
 def restore_model(config, directory: str | os.PathLike, step: int | None = None, *,
                   mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
     """(model, step): `config`'s model on `mesh` holding checkpoint `step`'s parameters (newest
-    when None) from `directory` (see `checkpoint_dir`); RNG streams freshly initialised."""
+    when None) from `directory` (see `checkpoint_dir`) and its BatchNorm running statistics
+    (if the model has any); RNG streams freshly initialised."""
     abstract = abstract_model(config, mesh)
-    params, step = read_params(directory, abstract.params, step)
+    parts = {"params": abstract.params}
+    if abstract.batch_stats:
+        parts["model_state"] = abstract.rest_subset(abstract.batch_stats)
+    parts, step = read_state_parts(directory, parts, step)
 
     def fresh_rest():  # the params' initialisers are dead code here: XLA drops them
         return nnx.to_pure_dict(nnx.split(abstract.build(), nnx.Param, ...)[2])
 
     rest = jax.jit(fresh_rest, out_shardings=abstract.shardings(abstract.rest))()
-    return nnx.merge(abstract.graphdef, params, rest), step
+    for path in abstract.batch_stats:
+        node, src = rest, parts["model_state"]
+        for k in path[:-1]:
+            node, src = node[k], src[k]
+        node[path[-1]] = src[path[-1]]
+    return nnx.merge(abstract.graphdef, parts["params"], rest), step
