@@ -23,6 +23,10 @@ Output:
   "text:LINE", text, text_embedding); preset, view size and token grid in the schema
   metadata.
 All embeddings are L2-normalised (the model's outputs).
+
+``run_export_weights`` (``launch/export_weights.py``) exports the weights instead: the image
+encoder as a MONAI state dict, the text encoder as a Hugging Face BERT folder
+(t3d_jax/models/export_torch.py).
 """
 
 from __future__ import annotations
@@ -415,3 +419,61 @@ def run_export(config, workdir, input_path, output, *, texts_file=None, tokens=F
     log.info("checkpoint step %d: exported %d volumes, %d texts to %s; %d errors in %s", got, len(result.ids),
              len(result.texts), output, len(result.errors), errors_path(output))
     return result
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def run_export_weights(config, workdir, out, *, step=None) -> dict:
+    """What ``launch/export_weights.py`` does: the checkpoint's parameters (and BatchNorm
+    statistics) restored into ``config``'s model (`t3d_jax.train.params`), then every tower
+    written for PyTorch by `t3d_jax.models.export_torch.write_export`: the image encoder as a
+    MONAI state dict (``ViT`` or ``resnet50`` ...), the text encoder as a Hugging Face BERT
+    folder with the dataset's ``vocab.txt``, the projections, and ``export.json`` (how to build
+    and feed each, the checkpoint step, the data's preprocessing). Returns that manifest.
+
+    As for `run_export`, the prepared data need not be here: when ``config.data.dir`` holds it,
+    its token length, vocab and preset are used and recorded; otherwise the config's.
+    """
+    import tempfile
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from t3d_jax.data.prepared import sync_config_with_data
+    from t3d_jax.data.shards import has_dataset
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+    from t3d_jax.models import export_torch
+    from t3d_jax.train import mesh as mesh_lib
+    from t3d_jax.train import params as params_lib
+
+    if has_dataset(config.data.get("dir", "")):
+        config = sync_config_with_data(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    model, got = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), step, mesh=mesh)
+    preset, tok_info = dataset_preprocessing(config)
+    tokenizer = tokenizer_for_config(config, tok_info) if getattr(model, "text_encoder", None) is not None else None
+
+    def to_numpy(x):
+        if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    info = {"checkpoint_step": int(got), "task": str(config.get("task", "")),
+            "preprocess": {"preset": preset.to_json() if hasattr(preset, "to_json") else str(preset),
+                           "view_size": [int(s) for s in config.data.view_size]}}
+    if tokenizer is not None:
+        info["preprocess"]["tokenizer"] = {"lowercase": tokenizer.lowercase, "max_len": tokenizer.max_len,
+                                           "report_order": tokenizer.report_order}
+    # Every process runs the same gathers (collectives); process 0 writes to `out`.
+    target = out if jax.process_index() == 0 else tempfile.mkdtemp(prefix="export_weights_")
+    try:
+        manifest = export_torch.write_export(
+            model, target, vocab_path=None if tokenizer is None else tokenizer.vocab_path,
+            lowercase=True if tokenizer is None else tokenizer.lowercase,
+            max_len=None if tokenizer is None else tokenizer.max_len, info=info, to_numpy=to_numpy)
+    except ValueError as e:  # a model with no PyTorch equivalent (GroupNorm ResNet3D)
+        raise UserValueError(str(e)) from e
+    log.info("checkpoint step %d: wrote %s to %s", got, ", ".join(k for k in ("image", "text", "projections")
+                                                                   if k in manifest), out)
+    return manifest

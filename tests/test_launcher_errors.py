@@ -43,6 +43,10 @@ CASES = {
         "launch/export_embeddings.py",
         [f"--config={REPO}/configs/t3d.py:nope", "--workdir={tmp}/run", "--input={tmp}", "--output={tmp}/e.npz"],
         "unknown variant 'nope'"),
+    "export_weights/no_checkpoint": (
+        "launch/export_weights.py", [f"--config={REPO}/configs/t3d.py:resnet_tiny", "--workdir={tmp}/run",
+                                     "--out={tmp}/out"],
+        "checkpoints: no checkpoint folder; train first"),
     "train/unknown_variant": (
         "launch/train.py", [f"--config={REPO}/configs/t3d.py:nope", "--workdir={tmp}/run"],
         "unknown variant 'nope'"),
