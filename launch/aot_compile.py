@@ -40,13 +40,14 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/t3d.p
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16, v5p:4x4x4, v4:4x4x4.")
 flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice); the 'data' axis spans them.")
 flags.DEFINE_string("out", None, "Write the report as JSON here.")
+flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text here.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report = aot.compile_train_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
+    report = aot.compile_train_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices, hlo_out=FLAGS.hlo)
     report["command"] = " ".join(["python", "launch/aot_compile.py", *sys.argv[1:]])
     print(aot.format_report(report))
     if FLAGS.out:

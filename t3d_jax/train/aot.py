@@ -185,8 +185,11 @@ def cost_report(compiled, chip: ChipSpec, num_devices: int) -> dict:
     }
 
 
-def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
-    """Builds the trainer's program on the topology's devices, compiles it, returns the report."""
+def compile_train_step(config, topology: str, num_slices: int = 1, hlo_out: str | None = None) -> dict:
+    """Builds the trainer's program on the topology's devices, compiles it, returns the report.
+
+    ``hlo_out``: also write the compiled program's HLO text there (for `hlo_traffic` and
+    reading by hand without compiling again)."""
     code = code_version()  # before the (long) compile: the code that is compiled
     chip = CHIPS[parse_topology(topology)[0]]
     devices = topology_devices(topology, num_slices)
@@ -200,6 +203,10 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
         compiled = lowered.compile()
         t_compile = time.perf_counter() - t0 - t_lower
     total_params, trainable = optim_lib.count_params(program.abstract_state["params"], program.frozen_mask)
+    hlo_text = compiled.as_text()
+    if hlo_out:
+        pathlib.Path(hlo_out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(hlo_out).write_text(hlo_text)
     gbs = int(config.train.global_batch_size)
     dp = mesh_lib.data_parallel_size(mesh, config.sharding_rules)
     return {
@@ -210,10 +217,13 @@ def compile_train_step(config, topology: str, num_slices: int = 1) -> dict:
         "grad_accum_steps": int(config.train.grad_accum_steps),
         "params": int(total_params), "trainable_params": int(trainable),
         "settings": settings(config),
-        "flops_undercounted_by": step_lib.flop_undercount_reasons(config),
+        "flops_undercounted_by": step_lib.flop_undercount_reasons(config) + (
+            ["Pallas kernels (model.attention): custom calls whose FLOPs XLA's cost analysis does not count"]
+            if 'custom_call_target="tpu_custom_call"' in hlo_text else []),
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
         "memory": memory_report(compiled, chip),
         "cost": cost_report(compiled, chip, len(devices)),
+        "hlo_traffic": hlo_traffic(hlo_text),
         "jax": jax.__version__, "libtpu": libtpu_version(), "code": code,
     }
 
@@ -235,6 +245,7 @@ def settings(config) -> dict:
         "patch_dropout": float(cfg_get(image, "patch_dropout", 0.0)),
         "nonfinite_guard": str(cfg_get(config.train, "nonfinite_guard", "where")),
         "loss_chunked": bool(cfg_get(config.loss, "chunked", False)),
+        "attention": str(cfg_get(model, "attention", "reference")),
     }
 
 
@@ -286,8 +297,116 @@ def format_report(r: dict) -> str:
         f"step time at {c['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s peak (100% MFU): "
         f"{1e3 * c['step_time_at_peak_s']:.2f} ms; roofline (compute vs {c['hbm_bytes_per_s'] / 1e9:.0f} GB/s "
         f"HBM) {1e3 * c['roofline_step_s']:.2f} ms" + (f" -> MFU {100 * mfu:.0f}%" if mfu else ""),
-        *([f"  ({' and '.join(r['flops_undercounted_by'])}: XLA counts a loop's body once, so FLOPs and "
-           "roofline are undercounted)"] if r.get("flops_undercounted_by") else []),
+        *([f"  (FLOPs, MFU and roofline are undercounted: {'; '.join(r['flops_undercounted_by'])}; "
+           "XLA counts a loop's body once and no FLOPs inside custom calls)"] if r.get("flops_undercounted_by") else []),
         f"lowered in {r['lower_s']}s, compiled in {r['compile_s']}s (jax {r['jax']}, libtpu {r['libtpu']})",
     ]
+    if r.get("hlo_traffic"):
+        t = r["hlo_traffic"]
+        lines.append(f"HBM traffic by scope (operands + results of the top-level HLO ops, "
+                     f"{t['total_bytes'] / GIB:.3g} GiB in all):")
+        lines += [f"  {100 * e['fraction']:5.1f}%  {e['bytes'] / GIB:8.3g} GiB  {e['scope']}" for e in t["top_scopes"][:8]]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ where the bytes go
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*?)\)(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?(%?[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Instructions that move no HBM bytes of their own (aliases, control flow, bookkeeping).
+_FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+             "call", "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency"}
+
+
+def _type_bytes(text: str) -> float:
+    total = 0.0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def scope_of(op_name: str, depth: int = 3) -> str:
+    """A readable scope of an HLO op's `op_name` metadata: the jit's name and the autodiff
+    wrappers dropped, 'bwd:' marking the backward pass, `depth` path components kept, layer
+    indices folded (`blocks/3/attn` -> `blocks/*/attn`)."""
+    if not op_name:
+        return "(no metadata)"
+    backward = "transpose(" in op_name
+    parts = [p for p in op_name.split("/") if p and not p.startswith("jit(")]
+    wrapper = re.compile(r"^(?:jvp|transpose|vmap|remat|checkpoint|pjit|shard_map)\((.*)\)$")
+    for _ in range(4):  # nested wrappers: transpose(jvp(ViT3D)) -> ViT3D
+        parts = [wrapper.sub(r"\1", p) for p in parts]
+    parts = [p for p in parts if p and not re.fullmatch(r"(jvp|transpose|vmap|remat|checkpoint)\(?\)?", p)]
+    parts = ["*" if p.isdigit() else p for p in parts]
+    return ("bwd: " if backward else "") + ("/".join(parts[:depth]) or "(top)")
+
+
+def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
+    """Bytes each top-level HLO instruction of a compiled program reads and writes (its
+    operands' and result's sizes, the estimate XLA's cost analysis makes for a fusion), summed
+    by the `scope_of` its metadata names. Fused computations are not walked (their insides
+    stay in vregs/VMEM) and a loop body is counted once, as XLA's own figure does. Use it to
+    name what moves the bytes of a memory-bound step; the total is an estimate close to, not
+    equal to, `cost_analysis()['bytes accessed']`.
+    """
+    comps: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(1).lstrip("%")
+            comps[current] = []
+        elif current is not None and line.strip() == "}":
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    nested = set()  # computations entered by fusions and reducers: not HBM traffic of their own
+    for lines in comps.values():
+        for line in lines:
+            for key in ("calls", "to_apply"):
+                for name in re.findall(key + r"=%?([\w.\-]+)", line):
+                    nested.add(name)
+    sizes: dict[str, float] = {}
+    by_scope: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    for name, lines in comps.items():
+        parsed = []
+        for line in lines:
+            m = _INSTR.match(line)
+            if m:
+                sizes[m.group(1).lstrip("%")] = _type_bytes(m.group(2))
+                parsed.append(m)
+        if name in nested:
+            continue
+        for m in parsed:
+            op = m.group(3)
+            if op in _FREE_OPS:
+                continue
+            operands = re.findall(r"%([\w.\-]+)", m.group(4))
+            moved = sizes[m.group(1).lstrip("%")] + sum(sizes.get(o, 0.0) for o in operands)
+            meta = _OP_NAME.search(m.group(5))
+            key = scope_of(meta.group(1) if meta else "", depth)
+            by_scope[key] = by_scope.get(key, 0.0) + moved
+            kind = op
+            if op == "fusion":
+                k = re.search(r"kind=(k\w+)", m.group(5))
+                kind = f"fusion:{k.group(1)}" if k else op
+            elif op == "custom-call":
+                t = re.search(r'custom_call_target="([^"]+)"', m.group(5))
+                kind = f"custom-call:{t.group(1)}" if t else op
+            by_op[kind] = by_op.get(kind, 0.0) + moved
+    total = sum(by_scope.values())
+    ranked = sorted(by_scope.items(), key=lambda kv: -kv[1])
+    return {
+        "total_bytes": total,
+        "top_scopes": [{"scope": k, "bytes": v, "fraction": v / total if total else 0.0} for k, v in ranked[:top]],
+        "by_op": {k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+    }
