@@ -93,7 +93,7 @@ def abstract_model(config, mesh: jax.sharding.Mesh) -> AbstractModel:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         static.update(graphdef=graphdef, param_specs=nnx.to_pure_dict(nnx.get_partition_spec(params)),
                       rest_specs=nnx.to_pure_dict(nnx.get_partition_spec(rest)),
-                      batch_stats=tuple(tuple(p) for p, _ in nnx.state(model, nnx.BatchStat).flat_state()))
+                      batch_stats=tuple(tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))))
         return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     params, rest = jax.eval_shape(shapes)  # the graph and the specs are static: captured while tracing
