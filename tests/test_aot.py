@@ -140,3 +140,29 @@ def test_scope_of_folds_layers_and_marks_the_backward(aot):
     assert aot.scope_of(name, depth=3) == "bwd: ViT3D/blocks/*"
     assert aot.scope_of("jit(step)/jvp(TwoTower)/text/embed", depth=2) == "TwoTower/text"
     assert aot.scope_of("") == "(no metadata)"
+
+
+def test_pallas_attention_flops_counts_the_splash_kernels_from_their_shapes(aot_tpu):
+    """Forward and gradient of splash attention compiled for v5e:2x2: one forward, one dq and
+    one dkv kernel, whose FLOPs XLA does not count; `pallas_attention_flops` gives
+    (4 + 6 + 8) * B * H * L * L * Dh (see `_SPLASH_FLOPS`), exactly, at a tile-sized L."""
+    import jax
+    import jax.numpy as jnp
+
+    from t3d_jax.models.attention import dot_product_attention
+
+    b, length, h, dh = 4, 128, 2, 64
+    devices = aot_tpu.topology_devices("v5e:2x2")
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    spec = jax.ShapeDtypeStruct((b, length, h, dh), jnp.bfloat16,
+                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+    def loss(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, implementation="pallas_tpu").astype(jnp.float32))
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    counted = aot_tpu.pallas_attention_flops(compiled.as_text())
+    assert counted["calls"] == {"splash_mha_fwd": 1, "splash_mha_dq": 1, "splash_mha_dkv": 1}
+    per_chip_batch = b // 4
+    assert counted["flops"] == (4 + 6 + 8) * per_chip_batch * h * length * length * dh

@@ -151,7 +151,7 @@ def memory_report(compiled, chip: ChipSpec) -> dict:
     }
 
 
-def cost_report(compiled, chip: ChipSpec, num_devices: int) -> dict:
+def cost_report(compiled, chip: ChipSpec, num_devices: int, kernel_flops: float = 0.0) -> dict:
     """FLOPs per step and the step time / MFU they imply on `chip`.
 
     XLA's cost analysis describes the SPMD program one chip runs, so its FLOPs and bytes are
@@ -160,12 +160,14 @@ def cost_report(compiled, chip: ChipSpec, num_devices: int) -> dict:
     HBM bandwidth), whose MFU is what the chip's peak would give if nothing but compute and
     HBM traffic took time (collectives over ICI/DCN are not counted; see docs/scaling.md).
     XLA's own `optimal_seconds` is kept when it is meaningful (it is negative for programs
-    with loops).
+    with loops). ``kernel_flops``: FLOPs of custom-call kernels XLA does not count (Pallas
+    attention, `pallas_attention_flops`), added to XLA's figure.
     """
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
         cost = cost[0]
-    flops = float(cost.get("flops", 0.0))
+    xla_flops = float(cost.get("flops", 0.0))
+    flops = xla_flops + float(kernel_flops)
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     compute_s = flops / chip.peak_bf16_flops
     memory_s = bytes_accessed / chip.hbm_bytes_per_s
@@ -174,6 +176,8 @@ def cost_report(compiled, chip: ChipSpec, num_devices: int) -> dict:
     return {
         "flops_per_chip": flops,
         "flops_per_step": flops * num_devices,
+        "xla_flops_per_chip": xla_flops,
+        "kernel_flops_per_chip": float(kernel_flops),
         "bytes_accessed_per_chip": bytes_accessed,
         "step_time_at_peak_s": compute_s,
         "hbm_time_s": memory_s,
@@ -204,6 +208,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1, hlo_out: str 
         t_compile = time.perf_counter() - t0 - t_lower
     total_params, trainable = optim_lib.count_params(program.abstract_state["params"], program.frozen_mask)
     hlo_text = compiled.as_text()
+    kernels = pallas_attention_flops(hlo_text)
     if hlo_out:
         pathlib.Path(hlo_out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(hlo_out).write_text(hlo_text)
@@ -218,11 +223,12 @@ def compile_train_step(config, topology: str, num_slices: int = 1, hlo_out: str 
         "params": int(total_params), "trainable_params": int(trainable),
         "settings": settings(config),
         "flops_undercounted_by": step_lib.flop_undercount_reasons(config) + (
-            ["Pallas kernels (model.attention): custom calls whose FLOPs XLA's cost analysis does not count"]
-            if 'custom_call_target="tpu_custom_call"' in hlo_text else []),
+            ["Pallas kernels other than splash attention: custom calls whose FLOPs XLA does not count"]
+            if hlo_text.count('custom_call_target="tpu_custom_call"') > sum(kernels["calls"].values()) else []),
+        "pallas_attention": kernels,
         "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
         "memory": memory_report(compiled, chip),
-        "cost": cost_report(compiled, chip, len(devices)),
+        "cost": cost_report(compiled, chip, len(devices), kernel_flops=kernels["flops"]),
         "hlo_traffic": hlo_traffic(hlo_text),
         "jax": jax.__version__, "libtpu": libtpu_version(), "code": code,
     }
@@ -293,7 +299,9 @@ def format_report(r: dict) -> str:
         f"  total {gib(m['total_bytes'])} of {m['hbm_gib']:.0f} GiB HBM ({100 * m['hbm_fraction']:.0f}%): "
         f"{'FITS' if m['fits_hbm'] else 'DOES NOT FIT'}",
         f"FLOPs/step: {c['flops_per_chip'] / 1e9:.4g} GFLOP per chip, {c['flops_per_step'] / 1e12:.4g} TFLOP "
-        f"over all chips; {c['bytes_accessed_per_chip'] / GIB:.3g} GiB HBM traffic per chip",
+        f"over all chips; {c['bytes_accessed_per_chip'] / GIB:.3g} GiB HBM traffic per chip"
+        + (f" ({c['kernel_flops_per_chip'] / 1e9:.4g} GFLOP of it in Pallas attention kernels, counted from "
+           "their shapes)" if c.get("kernel_flops_per_chip") else ""),
         f"step time at {c['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s peak (100% MFU): "
         f"{1e3 * c['step_time_at_peak_s']:.2f} ms; roofline (compute vs {c['hbm_bytes_per_s'] / 1e9:.0f} GB/s "
         f"HBM) {1e3 * c['roofline_step_s']:.2f} ms" + (f" -> MFU {100 * mfu:.0f}%" if mfu else ""),
@@ -349,9 +357,83 @@ def scope_of(op_name: str, depth: int = 3) -> str:
     return ("bwd: " if backward else "") + ("/".join(parts[:depth]) or "(top)")
 
 
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+
+
+def _stack_frames(hlo_text: str, package: str = "t3d_jax/"):
+    """{stack_frame_id: 'file.py:line (function)'} of the innermost frame in ``package`` for
+    every frame of the HLO's debug tables (FileNames, FunctionNames, FileLocations,
+    StackFrames; a frame's parent_frame_id is the parent's id + 1, 0 = none), so an op can be
+    named by the project line that made it rather than by the jax primitive."""
+    tables: dict[str, dict[int, str]] = {}
+    current = None
+    for line in hlo_text.splitlines()[:200000]:
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = line
+            tables[current] = {}
+            continue
+        m = _TABLE_ROW.match(line) if current else None
+        if m:
+            tables[current][int(m.group(1))] = m.group(2)
+        elif current and line.strip():
+            current = None
+    if "StackFrames" not in tables:
+        return {}
+    files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+    funcs = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+    locs = {}
+    for k, v in tables.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", v)
+        if f:
+            locs[k] = (files.get(int(f.group(1)), "?"), funcs.get(int(f.group(2)), "?"), int(f.group(3)))
+    frames = {}
+    for k, v in tables["StackFrames"].items():
+        f = re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", v)
+        if f:
+            frames[k] = (int(f.group(1)), int(f.group(2)) - 1)
+    named = {}
+    for k in frames:
+        seen, cur = set(), k
+        while cur in frames and cur not in seen:
+            seen.add(cur)
+            loc = locs.get(frames[cur][0])
+            if loc and package in loc[0] and "/train/aot.py" not in loc[0]:
+                named[k] = f"{loc[0].split(package, 1)[1]}:{loc[2]} ({loc[1]})"
+                break
+            cur = frames[cur][1]
+    return named
+
+
+# Matmul FLOPs of the splash-attention kernels per unit B*H*Lq*Lk*Dh: forward QK^T and PV (2+2);
+# dq recomputes S and dP and forms dS K (2+2+2); dkv recomputes S, dP and forms P^T dO and dS^T Q.
+_SPLASH_FLOPS = {"splash_mha_fwd": 4.0, "splash_mha_dq": 6.0, "splash_mha_dkv": 8.0}
+
+
+def pallas_attention_flops(hlo_text: str) -> dict:
+    """FLOPs of the Pallas splash-attention kernels of a compiled TPU program, which XLA's cost
+    analysis does not count (custom calls): each kernel's count from its q/k operand shapes
+    (the first two floating operands, [B, H, L, Dh] or [H, L, Dh] for one example, lengths
+    padded to the tile), so blocks the
+    kernel skips for padding are counted (an overestimate by at most the padding fraction).
+    Returns {'flops': total, 'calls': {kernel: count}}."""
+    total, calls = 0.0, {}
+    for m in re.finditer(r"%(splash_mha_(?:fwd|dq|dkv))\w*(?:\.\d+)? = .*?custom_call_target=\"tpu_custom_call\""
+                         r".*?operand_layout_constraints=\{(.*?)\}\}", hlo_text):
+        shapes = [tuple(int(d) for d in dims.split(",")) for dtype, dims in _SHAPE.findall(m.group(2))
+                  if dtype in ("bf16", "f16", "f32") and dims.count(",") in (2, 3)]
+        if len(shapes) < 2:
+            continue
+        q, k = ((1,) + s_ if len(s_) == 3 else s_ for s_ in shapes[:2])  # [H, L, Dh]: one example
+        (b, h, lq, dh), lk = q, k[2]
+        total += _SPLASH_FLOPS[m.group(1)] * b * h * lq * lk * dh
+        calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+    return {"flops": total, "calls": calls}
+
+
 def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
     """Bytes each top-level HLO instruction of a compiled program reads and writes (its
-    operands' and result's sizes, the estimate XLA's cost analysis makes for a fusion), summed
+    operands' and result's sizes, the estimate XLA's cost analysis makes for a fusion; twice the
+    result for the -done of an async pair such as a TPU slice or copy), summed
     by the `scope_of` its metadata names. Fused computations are not walked (their insides
     stay in vregs/VMEM) and a loop body is counted once, as XLA's own figure does. Use it to
     name what moves the bytes of a memory-bound step; the total is an estimate close to, not
@@ -374,8 +456,10 @@ def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
             for key in ("calls", "to_apply"):
                 for name in re.findall(key + r"=%?([\w.\-]+)", line):
                     nested.add(name)
+    sources = _stack_frames(hlo_text)
     sizes: dict[str, float] = {}
     by_scope: dict[str, float] = {}
+    by_source: dict[str, float] = {}
     by_op: dict[str, float] = {}
     for name, lines in comps.items():
         parsed = []
@@ -390,11 +474,21 @@ def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
             op = m.group(3)
             if op in _FREE_OPS:
                 continue
-            operands = re.findall(r"%([\w.\-]+)", m.group(4))
-            moved = sizes[m.group(1).lstrip("%")] + sum(sizes.get(o, 0.0) for o in operands)
+            if op.endswith("-start"):
+                continue  # an async pair's traffic is counted once, at its -done
+            result = sizes[m.group(1).lstrip("%")]
+            if op.endswith("-done"):
+                moved = 2.0 * result  # the data read and written (slice, copy, collective)
+            else:
+                operands = re.findall(r"%([\w.\-]+)", m.group(4))
+                moved = result + sum(sizes.get(o, 0.0) for o in operands)
             meta = _OP_NAME.search(m.group(5))
-            key = scope_of(meta.group(1) if meta else "", depth)
+            key = scope_of(meta.group(1), depth) if meta else f"({op}, no metadata)"
             by_scope[key] = by_scope.get(key, 0.0) + moved
+            frame = re.search(r"stack_frame_id=(\d+)", m.group(5))
+            where = sources.get(int(frame.group(1)), "(outside t3d_jax)") if frame else "(no source)"
+            where = ("bwd: " if key.startswith("bwd: ") else "") + where
+            by_source[where] = by_source.get(where, 0.0) + moved
             kind = op
             if op == "fusion":
                 k = re.search(r"kind=(k\w+)", m.group(5))
@@ -405,8 +499,11 @@ def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
             by_op[kind] = by_op.get(kind, 0.0) + moved
     total = sum(by_scope.values())
     ranked = sorted(by_scope.items(), key=lambda kv: -kv[1])
+    by_line = sorted(by_source.items(), key=lambda kv: -kv[1])
     return {
         "total_bytes": total,
         "top_scopes": [{"scope": k, "bytes": v, "fraction": v / total if total else 0.0} for k, v in ranked[:top]],
+        "top_sources": [{"source": k, "bytes": v, "fraction": v / total if total else 0.0}
+                        for k, v in by_line[:top]],
         "by_op": {k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
     }
