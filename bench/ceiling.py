@@ -7,9 +7,9 @@ encoder trained on the labels, beside a pooled-voxel logistic regression.
 1. Trains the `supervised` task (configs/supervised.py:demo: the demo's ViT3D, `model.image.*`,
    a linear head over its pooled embedding, 18 sigmoids, BCE on the labels) with the normal
    trainer, `t3d_jax.train.loop.train_and_evaluate`, on the `train` split of --data.
-2. Restores the final checkpoint's parameters (`t3d_jax.train.params.restore_model`) and scores
-   the held-out split (`--split`, default `valid`): whole volumes at the view size
-   (`t3d_jax.data.pipeline.eval_iterator`), `model.predict_labels`.
+2. Restores the final checkpoint's parameters and scores the held-out split (`--split`, default
+   `valid`; `t3d_jax.evaluate.classification.score_checkpoint`): whole volumes at the view size,
+   `model.predict_labels`.
 3. Per-label AUC with bootstrap intervals (`t3d_jax.evaluate.zeroshot.evaluate_scores`).
 4. Baseline: scikit-learn LogisticRegression per label on the same whole volumes pooled in
    4^3-voxel blocks (mean, max and min of each block), standardised, fit on the train split.
@@ -37,6 +37,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+# Restore-and-score and the interval format live in the library (shared with bench/label_efficiency.py).
+from t3d_jax.evaluate.classification import format_ci as _fmt, iterate_split, predict, score_checkpoint  # noqa: E402,F401
+
 POOL = 4  # voxels per block edge of the logistic-regression baseline's features
 LR_C = 0.1  # inverse L2 strength of the baseline (features standardised)
 
@@ -60,35 +63,6 @@ def load_config(spec: str, data_dir: str, steps: int | None, overrides: list[str
 
     apply_overrides(config, overrides)
     return config
-
-
-def iterate_split(config, split: str, batch_size: int):
-    """(volumes [N, X, Y, Z, C] float32, labels [N, L], ids) of every record of `split`."""
-    from t3d_jax.data.pipeline import eval_iterator
-
-    volumes, labels, ids = [], [], []
-    for batch in eval_iterator(config.data, split, batch_size, worker_count=0):
-        keep = np.asarray(batch["valid"], bool)
-        volumes.append(np.asarray(batch["volume"])[keep])
-        labels.append(np.asarray(batch["labels"], np.float32)[keep])
-        ids += [str(i) for i in np.asarray(batch["id"])[keep]]
-    return np.concatenate(volumes), np.concatenate(labels), ids
-
-
-def predict(model, volumes: np.ndarray, batch_size: int) -> np.ndarray:
-    """[N, L] probabilities of `model.predict_labels` (jitted, fixed batch shape)."""
-    import jax
-    from flax import nnx
-
-    fn = nnx.jit(lambda m, v: m.predict_labels(v))
-    out = []
-    for start in range(0, len(volumes), batch_size):
-        chunk = volumes[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(jax.device_get(fn(model, chunk)))[:batch_size - pad])
-    return np.concatenate(out).astype(np.float64)
 
 
 def pooled_features(volumes: np.ndarray, block: int = POOL) -> np.ndarray:
@@ -121,14 +95,6 @@ def pooled_lr_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     return scores
 
 
-def _fmt(entry: dict) -> str:
-    v, lo, hi = entry["value"], entry["ci_low"], entry["ci_high"]
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "   n/a"
-    ci = "" if lo is None or (isinstance(lo, float) and math.isnan(lo)) else f" [{lo:.3f}, {hi:.3f}]"
-    return f"{v:.3f}{ci}"
-
-
 def table(result: dict) -> str:
     names = list(result["supervised"]["per_label"])
     width = max(len(n) for n in names) + 2
@@ -146,12 +112,8 @@ def table(result: dict) -> str:
 def run(config, *, workdir: pathlib.Path, split: str, num_bootstrap: int, batch_size: int,
         log=print) -> dict:
     """Trains, restores, scores `split`; returns the JSON-ready result (see the module docstring)."""
-    import jax
-
     from t3d_jax.data.prepared import check_data_config, data_fingerprint, sync_config_with_data
     from t3d_jax.evaluate.zeroshot import evaluate_scores
-    from t3d_jax.train import mesh as mesh_lib
-    from t3d_jax.train import params as params_lib
     from t3d_jax.train.loop import train_and_evaluate
 
     check_data_config(config)
@@ -163,11 +125,8 @@ def run(config, *, workdir: pathlib.Path, split: str, num_bootstrap: int, batch_
     log(f"trained {result.step} steps in {train_s:.0f} s")
 
     t1 = time.perf_counter()
-    mesh = mesh_lib.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        model, step = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), mesh=mesh)
-        test_x, test_y, test_ids = iterate_split(config, split, batch_size)
-        scores = predict(model, test_x, batch_size)
+    scored = score_checkpoint(config, workdir, split, batch_size)
+    test_x, test_y, scores, step = scored["volumes"], scored["labels"], scored["scores"], scored["step"]
     train_split = str(config.data.train_split)
     train_x, train_y, _ = iterate_split(config, train_split, batch_size)
     supervised = evaluate_scores(scores, test_y, label_names, num_bootstrap=num_bootstrap)

@@ -50,6 +50,11 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.data.prefetch_buffer_size = 2
     c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without
     c.data.label_names = CT_RATE_LABELS
+    # Train on a fixed, seeded subset of the training split: round(fraction * n) records (>= 1),
+    # nested across fractions for one seed, independent of train.seed (t3d_jax/data/pipeline.py;
+    # the label-efficiency runs of docs/finetuning.md). 1.0 = every record.
+    c.data.train_fraction = 1.0
+    c.data.train_subset_seed = 0
     # When data.dir holds no prepared data: make this many synthetic volumes and prepare them
     # there first (0 = never; the demo variant sets it, so a fresh clone trains out of the box).
     c.data.synthetic_if_missing = 0
@@ -175,6 +180,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.optim.lr_multipliers = ml_collections.ConfigDict(
         {"image": 1.0, "text": 1.0, "tma": 1.0, "logit": 1.0})
     c.optim.freeze = ()  # regexes on parameter paths, e.g. r"^text_encoder/embeddings/"
+    # Layer-wise lr decay of the image encoder: factor d^(L+1-depth) per block (0 = off;
+    # t3d_jax/train/optim.py `layer_depth_of`), e.g. 0.75 for fine-tuning.
+    c.optim.layer_decay = 0.0
     # Regexes on parameter paths exempt from weight decay, besides every 0-/1-D parameter
     # (biases, norm scales, logit scale): position embeddings and the TMA prototypes.
     c.optim.no_decay = ("pos_embed", "/position/", "position_embeddings", "prototypes")
@@ -213,6 +221,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.init_from.monai_vit = ""  # MONAI ViT state dict (.pt/.pth/.safetensors) -> image encoder
     c.init_from.checkpoint = ""  # another run's checkpoint folder (WORKDIR/checkpoints) -> params
     c.init_from.checkpoint_step = -1  # -1 = latest
+    # Top-level submodules read from init_from.checkpoint, e.g. ("image_encoder",) under a fresh
+    # head (the classification fine-tune); () = every parameter of the model.
+    c.init_from.checkpoint_params = ()
 
     # --- Metrics ---------------------------------------------------------------------------
     c.metrics = ml_collections.ConfigDict()

@@ -26,6 +26,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.task = "supervised"
     c.model.name = "supervised"
     c.data.num_views = 1
+    # The head (t3d_jax/tasks/supervised.py): over the encoder's pooled embedding ("pooled") or
+    # attention pooling of its tokens ("attention"; num_heads 0 = the encoder's).
+    c.model.head = ml_collections.ConfigDict({"pool": "pooled", "num_heads": 0})
+    # Positive weighting of the BCE: "none" | "balanced" (negatives/positives per label over the
+    # training records used) | a tuple of one float per data.label_names.
+    c.loss.pos_weight = ml_collections.FieldReference("none", field_type=object)
     if c.variant == "tiny":
         c.train.global_batch_size = 8
         c.train.num_steps = 4

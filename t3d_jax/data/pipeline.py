@@ -28,6 +28,14 @@ worker count only through grain's round robin, so a step restores onto another p
 or worker count at the same batch position (`t3d_jax.train.checkpoint`, with the state's
 layout from `t3d_jax.data.iterator_state`).
 
+Label fractions (``data.train_fraction`` < 1, ``data.train_subset_seed``): training reads only
+a fixed subset of the training split, ``round(fraction * n)`` records (at least 1) drawn by
+:func:`train_subset` -- the first k of one seeded permutation, so for one seed the subsets are
+nested (1% inside 10% inside 100%) and do not depend on ``train.seed``, the process or worker
+count. The subset is the source the shuffle, epochs and iterator state see, so a run resumes
+exactly as without one. A subset smaller than the global batch is fine: batching comes after
+``repeat()``, so a batch is filled from consecutive epochs (each in a fresh order).
+
 Evaluation is finite and deterministic: records in shard order, the whole volume
 resampled to ``view_size``, padded at the end to whole batches (``valid`` False on
 padding) so every process runs the same number of steps.
@@ -118,13 +126,59 @@ class WithPosition(grain.transforms.MapWithIndex):
     """Record bytes -> (position in the split, bytes); applied on the source, before any shuffle.
 
     Grain hands the source's map the index past the first epoch too (shuffle maps index i of
-    epoch e to a position + e * n; the source wraps it), hence the modulo."""
+    epoch e to a position + e * n; the source wraps it), hence the modulo. Over a
+    :class:`SubsetSource` the source's index i is record ``positions[i]`` of the split."""
 
-    def __init__(self, num_records: int):
+    def __init__(self, num_records: int, positions=None):
         self.num_records = int(num_records)
+        self.positions = None if positions is None else np.asarray(positions, np.int64)
 
     def map_with_index(self, index: int, data: bytes) -> tuple[int, bytes]:
-        return int(index) % self.num_records, data
+        i = int(index) % self.num_records
+        return (i if self.positions is None else int(self.positions[i])), data
+
+
+def train_subset(num_records: int, fraction: float, seed: int) -> np.ndarray | None:
+    """Sorted positions of the training records a label fraction keeps (None: all of them):
+    the first ``max(1, round(fraction * num_records))`` of ``default_rng(seed).permutation``,
+    so the subsets of one seed are nested."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.train_fraction={fraction}: use a fraction in (0, 1]")
+    if fraction == 1.0:
+        return None
+    k = max(1, int(round(fraction * num_records)))
+    return np.sort(np.random.default_rng(int(seed)).permutation(num_records)[:k])
+
+
+class SubsetSource:
+    """Random access to the records of ``source`` at ``positions`` (picklable: Grain workers)."""
+
+    def __init__(self, source, positions: np.ndarray):
+        self.source = source
+        self.positions = np.asarray(positions, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        return self.source[int(self.positions[int(index)])]
+
+
+def _train_source(data_config: Any, source):
+    """(the source training reads, the split positions it holds or None): ``data.train_fraction``."""
+    positions = train_subset(len(source), cfg_get(data_config, "train_fraction", 1.0),
+                             cfg_get(data_config, "train_subset_seed", 0))
+    return (source, None) if positions is None else (SubsetSource(source, positions), positions)
+
+
+def train_labels(data_config: Any) -> np.ndarray:
+    """float32 [k, L] labels of the training records a run trains on (``data.train_fraction``
+    applied), in split order; NaN = unknown."""
+    source = open_split(_data_dir(data_config), cfg_get(data_config, "train_split", "train"))
+    source, _ = _train_source(data_config, source)
+    return np.stack([np.asarray(_decode(source[i], f"training record {i}")["labels"], np.float32)
+                     for i in range(len(source))])
 
 
 class TrainExample(grain.transforms.MapWithIndex):
@@ -304,9 +358,10 @@ def train_dataset(
     split = cfg_get(data_config, "train_split", "train")
     source = open_split(_data_dir(data_config), split)
     features = _text_features(data_config, _data_dir(data_config), split)
+    source, positions = _train_source(data_config, source)  # data.train_fraction: a fixed subset
     ds = grain.MapDataset.source(source)
     if features is not None:
-        ds = ds.map_with_index(WithPosition(len(source)))
+        ds = ds.map_with_index(WithPosition(len(source), positions))
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map_with_index(TrainExample(options, seed, features, report_aug))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a

@@ -32,6 +32,13 @@ class Task:
     def __init__(self, config):
         self.config = config
 
+    # -- the config -----------------------------------------------------------------------------
+    def prepare_config(self, config):
+        """The config to train with, from the one given: the trainer calls this once before it
+        builds the program, so a task can resolve a setting that depends on the data (e.g.
+        `supervised`'s "balanced" `loss.pos_weight`) into plain values. Identity by default."""
+        return config
+
     # -- the model ------------------------------------------------------------------------------
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError

@@ -62,6 +62,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> TrainResult:
     check_data_config(config)
     tasks.get_task(config)  # an unknown task fails here, before anything is written
     config = sync_config_with_data(config)
+    config = tasks.get_task(config).prepare_config(config)  # settings the task reads off the data
     text_features.check_config(config)  # a cached text-feature set must be the run's tower's
     peak = float(config.metrics.peak_flops_per_device)
     if peak <= 0:  # measured before the mesh is set: a single-device matmul
@@ -226,11 +227,13 @@ def init_from_pretrained(config, program: step_lib.TrainProgram, state: dict) ->
     """Applies config.init_from (another run's params, HF BERT, MONAI ViT) to a fresh state."""
     init = config.init_from
     if init.checkpoint:
+        wanted = params_lib.select_params(program.abstract_state["params"], init.get("checkpoint_params", ()))
         params, step = params_lib.read_params(
-            init.checkpoint, program.abstract_state["params"], int(init.checkpoint_step),
+            init.checkpoint, wanted, int(init.checkpoint_step),
             fix="point config.init_from.checkpoint at a run's checkpoints folder (WORKDIR/checkpoints)")
-        log.info("initialised params from %s step %d", init.checkpoint, step)
-        state = dict(state, params=params)
+        log.info("initialised %s from %s step %d", ", ".join(sorted(params)) if init.get("checkpoint_params")
+                 else "params", init.checkpoint, step)
+        state = dict(state, params={**state["params"], **params})
     if init.hf_bert_dir or init.monai_vit:
         from t3d_jax.train import pretrained
         state = pretrained.load_into_state(config, program, state)

@@ -15,6 +15,11 @@ so that the same rules work for any model the registry builds:
   matched by `optim.no_decay` (position embeddings), as is standard for transformers. A
   stacked (scanned) layer axis, logical name 'layers', does not make a vector a matrix:
   given the logical specs, a [layers, width] LayerNorm scale is not decayed either.
+* layer-wise learning-rate decay (`optim.layer_decay = d`, 0 = off): the parameters of the
+  image encoder get a further factor d^(L + 1 - depth), depth 0 for what comes before the
+  first block (patch embedding, position table, stem), i + 1 for block i, L + 1 for what
+  comes after the last (the final norm) and for everything outside the encoder (heads,
+  projections: factor 1). See `layer_depth_of`.
 * flattening (`optim.flatten=on`, off by default): AdamW over one concatenated vector per
   group of small replicated leaves instead of leaf by leaf (fewer kernels; see
   `resolve_flatten` for why it is not the default).
@@ -32,7 +37,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from t3d_jax.models.layers import LAYERS_AXIS
-from t3d_jax.utils import path_str
+from t3d_jax.utils import cfg_get, path_str
 
 FROZEN = "frozen"
 # Leaves above this many elements keep their own (per-leaf) AdamW even when flattening: their
@@ -101,16 +106,85 @@ def param_labels(params, optim_config, logical_specs=None) -> tuple[dict, Callab
     """
     multipliers = dict(optim_config.lr_multipliers or {})
     freeze = [re.compile(p) for p in (optim_config.freeze or ())]
+    depths = layer_depths(params, optim_config)
 
     def label(path, x):
         name = path_str(path)
         tower = tower_of(name, multipliers)
         if any(p.search(name) for p in freeze) or (tower and float(multipliers[tower]) == 0.0):
             return FROZEN
+        if depths is not None:  # layer decay: one label per (tower, depth), see label_multiplier
+            return f"{tower or 'default'}{DEPTH_SEP}{depths[0][name]}"
         return tower or "default"
 
     return (jax.tree_util.tree_map_with_path(label, params),
             decay_mask_fn(optim_config, logical_specs))
+
+
+DEPTH_SEP = "@"  # label of a parameter under layer decay: "<tower>@<depth>" (no "/": see _flat_groups)
+LAYER_DECAY_PREFIX = "image_encoder"  # the top-level submodule whose blocks layer decay counts
+_VIT_BLOCK = re.compile(r"^[^/]+/blocks/(\d+)/")  # ViT3D: blocks/<i>/...
+_RESNET_BLOCK = re.compile(r"^[^/]+/layer(\d+)/(\d+)/")  # ResNet3D: layer<stage>/<block>/...
+_AFTER_BLOCKS = re.compile(r"^[^/]+/norm/")  # ViT3D's final LayerNorm
+
+
+def layer_depth_of(paths, prefix: str = LAYER_DECAY_PREFIX) -> tuple[dict[str, int], int]:
+    """({path: depth}, L) for parameter paths, L = the number of blocks of the `prefix`
+    submodule (the image encoder). Blocks are ViT3D's `blocks/<i>` (depth i + 1) or
+    ResNet3D's `layer<s>/<j>` (numbered 1..L in stage then block order); the ViT's final
+    `norm` and every path outside `prefix` get L + 1; every other path inside `prefix`
+    (patch embedding, position table, CLS token, the ResNet stem) gets 0.
+
+    A stacked encoder (`scan_layers`: its blocks are one leaf with a 'layers' axis, no block
+    index in the path) cannot take per-layer rates this way: a ValueError says so."""
+    paths = list(paths)
+    inside = [p for p in paths if p.split("/", 1)[0] == prefix]
+    blocks: dict[str, tuple] = {}
+    for p in inside:
+        m = _VIT_BLOCK.match(p) or _RESNET_BLOCK.match(p)
+        if m:
+            blocks[p] = tuple(int(g) for g in m.groups())
+        elif re.match(r"^[^/]+/blocks/", p):
+            raise ValueError(f"optim.layer_decay: {p!r} has no block index (a scan_layers encoder "
+                             f"stacks its blocks); set model.image.scan_layers=False for layer decay")
+    order = {key: i + 1 for i, key in enumerate(sorted(set(blocks.values())))}
+    num = len(order)
+    if inside and not num:
+        raise ValueError(f"optim.layer_decay: no blocks found under {prefix!r} (expected "
+                         f"{prefix}/blocks/<i>/... or {prefix}/layer<s>/<j>/...)")
+    depth = {}
+    for p in paths:
+        if p in blocks:
+            depth[p] = order[blocks[p]]
+        elif p.split("/", 1)[0] != prefix or _AFTER_BLOCKS.match(p):
+            depth[p] = num + 1
+        else:
+            depth[p] = 0
+    return depth, num
+
+
+def layer_depths(params, optim_config) -> tuple[dict[str, int], int] | None:
+    """`layer_depth_of` the paths of `params` when `optim.layer_decay` is on (in (0, 1)), else None."""
+    decay = float(cfg_get(optim_config, "layer_decay", 0.0) or 0.0)
+    if decay == 0.0 or decay == 1.0:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"config.optim.layer_decay={decay}: use a factor in (0, 1), or 0 (off)")
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return layer_depth_of(paths)
+
+
+def label_multiplier(label: str, optim_config, num_layers: int = 0) -> float:
+    """The learning-rate factor of an optimizer label: the tower's `optim.lr_multipliers`
+    entry (1 for 'default'), times `layer_decay ** (L + 1 - depth)` for a '<tower>@<depth>'
+    label, L = `num_layers` (the encoder's blocks, `layer_depth_of`)."""
+    multipliers = dict(optim_config.lr_multipliers or {})
+    tower, sep, depth = label.partition(DEPTH_SEP)
+    mult = 1.0 if tower == "default" else float(multipliers[tower])
+    if sep:
+        decay = float(cfg_get(optim_config, "layer_decay", 0.0))
+        mult *= decay ** (int(num_layers) + 1 - int(depth))
+    return mult
 
 
 def decay_mask_fn(optim_config, logical_specs=None):
@@ -219,8 +293,9 @@ def make_optimizer(optim_config, params, num_steps: int, *, logical_specs=None,
         return optax.adamw(learning_rate=lr(mult), weight_decay=float(optim_config.weight_decay),
                            mask=decay_mask, **hyper)
 
-    label_mult = {lab: (1.0 if lab == "default" else float(multipliers[lab]))
-                  for lab in used if lab != FROZEN}
+    depths = layer_depths(params, optim_config)
+    num_layers = depths[1] if depths is not None else 0
+    label_mult = {lab: label_multiplier(lab, optim_config, num_layers) for lab in used if lab != FROZEN}
     frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
     if flatten:
         labels, transforms = _flat_groups(labels, decay_mask(params), params, param_shardings, label_mult,

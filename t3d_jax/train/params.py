@@ -108,6 +108,21 @@ def abstract_model(config, mesh: jax.sharding.Mesh) -> AbstractModel:
                          static["batch_stats"])
 
 
+def select_params(params: dict, names) -> dict:
+    """The top-level submodules `names` of a params dict (all of it when `names` is empty):
+    what `init_from.checkpoint_params` reads from another run, e.g. ("image_encoder",) to
+    fine-tune a pretraining's image encoder under a fresh head. A name the model lacks is a
+    `UserValueError`."""
+    names = tuple(str(n) for n in (names or ()))
+    if not names:
+        return params
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise UserValueError(f"config.init_from.checkpoint_params names {missing}, which this config's model "
+                             f"does not have (its top-level submodules: {sorted(params)})")
+    return {n: params[n] for n in names}
+
+
 def read_params(directory: str | os.PathLike, abstract_params: dict, step: int | None = None,
                 *, fix: str = TRAIN_FIRST) -> tuple[dict, int]:
     """(params, step): only `state/params` of checkpoint `step` (None or < 0: the newest) in
