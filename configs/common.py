@@ -46,6 +46,11 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # this probability (at least one kept) and/or shuffle the kept sentences.
     c.data.report_sentence_drop = 0.0
     c.data.report_shuffle = False
+    # Where the training views are made: "host" (Grain workers, t3d_jax/data/views.py) or
+    # "device" (the jitted step, t3d_jax/data/device_views.py: the batch carries the stored int16
+    # volumes, the workers only read and decode; docs/scaling.md, "Views on the accelerator").
+    c.data.views_on = "host"
+    c.data.stored_size = ()  # the stored grid (x, y, z); () = the prepared data's (or the preset's)
     c.data.worker_count = 2
     c.data.prefetch_buffer_size = 2
     c.data.read_threads = 0  # ArrayRecord read threads; 0 = 1 with workers, 2 without

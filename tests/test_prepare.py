@@ -142,6 +142,7 @@ def test_dataset_json_and_records_round_trip(dataset, bert_vocab):
     assert meta["tokenizer"]["max_len"] == 24 and meta["tokenizer"]["lowercase"] is True
     assert meta["tokenizer"]["vocab_size"] == 30522
     assert meta["splits"]["train"]["num_records"] == 2 and meta["splits"]["valid"]["num_records"] == 1
+    assert meta["records"] == {"writer_options": shards.writer_options(shards.DEFAULT_COMPRESSION)}
     assert meta["splits"]["train"]["shards"] == ["train-00000-of-00002.array_record",
                                                  "train-00001-of-00002.array_record"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -183,11 +184,12 @@ def test_grain_reads_the_shards(dataset):
     assert [ds[i]["id"] for i in range(2)] == ["good_ras", "good_dicom"]
 
 
-def test_shard_writer_round_trip(tmp_path):
+@pytest.mark.parametrize("compression", ["zstd:3", "uncompressed", "zstd:1"])
+def test_shard_writer_round_trip(tmp_path, compression):
     rng = np.random.default_rng(0)
     records = [{"id": f"r{i}", "volume": rng.integers(-1000, 1000, size=(3, 4, 5)).astype(np.int16),
                 "labels": np.array([i, math.nan], np.float32)} for i in range(5)]
-    writer = shards.RollingShardWriter(tmp_path, "test", shard_size=2)
+    writer = shards.RollingShardWriter(tmp_path, "test", shard_size=2, compression=compression)
     for rec in records:
         writer.write(encode_record(rec))
     names = writer.finish()

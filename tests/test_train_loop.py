@@ -5,7 +5,8 @@ FSDP-sharded, a non-finite step is skipped with parameters unchanged, and too ma
 stop training with the last good checkpoint intact.
 
 Subprocesses (`launch/train.py`, as users run it): a run killed with SIGKILL and restarted
-(past an incomplete checkpoint) logs exactly the losses of an uninterrupted run; two
+(past an incomplete checkpoint) logs exactly the losses of an uninterrupted run, with host
+and with device views (`data.views_on`); two
 processes with 4 CPU devices each log the losses of one process with 8. The subprocesses
 share a persistent compilation cache so only the first compile of each program is paid.
 """
@@ -319,6 +320,48 @@ def test_preemption_sigkill_and_incomplete_checkpoint_resume_exactly(uninterrupt
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
     # Same device count, same compiled program, same data order: bit-identical losses.
     assert resumed == uninterrupted
+
+
+def test_sigkill_resume_with_device_views_repeats_the_killed_runs_losses(uninterrupted, tiny_prepared_dir,
+                                                                         compile_cache, tmp_path, monkeypatch):
+    """data.views_on='device' (the step's input is the stored volumes; the views are made on the
+    devices from the boxes, intensity maps and noise keys the pipeline draws): a run killed with
+    SIGKILL and restarted from its step-2 checkpoint logs, bit for bit, the losses the killed run
+    logged for steps 3.. (an uninterrupted run's, up to the kill).
+
+    Kept cheap: the train step is the host path's program (loaded from the compilation cache the
+    `uninterrupted` run filled), the killed run is the only `launch/train.py` subprocess and also
+    the reference, and the restart runs in this process (it reads the checkpoint and the data
+    position from disk, as a new process would) and stops after the last step the killed run
+    logged (a preemption request at that step)."""
+    del uninterrupted  # requested so that the cache holds the step before the subprocess starts
+    workdir = tmp_path / "run"
+    cmd = _train_cmd(tiny_prepared_dir, workdir, NUM_STEPS, "--config.data.views_on=device")
+    code = _start_and_signal(cmd, _env(compile_cache), tmp_path / "killed.txt", workdir, 4, signal.SIGKILL)
+    assert code == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
+    killed = read_losses(workdir)
+    last = max(killed)
+    assert sorted(killed) == list(range(1, last + 1)) and 4 <= last < NUM_STEPS
+    # Keep only the step-2 checkpoint, so the restart recomputes every step the killed run logged after it.
+    ckpt_dir = workdir / "checkpoints"
+    assert 2 in _finalized_steps(ckpt_dir)
+    for step in _finalized_steps(ckpt_dir):
+        if step != 2:
+            shutil.rmtree(ckpt_dir / str(step))
+
+    config = tiny_config(tiny_prepared_dir)
+    config.data.views_on = "device"
+    config.checkpoint.every_steps = 1000  # host-side settings only: the same compiled programs
+    config.metrics.peak_flops_per_device = 1e9
+    monkeypatch.setattr(ckpt_lib.PreemptionWatcher, "reached", lambda self, step: step >= last)
+    with persistent_cache(compile_cache):
+        resumed = train_and_evaluate(config, workdir)
+    assert resumed.preempted
+    assert "views" not in resumed.program.input_spec and resumed.program.input_spec["volume"].dtype == np.int16
+    redone = {int(h["step"]): h["loss"] for h in resumed.history if "loss" in h}
+    assert sorted(redone) == list(range(3, last + 1))  # resumed from step 2, not from scratch
+    assert redone == {s: killed[s] for s in redone}
+    assert len({round(v, 3) for v in killed.values()}) > 1  # training moved: not a constant
 
 
 def test_two_processes_log_the_losses_of_one(uninterrupted, tiny_prepared_dir, compile_cache, tmp_path):

@@ -19,6 +19,11 @@ the global elements ``s*G + process_index*G/P + k`` (G = global batch, P = proce
 k < G/P): the processes' batches, concatenated in process order, are the single-process
 global batch, row for row, for any number of processes.
 
+With ``data.views_on = "device"`` the map makes no views: it draws the same random state from
+the same (seed, index) generator and ships the stored int16 volume with the boxes, intensity
+maps and noise key (:func:`t3d_jax.data.views.device_view_params`); the jitted step makes the
+views (:mod:`t3d_jax.data.device_views`). Order, slicing and iterator state are unchanged.
+
 The iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` give a
 JSON-able dict, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax
 ``CheckpointManager`` args, one ``process_{i}-of-{n}.json`` per process) store it next
@@ -65,7 +70,7 @@ from t3d_jax.data import shards
 from t3d_jax.data import text_features as text_features_lib
 from t3d_jax.data.records import decode_record
 from t3d_jax.data.report_augment import ReportAugment, augment_report
-from t3d_jax.data.views import ViewOptions, eval_view, make_views
+from t3d_jax.data.views import VIEWS_ON, ViewOptions, device_view_params, eval_view, make_views
 from t3d_jax.utils import cfg_get
 
 DATASET_JSON = shards.DATASET_JSON
@@ -188,11 +193,16 @@ class TrainExample(grain.transforms.MapWithIndex):
     ``(position, bytes)`` (:class:`WithPosition`) and the record's cached text features are
     added."""
 
-    def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None):
+    def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None,
+                 views_on: str = "host", stored_shape: tuple[int, int, int] | None = None):
         self.options = options
         self.seed = int(seed)
         self.features = features
         self.report_aug = report_aug or ReportAugment()
+        if views_on not in VIEWS_ON:
+            raise ValueError(f"views_on must be one of {VIEWS_ON}, got {views_on!r}")
+        self.views_on = views_on
+        self.stored_shape = None if stored_shape is None else tuple(int(s) for s in stored_shape)
 
     def map_with_index(self, index: int, data) -> dict[str, np.ndarray]:
         position = None
@@ -201,20 +211,24 @@ class TrainExample(grain.transforms.MapWithIndex):
         record = _decode(data, f"training element {index}")
         # A fresh generator keyed by (seed, global index): independent of who computes it.
         rng = np.random.default_rng((self.seed, int(index)))
-        views, boxes = make_views(
-            record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
-            rng, self.options)
+        scale, offset = float(record["intensity_scale"]), float(record["intensity_offset"])
+        if self.views_on == "host":
+            views, boxes = make_views(record["volume"], scale, offset, rng, self.options)
+            example = {"views": views, "boxes": boxes}
+        else:  # the accelerator makes the views (t3d_jax.data.device_views)
+            volume = record["volume"]
+            if self.stored_shape is not None and tuple(volume.shape) != self.stored_shape:
+                raise ValueError(
+                    f"training element {index} (record {record.get('id', '?')!r}) has a stored volume of "
+                    f"{tuple(volume.shape)}, not the data's {self.stored_shape}: data.views_on='device' "
+                    "batches the stored volumes, so every record needs the preset's grid (re-prepare "
+                    "the data, or use data.views_on='host')")
+            example = device_view_params(volume, scale, offset, rng, self.options)
         ids, mask = record["input_ids"].astype(np.int32), record["attention_mask"].astype(np.int32)
         if self.report_aug.active:  # its own stream: views are the same with or without it
             ids, mask = augment_report(ids, mask, np.random.default_rng((self.seed, int(index), 1)),
                                        self.report_aug)
-        example = {
-            "views": views,
-            "boxes": boxes,
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": record["labels"].astype(np.float32),
-        }
+        example.update(input_ids=ids, attention_mask=mask, labels=record["labels"].astype(np.float32))
         if self.features is not None:
             example.update(self.features(position))
         return example
@@ -336,6 +350,21 @@ def _to_iterable(dataset: grain.MapDataset, data_config: Any, worker_count: int 
     return iterable
 
 
+def stored_grid(data_config: Any, source=None) -> tuple[int, int, int]:
+    """The stored grid every training volume must have when the accelerator makes the views:
+    ``data.stored_size`` if set, else the preset's ``size`` in dataset.json, else the first
+    record's volume shape."""
+    size = tuple(int(s) for s in (cfg_get(data_config, "stored_size", ()) or ()))
+    if size:
+        return size
+    preset = read_dataset_info(_data_dir(data_config)).get("preset") or {}
+    if preset.get("size"):
+        return tuple(int(s) for s in preset["size"])
+    source = source if source is not None else open_split(
+        _data_dir(data_config), cfg_get(data_config, "train_split", "train"))
+    return tuple(int(s) for s in _decode(source[0], "the first training record")["volume"].shape)
+
+
 def train_dataset(
     data_config: Any,
     *,
@@ -358,12 +387,14 @@ def train_dataset(
     split = cfg_get(data_config, "train_split", "train")
     source = open_split(_data_dir(data_config), split)
     features = _text_features(data_config, _data_dir(data_config), split)
+    views_on = str(cfg_get(data_config, "views_on", "host") or "host")
+    stored_shape = stored_grid(data_config, source) if views_on == "device" else None
     source, positions = _train_source(data_config, source)  # data.train_fraction: a fixed subset
     ds = grain.MapDataset.source(source)
     if features is not None:
         ds = ds.map_with_index(WithPosition(len(source), positions))
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map_with_index(TrainExample(options, seed, features, report_aug))
+    ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

@@ -195,13 +195,15 @@ def _report_length_summary(lengths: Sequence[int], max_len: int) -> dict:
 def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, preset: str | preprocess.Preset = "demo",
                     vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
                     report_order: str = "as_written", workers: int | None = None, shard_size: int = 64,
-                    label_names: Sequence[str] | None = None, progress: bool = True) -> PrepareResult:
+                    label_names: Sequence[str] | None = None, progress: bool = True,
+                    compression: str = shards.DEFAULT_COMPRESSION) -> PrepareResult:
     """Runs the whole job; see the module docstring. Returns the counts."""
     from t3d_jax.data.tokenizer import WordPieceTokenizer  # imports TensorFlow Text
 
     preset = preprocess.get_preset(preset)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards.writer_options(compression)  # an unknown compression fails before any work
     out_dir = pathlib.Path(out_dir)
     workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
     vocab_path = pathlib.Path(vocab) if vocab else default_vocab_path()
@@ -263,7 +265,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                 else:
                     written_ids.append(row.id)
                     if row.split not in writers:
-                        writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size)
+                        writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size, compression)
                     writers[row.split].write(record)
                 bar.update(1)
                 bar.set_postfix(written=sum(w.num_records for w in writers.values()), rejected=len(errors),
@@ -295,6 +297,7 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                           "report_order": tokenizer.report_order},
             "report_tokens": report_tokens,
             "splits": splits_meta,
+            "records": {"writer_options": shards.writer_options(compression)},
             "manifest": str(pathlib.Path(manifest).resolve()),
             # Identifies the source data wherever the folder is (prepared.data_fingerprint):
             # a seeded synthetic manifest is byte-identical from run to run.

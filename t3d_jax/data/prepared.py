@@ -71,7 +71,8 @@ def make_synthetic_if_missing(config, *, progress: bool = True) -> bool:
 
 
 def sync_config_with_data(config) -> ml_collections.ConfigDict:
-    """A copy of `config` whose token length and label names are those of the prepared data."""
+    """A copy of `config` whose token length, label names and stored grid (`data.stored_size`)
+    are those of the prepared data."""
     from t3d_jax.data.pipeline import read_dataset_info
 
     info = read_dataset_info(config.data.dir)
@@ -87,6 +88,9 @@ def sync_config_with_data(config) -> ml_collections.ConfigDict:
     names = info.get("label_names")
     if names:
         config.data.label_names = tuple(names)
+    size = (info.get("preset") or {}).get("size")
+    if size and "data" in config:  # the stored grid (the volumes data.views_on='device' ships)
+        config.data.stored_size = tuple(int(s) for s in size)
     return config
 
 

@@ -3,7 +3,8 @@
 Layout of a prepared folder ``DIR`` (written by :mod:`t3d_jax.data.prepare`)::
 
     DIR/dataset.json                               preset, label names, tokenizer, splits
-    DIR/{split}-{i:05d}-of-{n:05d}.array_record    records (t3d_jax.data.records), group_size 1
+    DIR/{split}-{i:05d}-of-{n:05d}.array_record    records (t3d_jax.data.records), group_size 1,
+                                                   compressed as dataset.json's "records" says
     DIR/errors.jsonl                               one line per rejected input
 
 ``dataset.json`` is written last and is the mark of a complete folder; readers refuse a folder
@@ -26,7 +27,20 @@ from t3d_jax.data.records import decode_record
 
 DATASET_JSON = "dataset.json"
 ERRORS_JSONL = "errors.jsonl"
+# Compression of the records (riegeli's option names). Readers detect it per chunk, so folders
+# written with any of them read the same way. Measured per example in docs/scaling.md ("Views on
+# the accelerator"): "zstd:3" (ArrayRecord's default, what folders prepared before this option
+# hold), "zstd:1", "uncompressed".
+COMPRESSIONS = ("uncompressed", "zstd:1", "zstd:3", "zstd:6", "brotli:6", "snappy")
+DEFAULT_COMPRESSION = "zstd:3"
 WRITER_OPTIONS = "group_size:1"
+
+
+def writer_options(compression: str = DEFAULT_COMPRESSION) -> str:
+    """ArrayRecord writer options: one record per group (random access) and ``compression``."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown record compression {compression!r}; choose one of {COMPRESSIONS}")
+    return f"{WRITER_OPTIONS},{compression}"
 SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.array_record$")
 
 
@@ -47,12 +61,14 @@ class RollingShardWriter:
     :meth:`finish` renames them to ``{split}-{i:05d}-of-{n:05d}.array_record``.
     """
 
-    def __init__(self, directory: str | os.PathLike, split: str, shard_size: int):
+    def __init__(self, directory: str | os.PathLike, split: str, shard_size: int,
+                 compression: str = DEFAULT_COMPRESSION):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.directory = pathlib.Path(directory)
         self.split = split
         self.shard_size = shard_size
+        self.options = writer_options(compression)
         self.counts: list[int] = []
         self._writer = None
 
@@ -60,7 +76,7 @@ class RollingShardWriter:
         if self._writer is None or self.counts[-1] >= self.shard_size:
             self._close_current()
             path = self.directory / f"{self.split}-{len(self.counts):05d}.part"
-            self._writer = array_record_module.ArrayRecordWriter(str(path), WRITER_OPTIONS)
+            self._writer = array_record_module.ArrayRecordWriter(str(path), self.options)
             self.counts.append(0)
         self._writer.write(record)
         self.counts[-1] += 1

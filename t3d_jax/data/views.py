@@ -167,6 +167,51 @@ def make_views(
     return views, boxes
 
 
+VIEWS_ON = ("host", "device")
+
+
+def device_view_params(
+    volume: np.ndarray,
+    intensity_scale: float,
+    intensity_offset: float,
+    rng: np.random.Generator,
+    options: ViewOptions,
+) -> dict[str, np.ndarray]:
+    """What the accelerator needs to make :func:`make_views`' views itself (``data.views_on='device'``,
+    :mod:`t3d_jax.data.device_views`): the stored volume and each view's box, intensity map and
+    noise key, drawn from ``rng`` without resampling anything.
+
+    Draw order: the flip (with ``flip_lr``) and the boxes first, exactly as :func:`make_views`
+    draws them, so the boxes (and flips) of an element are the host path's for the same
+    (seed, index). Then every view's (gain, shift), then one 64-bit noise key. :func:`make_views`
+    draws view ``v``'s noise field between view ``v``'s and view ``v+1``'s jitter, so the jitter
+    of views after the first equals the host path's only when ``noise_std`` is 0 (the noise is a
+    new draw either way: the accelerator makes it from the key with ``jax.random``).
+
+    Returns a dict of NumPy arrays:
+      volume    int16 [X, Y, Z], as stored (mirrored along x when the flip was drawn; a view)
+      boxes     float32 [V, 2, 3]
+      intensity float32 [V, 2]: (a, b) with model input = resampled stored value * a + b, which
+                folds the record's scale/offset and the view's jitter, computed as make_views does
+      noise_key uint32 [2]: raw threefry key data of the view noise (zeros when noise_std is 0)
+    """
+    _check_volume(volume)
+    if options.flip_lr and rng.random() < 0.5:
+        volume = volume[::-1]
+    boxes = sample_boxes(rng, options.num_views, options.crop_min, options.crop_max)
+    jitter = options.intensity_jitter
+    intensity = np.empty((options.num_views, 2), np.float32)
+    for v in range(options.num_views):
+        gain, shift = rng.uniform(-jitter, jitter, size=2) if jitter > 0 else (0.0, 0.0)
+        intensity[v] = (np.float32(intensity_scale * (1.0 + gain)),
+                        np.float32(intensity_offset * (1.0 + gain) + shift))
+    if options.noise_std > 0:
+        noise_key = rng.integers(0, 2**32, size=2, dtype=np.uint32)
+    else:
+        noise_key = np.zeros(2, np.uint32)
+    return {"volume": volume, "boxes": boxes, "intensity": intensity, "noise_key": noise_key}
+
+
 def eval_view(
     volume: np.ndarray, intensity_scale: float, intensity_offset: float, view_size: Sequence[int]
 ) -> np.ndarray:

@@ -129,8 +129,9 @@ def _train(config, workdir: pathlib.Path, mesh, peak: float) -> TrainResult:
     flops = math.nan
     if first_local is not None:
         t0 = time.perf_counter()
-        compiled = program.step.lower(
-            state, step_lib.global_batch(first_local, program.batch_shardings)).compile()
+        first = program.prepare(step_lib.global_batch(first_local, program.input_shardings))
+        compiled = program.step.lower(state, first).compile()
+        del first
         flops = step_lib.flops_per_step(compiled)
         log.info("compiled the train step in %.1fs; %.3g GFLOP/step/device",
                  time.perf_counter() - t0, flops / 1e9)
@@ -160,7 +161,8 @@ def _train(config, workdir: pathlib.Path, mesh, peak: float) -> TrainResult:
             t_data = time.perf_counter()
             local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
             data_wait = time.perf_counter() - t_data
-            batch = step_lib.global_batch(local, program.batch_shardings)
+            # With data.views_on='device' `prepare` makes the views on the devices (else identity).
+            batch = program.prepare(step_lib.global_batch(local, program.input_shardings))
             state, metrics = program.step(state, batch)  # traced and compiled once (above)
             step += 1
             previous = logger.push(step, metrics, data_wait)  # reads the *previous* step's metrics
@@ -195,10 +197,16 @@ def _train(config, workdir: pathlib.Path, mesh, peak: float) -> TrainResult:
 
 def _check_batch_contract(local: dict, program: step_lib.TrainProgram, config) -> None:
     """The pipeline delivers every key the task's batch contract names (else a clear error)."""
-    missing = sorted(set(program.abstract_batch) - set(local))
+    missing = sorted(set(program.input_spec) - set(local))
     if missing:
         raise ValueError(f"task {program.task.name!r} needs batch keys {missing}, which the data "
                          f"pipeline of {config.data.dir} does not deliver (it gives {sorted(local)})")
+    for key, spec in program.input_spec.items():
+        got = tuple(getattr(local[key], "shape", ()))
+        if got[1:] != tuple(spec.shape[1:]):
+            raise ValueError(f"batch[{key!r}] from {config.data.dir} has per-example shape {got[1:]}, "
+                             f"but the program was built for {tuple(spec.shape[1:])}"
+                             + (" (config.data.stored_size: the data's stored grid)" if key == "volume" else ""))
 
 
 def _check_bad_steps(values: dict[str, float] | None, max_bad: int, manager, ckpt_dir) -> None:

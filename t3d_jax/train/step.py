@@ -22,6 +22,13 @@ The train state is a plain dict of arrays (simple to checkpoint, shard and inspe
     bad_steps      int32 []       consecutive non-finite steps (reset by a good step)
     skipped_steps  int32 []       total non-finite steps skipped
 
+With `data.views_on='device'` the pipeline delivers the stored volumes instead of the views;
+`program.prepare` (one more jitted program, run on the devices right before the step) makes
+the views from them (`make_prepare`, `t3d_jax.data.device_views`). The step itself, its
+`abstract_batch` and `batch_shardings` stay the task's contract, the same program as with host
+views; `input_spec`/`input_shardings` describe the batch the pipeline delivers (the task's
+contract with host views, where `prepare` is the identity).
+
 The step is written functionally: `nnx.merge` the pure dicts into a model, compute
 `task.loss(model, batch, step=, deterministic=False)` under `jax.value_and_grad`, read the
 model's updated non-param state back with `nnx.split`. A step whose loss or gradient norm
@@ -45,6 +52,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t3d_jax import tasks
+from t3d_jax.data import device_views
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import optim as optim_lib
 from t3d_jax.train import params as params_lib
@@ -73,6 +81,11 @@ class TrainProgram:
     lr_multipliers: dict[str, float]
     frozen_mask: dict
     trace_count: list = dataclasses.field(default_factory=lambda: [0])
+    # The batch as the pipeline delivers it, and delivered -> `abstract_batch` on the devices
+    # (the identity with host views; device views: `make_prepare`).
+    input_spec: dict = None
+    input_shardings: dict = None
+    prepare: Callable[[dict], dict] = lambda batch: batch
 
     def model(self, state: dict) -> nnx.Module:
         """An nnx model holding `state`'s params (for evaluation and export)."""
@@ -151,6 +164,11 @@ def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
     }
     batch = task.batch_spec()
     batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+    # What the pipeline delivers (with data.views_on='device' the stored volumes, boxes,
+    # intensity maps and noise keys) and the jitted function that turns it into `batch`.
+    inputs = device_views.input_spec(config, batch)
+    input_shardings = {k: mesh_lib.batch_sharding(mesh, rules, v.ndim) for k, v in inputs.items()}
+    prepare = make_prepare(config, batch, input_shardings, batch_shardings)
     micro_sharding = NamedSharding(mesh, P(None, *mesh_lib.batch_sharding(mesh, rules, 1).spec))
 
     trace_count = [0]
@@ -229,10 +247,34 @@ def make_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
         mesh=mesh, task=task, graphdef=graphdef, init=init_jit, step=step,
         abstract_state=None, state_shardings=state_shardings,
         abstract_batch=None, batch_shardings=batch_shardings, tx=tx, schedule=schedule,
-        lr_multipliers=label_mult, frozen_mask=frozen, trace_count=trace_count)
+        lr_multipliers=label_mult, frozen_mask=frozen, trace_count=trace_count,
+        input_shardings=input_shardings, prepare=prepare)
     program.abstract_state = program.with_shardings(abstract_state, state_shardings)
     program.abstract_batch = program.with_shardings(batch, batch_shardings)
+    program.input_spec = program.with_shardings(inputs, input_shardings)
     return program
+
+
+def make_prepare(config, task_batch: dict, input_shardings: dict, batch_shardings: dict
+                 ) -> Callable[[dict], dict]:
+    """The one place where the delivered batch becomes the task's batch: the identity with host
+    views; with ``data.views_on='device'`` one jitted program that makes the views from the
+    stored volumes on the devices (`t3d_jax.data.device_views`), each device its own examples,
+    laid out over the batch axes exactly as host views arrive.
+
+    A program of its own, run right before the step, rather than the step's first op: the step
+    stays the host path's program (its memory plan, AOT figures and compile cache hold for both
+    paths), and the int16 volumes (110 MB an example on the ct_clip grid) are released once the
+    views exist instead of staying alive as step arguments through the backward pass."""
+    if device_views.views_on(config.data) == "host" or "views" not in task_batch:
+        return lambda batch: batch
+    view_size = tuple(int(s) for s in config.data.view_size)
+    noise_std = float(config.data.get("noise_std", 0.0))
+
+    def prepare(batch):
+        return device_views.batch_with_views(batch, task_batch, view_size=view_size, noise_std=noise_std)
+
+    return jax.jit(prepare, in_shardings=(input_shardings,), out_shardings=batch_shardings)
 
 
 GUARDS = ("where", "cond")
@@ -306,6 +348,9 @@ def get_train_program(config, mesh: jax.sharding.Mesh) -> TrainProgram:
     sections["train"] = {k: config.train.get(k) for k in
                          ("global_batch_size", "grad_accum_steps", "num_steps", "seed", "nonfinite_guard")}
     sections["data"] = {k: config.data[k] for k in ("num_views", "view_size", "label_names")}
+    if device_views.views_on(config.data) == "device":  # `prepare` makes the views: its settings too
+        sections["data"].update(views_on="device", noise_std=float(config.data.get("noise_std", 0.0)),
+                                stored_size=device_views.stored_size(config))
     key = (json.dumps(sections, sort_keys=True, default=str), mesh.shape_tuple,
            tuple(d.id for d in mesh.devices.flat))
     if key not in _PROGRAMS:
