@@ -338,6 +338,11 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.model.image.patch_size = (16, 16, 8)
         c.model.image.remat = "full"
         c.model.text.size = "base"
+        # No dropout on BERT's attention probabilities, so that the text tower also runs the
+        # fused kernels ('auto': splash attention on TPU, cuDNN on GPU): on v5e:16x16 at
+        # batch 1024 that cuts HBM traffic per chip from 66.6 to 54.1 GiB and lifts the
+        # roofline MFU from 54% to 67% (docs/scaling.md, "Fused attention").
+        c.model.text.attention_dropout = 0.0
         c.train.global_batch_size = 256
         c.train.num_steps = 50_000
         c.train.log_every = 100

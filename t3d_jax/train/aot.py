@@ -311,9 +311,10 @@ def format_report(r: dict) -> str:
     ]
     if r.get("hlo_traffic"):
         t = r["hlo_traffic"]
-        lines.append(f"HBM traffic by scope (operands + results of the top-level HLO ops, "
-                     f"{t['total_bytes'] / GIB:.3g} GiB in all):")
-        lines += [f"  {100 * e['fraction']:5.1f}%  {e['bytes'] / GIB:8.3g} GiB  {e['scope']}" for e in t["top_scopes"][:8]]
+        lines.append(f"HBM traffic by the line that made it (operands + results of the top-level HLO ops, "
+                     f"{t['total_bytes'] / GIB:.3g} GiB in all; 'bwd:' = backward pass):")
+        lines += [f"  {100 * e['fraction']:5.1f}%  {e['bytes'] / GIB:8.3g} GiB  {e['source']}"
+                  for e in t.get("top_sources", [])[:8]]
     return "\n".join(lines)
 
 
@@ -482,13 +483,6 @@ def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
             else:
                 operands = re.findall(r"%([\w.\-]+)", m.group(4))
                 moved = result + sum(sizes.get(o, 0.0) for o in operands)
-            meta = _OP_NAME.search(m.group(5))
-            key = scope_of(meta.group(1), depth) if meta else f"({op}, no metadata)"
-            by_scope[key] = by_scope.get(key, 0.0) + moved
-            frame = re.search(r"stack_frame_id=(\d+)", m.group(5))
-            where = sources.get(int(frame.group(1)), "(outside t3d_jax)") if frame else "(no source)"
-            where = ("bwd: " if key.startswith("bwd: ") else "") + where
-            by_source[where] = by_source.get(where, 0.0) + moved
             kind = op
             if op == "fusion":
                 k = re.search(r"kind=(k\w+)", m.group(5))
@@ -496,6 +490,13 @@ def hlo_traffic(hlo_text: str, *, depth: int = 3, top: int = 12) -> dict:
             elif op == "custom-call":
                 t = re.search(r'custom_call_target="([^"]+)"', m.group(5))
                 kind = f"custom-call:{t.group(1)}" if t else op
+            meta = _OP_NAME.search(m.group(5))
+            key = scope_of(meta.group(1), depth) if meta else f"({op}, no metadata)"
+            by_scope[key] = by_scope.get(key, 0.0) + moved
+            frame = re.search(r"stack_frame_id=(\d+)", m.group(5))
+            where = sources.get(int(frame.group(1)), f"({kind}, outside t3d_jax)") if frame else f"({kind})"
+            where = ("bwd: " if key.startswith("bwd: ") else "") + where
+            by_source[where] = by_source.get(where, 0.0) + moved
             by_op[kind] = by_op.get(kind, 0.0) + moved
     total = sum(by_scope.values())
     ranked = sorted(by_scope.items(), key=lambda kv: -kv[1])
