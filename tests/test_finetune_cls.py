@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import finetune_cls
+from t3d_jax import tasks
 from t3d_jax.data.labels import CT_RATE_LABELS
 from t3d_jax.tasks.supervised import SupervisedTask, masked_bce, resolve_pos_weight
 from t3d_jax.train import optim as optim_lib
@@ -292,3 +293,22 @@ def test_paired_difference_and_the_bench_table():
               "fractions": {"0.1": {"num_train": 6, "pretrained": arm(good), "scratch": arm(weak), "difference": diff}}}
     text = bench.table(result)
     assert "difference" in text and f"{diff['mean']['value']:+.3f}" in text and "n/a" in text
+
+
+def test_the_demo_pretrainings_image_encoder_fits_the_demo_fine_tune():
+    """configs/finetune_cls.py:demo reads `image_encoder` from configs/t3d.py:demo's checkpoint:
+    the same parameter paths and shapes (abstract models only, nothing initialised)."""
+    from configs import t3d
+
+    def encoder_shapes(config):
+        task = tasks.get_task(config)
+        params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(task.build_model(nnx.Rngs(0)), nnx.Param)))
+        return {k: v.shape for k, v in _paths(params["image_encoder"]).items()}
+
+    pre, fine = encoder_shapes(t3d.get_config("demo")), encoder_shapes(finetune_cls.get_config("demo"))
+    assert pre == fine and len(pre) > 10
+    # The input standardisation is part of the encoder but not a parameter: it must match too.
+    keys = ("input_mean", "input_std", "patch_size", "size", "pool", "name")
+    assert {k: t3d.get_config("demo").model.image[k] for k in keys} == \
+        {k: finetune_cls.get_config("demo").model.image[k] for k in keys}
+    assert tuple(t3d.get_config("demo").data.view_size) == tuple(finetune_cls.get_config("demo").data.view_size)
