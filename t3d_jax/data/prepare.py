@@ -14,7 +14,12 @@ Flow (``launch/prepare_data.py`` is a thin CLI over :func:`prepare_dataset`):
    ``dataset.json`` is written last (atomically). A reader never sees a mixed folder as
    complete, and re-running rewrites instead of duplicating.
 
-Every rejected input is one line of ``DIR/errors.jsonl``: ``{"id", "path", "reason", "line"}``.
+Every rejected input is one line of ``DIR/errors.jsonl``: ``{"id", "path", "reason", "line"}``
+(plus ``"mask"`` for rows with a mask).
+
+Masks (segmentation label maps, the manifest's optional ``mask`` column) go through the
+volume's steps with nearest-neighbour sampling (:mod:`t3d_jax.data.masks`) and are stored in the
+record as ``mask``; a mask that does not fit its volume rejects the row like a bad volume.
 The job ends with ``read N, written M, rejected K`` (N = M + K).
 """
 
@@ -38,6 +43,7 @@ from typing import Sequence
 import numpy as np
 import tqdm
 
+from t3d_jax.data import masks as masks_lib
 from t3d_jax.data import preprocess, shards
 from t3d_jax.data.manifest import ManifestRow, read_manifest
 from t3d_jax.data.records import encode_record
@@ -85,12 +91,25 @@ class _Task:
     labels: np.ndarray
 
 
-def _process(task: _Task, preset: preprocess.Preset) -> tuple[int, bytes | None, str | None]:
-    """Loads and preprocesses one volume; returns (index, encoded record or None, reason)."""
+@dataclasses.dataclass(frozen=True)
+class _MaskSpec:
+    classes: dict[int, str] | None  # the class table, when one was given
+    dtype: str  # stored dtype of every mask of the dataset
+
+
+def _process(task: _Task, preset: preprocess.Preset,
+             mask_spec: _MaskSpec | None = None) -> tuple[int, bytes | None, str | None]:
+    """Loads and preprocesses one volume (and its mask); returns (index, encoded record or None, reason)."""
     row = task.row
     try:
         volume = preprocess.load_volume(row.volume)
         stored, scale, offset = preprocess.preprocess_volume(volume, preset)
+        mask = None
+        if row.mask is not None:
+            spec = mask_spec or _MaskSpec(None, "int16")
+            labels = masks_lib.load_mask(row.mask, volume, spec.classes)
+            mask = masks_lib.preprocess_mask(labels, volume, preset, dtype=np.dtype(spec.dtype))
+            del labels
         record = {
             "volume": stored,
             "intensity_scale": np.float32(scale),
@@ -106,6 +125,8 @@ def _process(task: _Task, preset: preprocess.Preset) -> tuple[int, bytes | None,
             "source_shape": np.asarray(volume.source_shape, np.int32),
             "source_orientation": volume.source_orientation,
         }
+        if mask is not None:
+            record["mask"] = mask
         return task.index, encode_record(record), None
     except preprocess.VolumeError as err:
         return task.index, None, str(err)
@@ -115,11 +136,12 @@ def _process(task: _Task, preset: preprocess.Preset) -> tuple[int, bytes | None,
         return task.index, None, f"{row.volume}: unexpected {type(err).__name__}: {err}"
 
 
-def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
+def _run_ordered(tasks: Sequence[_Task], preset, workers: int, mask_spec: _MaskSpec | None = None):
     """Yields _process results in task order; at most 2 x workers tasks in flight."""
+    extra = () if mask_spec is None else (mask_spec,)  # a manifest without masks: _process(task, preset)
     if workers <= 0:
         for task in tasks:
-            yield _process(task, preset)
+            yield _process(task, preset, *extra)
         return
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
@@ -127,7 +149,7 @@ def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
         pending: collections.deque = collections.deque()
         it = iter(tasks)
         for task in it:
-            pending.append((task, pool.submit(_process, task, preset)))
+            pending.append((task, pool.submit(_process, task, preset, *extra)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -140,7 +162,7 @@ def _run_ordered(tasks: Sequence[_Task], preset, workers: int):
                     "rerun with fewer --workers") from None
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_process, nxt, preset)))
+                pending.append((nxt, pool.submit(_process, nxt, preset, *extra)))
     finally:
         # On an error or ^C in the consumer, do not wait for queued volumes.
         pool.shutdown(wait=True, cancel_futures=True)
@@ -196,8 +218,13 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                     vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
                     report_order: str = "as_written", workers: int | None = None, shard_size: int = 64,
                     label_names: Sequence[str] | None = None, progress: bool = True,
-                    compression: str = shards.DEFAULT_COMPRESSION) -> PrepareResult:
-    """Runs the whole job; see the module docstring. Returns the counts."""
+                    compression: str = shards.DEFAULT_COMPRESSION,
+                    mask_classes: str | os.PathLike | None = None) -> PrepareResult:
+    """Runs the whole job; see the module docstring. Returns the counts.
+
+    ``mask_classes``: the masks' class table (``masks.read_class_table``); default
+    ``classes.json`` beside the manifest when the manifest has masks and that file exists.
+    """
     from t3d_jax.data.tokenizer import WordPieceTokenizer  # imports TensorFlow Text
 
     preset = preprocess.get_preset(preset)
@@ -212,6 +239,14 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len, report_order=report_order)
 
     rows, manifest_labels = read_manifest(manifest)  # before creating anything: a bad manifest leaves no trace
+    has_masks = any(row.mask is not None for row in rows)
+    classes = None
+    if mask_classes is None and has_masks:
+        beside = pathlib.Path(manifest).resolve().parent / masks_lib.CLASSES_JSON
+        mask_classes = beside if beside.is_file() else None
+    if mask_classes is not None:
+        classes = masks_lib.read_class_table(mask_classes)
+    mask_spec = _MaskSpec(classes, masks_lib.mask_dtype(classes).name) if has_masks else None
     out_dir.mkdir(parents=True, exist_ok=True)
     label_names = list(manifest_labels if label_names is None else label_names)
     ignored = [n for n in manifest_labels if n not in label_names]
@@ -225,7 +260,10 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     errors: list[dict] = []
 
     def reject(row: ManifestRow, reason: str) -> None:
-        errors.append({"id": row.id, "path": row.volume, "reason": reason, "line": row.line})
+        entry = {"id": row.id, "path": row.volume, "reason": reason, "line": row.line}
+        if row.mask is not None:
+            entry["mask"] = row.mask
+        errors.append(entry)
 
     first_line: dict[str, int] = {}
     usable: list[ManifestRow] = []
@@ -253,17 +291,19 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     _clean_stale_tmp(out_dir)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out_dir))
     written_ids: list[str] = []
+    num_masks = 0
     try:
         writers: dict[str, shards.RollingShardWriter] = {}
         bar = tqdm.tqdm(total=len(rows), initial=len(rows) - len(usable), desc="prepare", unit="vol",
                         disable=not progress, dynamic_ncols=True)
         with bar:
-            for index, record, reason in _run_ordered(tasks, preset, workers):
+            for index, record, reason in _run_ordered(tasks, preset, workers, mask_spec):
                 row = tasks[index].row
                 if record is None:
                     reject(row, reason)
                 else:
                     written_ids.append(row.id)
+                    num_masks += row.mask is not None
                     if row.split not in writers:
                         writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size, compression)
                     writers[row.split].write(record)
@@ -297,6 +337,11 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                           "report_order": tokenizer.report_order},
             "report_tokens": report_tokens,
             "splits": splits_meta,
+            # null when the manifest has no mask column (or no mask in it)
+            "masks": None if mask_spec is None else {
+                "num_records": num_masks, "dtype": mask_spec.dtype,
+                "classes": None if classes is None else masks_lib.class_table_json(classes)["classes"],
+                "class_table": None if mask_classes is None else str(pathlib.Path(mask_classes).resolve())},
             "records": {"writer_options": shards.writer_options(compression)},
             "manifest": str(pathlib.Path(manifest).resolve()),
             # Identifies the source data wherever the folder is (prepared.data_fingerprint):

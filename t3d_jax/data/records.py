@@ -19,6 +19,9 @@ key                    dtype     meaning
 ``source_spacing``     float32   [3] spacing of the file as read (x, y, z, mm)
 ``source_shape``       int32     [3] shape of the file as read
 ``source_orientation`` str       scalar, axis codes of the file as read, e.g. "LPS"
+``mask``               uint8 or  [X, Y, Z] class indices on ``volume``'s grid; only in
+                       int16     records whose manifest row has a mask (dataset.json
+                                 ``masks``: dtype, class table)
 =====================  ========  ===============================================
 
 The names of the label columns and the preset live once per dataset in

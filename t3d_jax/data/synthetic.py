@@ -23,6 +23,13 @@ docstrings quote the realistic numbers. Anatomy and the order of random draws do
 on the difficulty: the same seed draws the same chest, labels and report wording.
 
 What is drawn per label, at each difficulty, is described in docs/data_synthetic.md.
+
+Masks. With ``masks=True`` (``launch/make_synthetic.py --masks``) the canvas also keeps a label
+map (``MASK_CLASSES``): every labelled structure writes its class where its paint lands, so the
+last painter wins in the label map exactly as in the HU grid (an unlabelled paint leaves the
+labels alone: vessels and emphysema stay lung; the oesophagus, pulmonary trunk and hiatal hernia
+clear them). The label map costs no random draws, so volumes and reports are the same with or
+without it.
 """
 
 from __future__ import annotations
@@ -165,12 +172,23 @@ SCALINGS = ((1.0, -1024.0), (2.0, -1024.0), (1.0, 0.0))
 HU_RANGE = (-1024.0, 3071.0)
 
 
+# Segmentation classes of the synthetic label maps (index = position): anatomy, then the
+# findings that have a region. docs/data_synthetic.md ("Masks") says what each covers.
+MASK_CLASSES = (
+    "background", "lung_left", "lung_right", "heart", "aorta", "airways", "spine",
+    "lung_nodule", "pleural_effusion", "consolidation", "atelectasis", "pericardial_effusion",
+    "lymph_node",
+)
+_C = {name: i for i, name in enumerate(MASK_CLASSES)}
+
+
 class Phantom(NamedTuple):
     hu: np.ndarray  # float32 [X, Y, Z] HU on the canonical RAS+ grid
     spacing: tuple[float, float, float]  # mm (x, y, z)
     orientation: str  # how the file stores it: "RAS" or "LPS"
     findings: dict[str, dict[str, Any]]  # per positive label: what was drawn where
     landmarks: dict[str, Any]  # anatomy positions (mm, centred RAS) for checks and docs
+    labels: np.ndarray | None = None  # uint8 [X, Y, Z] MASK_CLASSES indices (masks=True), same grid as hu
 
 
 def sample_labels(rng: np.random.Generator) -> dict[str, int]:
@@ -196,6 +214,7 @@ class _Canvas:
 
     def __init__(self, shape, spacing):
         self.hu = np.full(shape, -1000.0, np.float32)
+        self.labels: np.ndarray | None = None  # uint8 MASK_CLASSES map when masks are drawn
         self.spacing = np.asarray(spacing, np.float64)
         self.axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
         self.extent = np.array([a[-1] for a in self.axes])
@@ -219,12 +238,15 @@ class _Canvas:
         return (tuple(slices), coords[0][:, None, None], coords[1][None, :, None],
                 coords[2][None, None, :])
 
-    def paint(self, sl, mask, value, within=None, mode="set", where: Callable | None = None):
+    def paint(self, sl, mask, value, within=None, mode="set", where: Callable | None = None,
+              label: int | None = None):
         region = self.hu[sl]
         if within is not None:
             mask = mask & within[sl]
         if where is not None:
             mask = mask & where(region)
+        if label is not None and self.labels is not None:
+            self.labels[sl][mask] = label
         if mode == "set":
             region[mask] = value
         elif mode == "max":
@@ -379,10 +401,11 @@ class _Chest:
         cv, u = self.cv, self.rng.uniform
         x0, r = 0.0, u(15, 19)
         zlo, zhi = self.zb - 5, self.zt + 5
-        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 14, u(450, 650))
-        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 7, u(5, 20))
-        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r + 2, u(600, 800))
-        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r, u(180, 280))
+        spine = _C["spine"]
+        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 14, u(450, 650), label=spine)
+        cv.capsule((x0, self.y_spine - 30, zlo), (x0, self.y_spine - 30, zhi), 7, u(5, 20), label=0)  # canal
+        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r + 2, u(600, 800), label=spine)
+        cv.capsule((x0, self.y_spine, zlo), (x0, self.y_spine, zhi), r, u(180, 280), label=spine)
         period, phase = u(26, 32), u(0, 30)
         for zc in np.arange(self.zb - phase, self.zt + period, period):
             cv.capsule((x0, self.y_spine, zc - 3), (x0, self.y_spine, zc + 3), r + 1, u(70, 100))
@@ -406,9 +429,9 @@ class _Chest:
         if "Pericardial effusion" in self.positive:
             lr = self.rngs["Pericardial effusion"]
             rim = lr.uniform(*self.P["pericardial_rim"])
-            cv.ellipsoid(c, radii + 4 + rim, lr.uniform(5, 18), a, within=cav)
+            cv.ellipsoid(c, radii + 4 + rim, lr.uniform(5, 18), a, within=cav, label=_C["pericardial_effusion"])
             f["Pericardial effusion"] = {"rim_mm": round(rim, 1)}
-        cv.ellipsoid(c, radii + 4, u(-100, -80), a, within=cav)  # epicardial fat
+        cv.ellipsoid(c, radii + 4, u(-100, -80), a, within=cav, label=_C["heart"])  # epicardial fat
         cv.ellipsoid(c, radii, u(60, 90), a, within=cav)  # myocardium
         cv.ellipsoid(c, radii - 9, self.blood_hu, a, within=cav)  # contrast blood pool
         if "Cardiomegaly" in self.positive:
@@ -421,7 +444,7 @@ class _Chest:
         self.y_tr = y_tr = self.y_spine + u(40, 48)
         # esophagus (behind trachea, down to the hiatus)
         cv.capsule((self.xmed * 0.5, self.y_spine + 24, self.zt + 5),
-                   (self.xmed - 5, self.y_spine + 28, self.z_dia), 8, u(30, 45))
+                   (self.xmed - 5, self.y_spine + 28, self.z_dia), 8, u(30, 45), label=0)
         # aorta: ascending (anterior, right of midline) -> arch -> descending (left of spine)
         r_asc, r_desc = u(14, 17), u(11, 13)
         asc0 = np.array([self.xmed + 14, hc[1] - 8, hc[2] + hr[2] * 0.3])
@@ -434,23 +457,27 @@ class _Chest:
         radii = [r_asc] * 6 + [r_desc] * 5
         self.aorta = list(zip(path[:-1], path[1:], radii))
         for p0, p1, r in self.aorta:
-            cv.capsule(p0, p1, r + 1.5, u(35, 50), within=self.cavity)
+            cv.capsule(p0, p1, r + 1.5, u(35, 50), within=self.cavity, label=_C["aorta"])
         for p0, p1, r in self.aorta:
-            cv.capsule(p0, p1, r, self.blood_hu, within=self.cavity)
+            cv.capsule(p0, p1, r, self.blood_hu, within=self.cavity, label=_C["aorta"])
         # pulmonary trunk to the hila
         pa0 = np.array([hc[0] - 5, hc[1] + 10, hc[2] + hr[2] * 0.5])
         pa1 = np.array([self.xmed - 8, y_tr - 5, self.z_carina - 12])
-        cv.capsule(pa0, pa1, 12, self.blood_hu, within=self.cavity)
+        cv.capsule(pa0, pa1, 12, self.blood_hu, within=self.cavity, label=0)
         # the lungs end where the heart and the mediastinal vessels drawn so far begin
         aerated = cv.hu < -600
         self.lung_right &= aerated
         self.lung_left &= aerated
+        if cv.labels is not None:
+            cv.labels[self.lung_right] = _C["lung_right"]
+            cv.labels[self.lung_left] = _C["lung_left"]
         # airways: trachea, main bronchi, lobar/segmental bronchi from each hilum
         thick = "Peribronchial thickening" in self.positive
         wall = self.rngs["Peribronchial thickening"].uniform(*self.P["bronchial_wall"]) if thick else 1.2
         carina = np.array([0.0, y_tr, self.z_carina])
-        cv.capsule((0.0, y_tr, self.zt + 5), carina, u(10, 12) + 1.5, 40.0)
-        cv.capsule((0.0, y_tr, self.zt + 5), carina, 9.5, -990.0)
+        airway = _C["airways"]
+        cv.capsule((0.0, y_tr, self.zt + 5), carina, u(10, 12) + 1.5, 40.0, label=airway)
+        cv.capsule((0.0, y_tr, self.zt + 5), carina, 9.5, -990.0, label=airway)
         self.hila, self.airways = {}, []
         for side, sign in (("right", 1.0), ("left", -1.0)):
             hilum = np.array([self.xmed + sign * (self.med_half + 22), y_tr - 6, self.z_carina - 22])
@@ -470,9 +497,9 @@ class _Chest:
                 d = _unit(rng, bias=(sign * 0.8, 0.0, -0.5))
                 cv.capsule(hilum, hilum + d * u(50, 90), u(2.0, 3.0), self.blood_hu * 0.7, within=lung)
         for p0, p1, r in self.airways:
-            cv.capsule(p0, p1, r + wall, u(25, 45), within=self.cavity)
+            cv.capsule(p0, p1, r + wall, u(25, 45), within=self.cavity, label=airway)
         for p0, p1, r in self.airways:
-            cv.capsule(p0, p1, r, -990.0, within=self.cavity)
+            cv.capsule(p0, p1, r, -990.0, within=self.cavity, label=airway)
         if thick:
             self.findings["Peribronchial thickening"] = {"wall_mm": round(wall, 1)}
         # a few normal-sized (<10 mm) mediastinal nodes
@@ -629,8 +656,9 @@ class _Chest:
                 end = self.lung_point(rng, s_, (0.0, 0.3), margin=4)
                 start = hilum + (end - hilum) * self.P["bronchiectasis_start"]
                 r = u(*self.P["bronchiectasis_lumen"])
-                cv.capsule(start, end, r + u(*self.P["bronchiectasis_wall"]), u(20, 40), within=self.lung(s_))
-                cv.capsule(start, end, r, -995.0, within=self.lung(s_))
+                cv.capsule(start, end, r + u(*self.P["bronchiectasis_wall"]), u(20, 40), within=self.lung(s_),
+                           label=_C["airways"])
+                cv.capsule(start, end, r, -995.0, within=self.lung(s_), label=_C["airways"])
         F["Bronchiectasis"] = {"side": side}
 
     def _consolidation(self, rng, u, cv, F):
@@ -641,8 +669,8 @@ class _Chest:
         c = self.lung_point(rng, side, h, margin=15)
         rxy, rz = self.P["consolidation_radius"], self.P["consolidation_radius_z"]
         radii = (u(*rxy), u(*rxy), u(*rz))
-        cv.ellipsoid(c, radii, u(20, 50), within=self.lung(side))
-        for _ in range(2):  # air bronchograms
+        cv.ellipsoid(c, radii, u(20, 50), within=self.lung(side), label=_C["consolidation"])
+        for _ in range(2):  # air bronchograms (inside the consolidation's label)
             d = _unit(rng)
             cv.capsule(c - d * radii[0] * 0.6, c + d * radii[0] * 0.6, 2.0, -900.0,
                        within=self.lung(side))
@@ -656,7 +684,7 @@ class _Chest:
             c = self.lung_point(rng, s_, (0.08, 0.25), margin=6, y_range=(-0.3, 0.3))
             ra, rb, rc = self.P["atel_radius"]
             cv.ellipsoid(c, (u(*ra), u(*rb), u(*rc)), u(*self.P["atel_hu"]), angle=u(0, math.pi),
-                         within=self.lung(s_))
+                         within=self.lung(s_), label=_C["atelectasis"])
         F["Atelectasis"] = {"side": side}
         if self.atelectasis_side:
             F["Atelectasis"]["hemidiaphragm_raised_mm"] = {k: round(v, 1) for k, v in self.elevation.items() if v}
@@ -669,7 +697,7 @@ class _Chest:
             hq = rng.uniform(*P["nodule_zone"])
             c = self.lung_point(rng, side, (hq, hq), margin=P["nodule_margin"])
             r = u(*P["nodule_radius"])
-            cv.ellipsoid(c, (r, r, r), u(20, 80), within=self.lung(side))
+            cv.ellipsoid(c, (r, r, r), u(20, 80), within=self.lung(side), label=_C["lung_nodule"])
             if best is None or r > best[0]:
                 best = (r, side, "upper" if hq >= 0.5 else "lower", c)
         F["Lung nodule"] = {"side": best[1], "lobe": best[2], "size_mm": int(round(2 * best[0])),
@@ -685,6 +713,8 @@ class _Chest:
         fluid = u(5, 18)
         for s_ in self._sides(side):
             cv.hu[self.lung(s_) & layer] = fluid
+            if cv.labels is not None:
+                cv.labels[self.lung(s_) & layer] = _C["pleural_effusion"]
         F["Pleural effusion"] = {"side": side}
 
     def _lymphadenopathy(self, rng, u, cv, F):
@@ -697,15 +727,15 @@ class _Chest:
         for i in rng.choice(len(stations), int(rng.integers(*P["node_count"])), replace=False):
             r = u(*P["node_radius"])
             cv.ellipsoid(np.array(stations[i]), (r, r * u(0.8, 1.0), r * u(0.9, 1.2)), u(*P["node_hu"]),
-                         where=lambda h: (h < 0) & (h > -960))
+                         where=lambda h: (h < 0) & (h > -960), label=_C["lymph_node"])
         F["Lymphadenopathy"] = {}
 
     def _hiatal_hernia(self, rng, u, cv, F):
         """A walled retrocardiac mass above the hiatus with an air-fluid level."""
         r = np.array([u(24, 34), u(20, 28), u(24, 32)])
         c = np.array([self.xmed - 4, self.y_spine + 40, self.z_dia + self.dome_h * 0.6 + r[2] * 0.5])
-        cv.ellipsoid(c, r + 3, u(40, 55), within=self.cavity)
-        cv.ellipsoid(c, r, u(10, 25), within=self.cavity)
+        cv.ellipsoid(c, r + 3, u(40, 55), within=self.cavity, label=0)  # stomach: no class
+        cv.ellipsoid(c, r, u(10, 25), within=self.cavity, label=0)
         b = cv.box(c - r, c + r)
         level = c[2] + r[2] * u(-0.3, 0.2)
         sl, bx, by, bz = b
@@ -803,7 +833,7 @@ def _erode(mask, steps):
 
 def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "demo",
                 orientation: str | None = None, noise: bool = True,
-                difficulty: str | None = None) -> Phantom:
+                difficulty: str | None = None, masks: bool = False) -> Phantom:
     """Draws one chest CT with exactly the positive ``labels`` rendered.
 
     Returns the HU grid in canonical RAS+ (the file written for it may be LPS), its
@@ -812,6 +842,8 @@ def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "d
     ``difficulty`` ('demo' | 'realistic', ``RENDER``; None = ``default_difficulty(size)``)
     sets the findings' sizes and contrasts; the anatomy and the random draws' order are the
     same for both, and 'realistic' is the rendering of earlier versions, voxel for voxel.
+    ``masks=True`` also returns the label map (``Phantom.labels``, ``MASK_CLASSES``); the HU grid is
+    the same either way.
     """
     unknown = set(labels) - set(CT_RATE_LABELS)
     if unknown:
@@ -827,6 +859,8 @@ def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "d
     streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2 + len(CT_RATE_LABELS))]
     chest = _Chest(streams[0], shape, spacing, positive={n for n, v in labels.items() if v},
                    label_rngs=dict(zip(CT_RATE_LABELS, streams[2:])), difficulty=difficulty)
+    if masks:
+        chest.cv.labels = np.zeros(shape, np.uint8)
     chest.anatomy()
     chest.findings_all()
     hu = chest.cv.hu
@@ -835,12 +869,13 @@ def make_volume(rng: np.random.Generator, labels: dict[str, int], size: str = "d
     if add_noise:
         hu += noise.standard_normal(hu.shape, dtype=np.float32) * sigma
     np.clip(hu, *HU_RANGE, out=hu)
-    return Phantom(hu, spacing, orientation, chest.findings, chest.landmarks())
+    return Phantom(hu, spacing, orientation, chest.findings, chest.landmarks(), chest.cv.labels)
 
 
 def nifti_bytes(hu: np.ndarray, spacing, orientation: str, slope: float, inter: float,
-                origin=(0.0, 0.0, 0.0)) -> bytes:
-    """Uncompressed NIfTI-1 bytes of canonical-RAS ``hu`` stored as int16 in ``orientation``.
+                origin=(0.0, 0.0, 0.0), dtype=np.int16) -> bytes:
+    """Uncompressed NIfTI-1 bytes of canonical-RAS ``hu`` stored as ``dtype`` (int16; a label map:
+    uint8 with slope 1, inter 0) in ``orientation``.
 
     RAS keeps the array; LPS flips the first two axes and negates their affine columns,
     so every voxel keeps its physical position. ``origin`` is the world position of
@@ -849,9 +884,10 @@ def nifti_bytes(hu: np.ndarray, spacing, orientation: str, slope: float, inter: 
     import nibabel as nib
 
     stored = np.round((hu - inter) / slope)
-    if stored.min() < -32768 or stored.max() > 32767:
-        raise ValueError("HU range does not fit int16 with the chosen slope/intercept")
-    stored = stored.astype(np.int16)
+    info = np.iinfo(dtype)
+    if stored.min() < info.min or stored.max() > info.max:
+        raise ValueError(f"HU range does not fit {np.dtype(dtype).name} with the chosen slope/intercept")
+    stored = stored.astype(dtype)
     sx, sy, sz = spacing
     affine = np.diag([sx, sy, sz, 1.0])
     affine[:3, 3] = origin
@@ -865,7 +901,7 @@ def nifti_bytes(hu: np.ndarray, spacing, orientation: str, slope: float, inter: 
     # NIfTI stores it), which is several times faster than Nifti1Image.to_bytes.
     header = nib.Nifti1Header()
     header.set_data_shape(stored.shape)
-    header.set_data_dtype(np.int16)
+    header.set_data_dtype(dtype)
     header.set_zooms(tuple(float(v) for v in spacing))
     header.set_qform(affine, code=1)
     header.set_sform(affine, code=1)
@@ -880,7 +916,8 @@ def split_of(sample_id: str) -> str:
     return "train" if int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % 10 < 8 else "valid"
 
 
-def make_example(seed: int, index: int, size: str = "demo", difficulty: str | None = None) -> dict[str, Any]:
+def make_example(seed: int, index: int, size: str = "demo", difficulty: str | None = None,
+                 masks: bool = False) -> dict[str, Any]:
     """Everything about example ``index``: labels, report, volume. Independent of other
     examples (own random stream), so the dataset is identical for any worker count. The
     labels, report wording and anatomy do not depend on ``difficulty``, only the findings'
@@ -889,38 +926,48 @@ def make_example(seed: int, index: int, size: str = "demo", difficulty: str | No
     labels = sample_labels(rng)
     scaling = SCALINGS[int(rng.integers(len(SCALINGS)))]
     orientation = ("RAS", "LPS")[index % 2]
-    phantom = make_volume(rng, labels, size=size, orientation=orientation, difficulty=difficulty)
+    phantom = make_volume(rng, labels, size=size, orientation=orientation, difficulty=difficulty, masks=masks)
     report = make_report(rng, labels, phantom.findings)
     origin = tuple(-(n - 1) / 2.0 * s for n, s in zip(phantom.hu.shape, phantom.spacing))
     return {"id": f"syn_{index:05d}", "labels": labels, "report": report, "phantom": phantom,
             "slope": scaling[0], "inter": scaling[1], "origin": origin}
 
 
-def _write_one(args):
-    out, seed, index, size, difficulty = args
-    ex = make_example(seed, index, size, difficulty)
-    ph = ex["phantom"]
-    data = nifti_bytes(ph.hu, ph.spacing, ph.orientation, ex["slope"], ex["inter"], ex["origin"])
-    rel = f"volumes/{ex['id']}.nii.gz"
-    path = pathlib.Path(out) / rel
+def _write_gz(path: pathlib.Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
     os.replace(tmp, path)
-    return {"id": ex["id"], "volume": rel, "report": ex["report"], "split": split_of(ex["id"]),
-            **ex["labels"]}, {"id": ex["id"], "difficulty": difficulty, "orientation": ph.orientation,
+
+
+def _write_one(args):
+    out, seed, index, size, difficulty, masks = args
+    ex = make_example(seed, index, size, difficulty, masks=masks)
+    ph = ex["phantom"]
+    data = nifti_bytes(ph.hu, ph.spacing, ph.orientation, ex["slope"], ex["inter"], ex["origin"])
+    rel = f"volumes/{ex['id']}.nii.gz"
+    _write_gz(pathlib.Path(out) / rel, data)
+    row = {"id": ex["id"], "volume": rel, "report": ex["report"], "split": split_of(ex["id"])}
+    if masks:  # the volume's geometry (orientation, spacing, origin), uint8 class indices
+        row["mask"] = f"masks/{ex['id']}.nii.gz"
+        _write_gz(pathlib.Path(out) / row["mask"],
+                  nifti_bytes(ph.labels, ph.spacing, ph.orientation, 1.0, 0.0, ex["origin"], dtype=np.uint8))
+    return {**row, **ex["labels"]}, {"id": ex["id"], "difficulty": difficulty, "orientation": ph.orientation,
                               "spacing": list(ph.spacing), "shape": list(ph.hu.shape),
                               "slope": ex["slope"], "inter": ex["inter"], "findings": ph.findings}
 
 
 def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | None = None,
-                  progress: bool = False, difficulty: str | None = None) -> pathlib.Path:
+                  progress: bool = False, difficulty: str | None = None, masks: bool = False) -> pathlib.Path:
     """Writes ``num`` volumes under ``out/volumes/`` and ``out/manifest.csv``.
 
     The manifest's ``volume`` paths are relative to the manifest's folder. A side file
     ``out/findings.jsonl`` records, per volume, the difficulty, orientation, spacing, shape,
     storage scaling and what was drawn for each positive label; ``out/synthetic.json`` the
     generator's settings (seed, num, size, difficulty). ``difficulty`` None =
-    ``default_difficulty(size)`` ('demo' for the demo grid size). Returns the manifest path.
+    ``default_difficulty(size)`` ('demo' for the demo grid size). ``masks=True`` also writes a
+    label map per volume, ``out/masks/<id>.nii.gz`` (uint8 ``MASK_CLASSES`` indices on the volume's
+    grid and affine), a ``mask`` manifest column and the class table ``out/classes.json``; the
+    volumes, reports and other files are byte-identical to ``masks=False``. Returns the manifest path.
     """
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
@@ -929,7 +976,9 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     difficulty = _check_difficulty(default_difficulty(size) if difficulty is None else difficulty)
     out = pathlib.Path(out)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), seed, i, size, difficulty) for i in range(num)]
+    if masks:
+        (out / "masks").mkdir(exist_ok=True)
+    jobs = [(str(out), seed, i, size, difficulty, bool(masks)) for i in range(num)]
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         workers = min(cpus or 1, 8)
@@ -952,7 +1001,8 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     rows, details = zip(*done)
     manifest = out / "manifest.csv"
     with open(manifest.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "volume", "report", "split", *CT_RATE_LABELS])
+        w = csv.DictWriter(f, fieldnames=["id", "volume", "report", "split", *(["mask"] if masks else []),
+                                          *CT_RATE_LABELS])
         w.writeheader()
         w.writerows(rows)
     os.replace(manifest.with_suffix(".tmp"), manifest)
@@ -961,5 +1011,9 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
             f.write(json.dumps(d, sort_keys=True) + "\n")
     settings = {"generator": "t3d_jax.data.synthetic", "seed": int(seed), "num": int(num), "size": size,
                 "difficulty": difficulty, "render": RENDER[difficulty]}
+    if masks:
+        settings["masks"] = True
+        (out / "classes.json").write_text(json.dumps(
+            {"classes": {str(i): name for i, name in enumerate(MASK_CLASSES)}}, indent=2) + "\n")
     (out / "synthetic.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return manifest
