@@ -406,13 +406,9 @@ def monai_vit_state_from_dict(sd: Mapping[str, np.ndarray], cfg: ViT3DConfig, wh
     return {k: np.ascontiguousarray(v) for k, v in st.items()}
 
 
-def monai_vit_state(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
-                    **monai_vit_kwargs) -> tuple[ViT3DConfig, State]:
-    """Reads a MONAI ``ViT`` checkpoint (file or state dict) into ``(ViT3DConfig, flat state)``.
-
-    ``prefix`` (e.g. ``'vision_encoder.'`` in a CLIP checkpoint) is found automatically when
-    None: the part before ``patch_embedding.patch_embeddings``.
-    """
+def _prefixed_state_dict(path_or_state_dict, prefix: str | None, find_prefix) -> tuple[dict[str, np.ndarray], str]:
+    """(state dict without ``prefix``, where it came from) of a checkpoint file or an in-memory
+    state dict; ``prefix=None`` finds it with ``find_prefix(raw, where)``."""
     if isinstance(path_or_state_dict, (str, pathlib.Path)):
         where = str(path_or_state_dict)
         raw = read_torch_weights(path_or_state_dict)
@@ -420,8 +416,18 @@ def monai_vit_state(path_or_state_dict, *, prefix: str | None = None, dtype="flo
         where = "state dict"
         raw = _tensors_to_numpy(path_or_state_dict, where)
     if prefix is None:
-        prefix = _monai_prefix(raw, where)
-    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        prefix = find_prefix(raw, where)
+    return {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}, where
+
+
+def monai_vit_state(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                    **monai_vit_kwargs) -> tuple[ViT3DConfig, State]:
+    """Reads a MONAI ``ViT`` checkpoint (file or state dict) into ``(ViT3DConfig, flat state)``.
+
+    ``prefix`` (e.g. ``'vision_encoder.'`` in a CLIP checkpoint) is found automatically when
+    None: the part before ``patch_embedding.patch_embeddings``.
+    """
+    sd, where = _prefixed_state_dict(path_or_state_dict, prefix, _monai_prefix)
     cfg = monai_vit_config(sd, dtype=dtype, param_dtype=param_dtype, where=where, **monai_vit_kwargs)
     return cfg, monai_vit_state_from_dict(sd, cfg, where)
 
@@ -567,15 +573,7 @@ def monai_resnet_state(path_or_state_dict, *, prefix: str | None = None, dtype="
 
     ``prefix`` (e.g. ``'module.'`` or ``'vision_encoder.'``) is found automatically when None:
     the part before ``layer1.0.conv1.weight``."""
-    if isinstance(path_or_state_dict, (str, pathlib.Path)):
-        where = str(path_or_state_dict)
-        raw = read_torch_weights(path_or_state_dict)
-    else:
-        where = "state dict"
-        raw = _tensors_to_numpy(path_or_state_dict, where)
-    if prefix is None:
-        prefix = _resnet_prefix(raw, where)
-    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    sd, where = _prefixed_state_dict(path_or_state_dict, prefix, _resnet_prefix)
     cfg = monai_resnet_config(sd, dtype=dtype, param_dtype=param_dtype, where=where, **monai_resnet_kwargs)
     return cfg, monai_resnet_state_from_dict(sd, cfg, where)
 
