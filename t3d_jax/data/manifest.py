@@ -3,11 +3,11 @@
 Columns / keys:
 
 * ``id`` (required): unique name of the example.
-* ``volume`` (required): a NIfTI file or a DICOM series folder; relative paths are resolved
+* ``volume`` (required): a NIfTI or NRRD file or a DICOM series folder; relative paths are resolved
   against the manifest's own folder, so a dataset folder can be moved as a whole.
 * ``report`` (required): the report text (findings + impression).
 * ``split`` (optional): e.g. train / valid / test; empty or absent means ``train``.
-* ``mask`` (optional): a NIfTI label map on the volume's grid (segmentation); relative paths are
+* ``mask`` (optional): a NIfTI or NRRD label map on the volume's grid (segmentation); relative paths are
   resolved like ``volume``; empty means no mask for this row.
 * any other column: a label (number; empty, ``nan`` or ``NA`` = unknown). In JSONL, labels may
   also sit in a nested ``"labels": {name: value}`` object.

@@ -4,7 +4,7 @@ A mask is an integer label map (0 = background, k = class k) on the same voxel g
 It goes through exactly the volume's steps (:mod:`t3d_jax.data.preprocess`), with nearest-
 neighbour sampling instead of linear interpolation and no window or anti-aliasing:
 
-* :func:`load_mask` reads a NIfTI label map, canonicalises it to RAS+ like ``load_volume`` and
+* :func:`load_mask` reads a NIfTI or NRRD label map, canonicalises it to RAS+ like ``load_volume`` and
   refuses one whose grid (shape, affine) is not its volume's, whose values are not non-negative
   integers, or that holds labels missing from the class table; problems raise
   :class:`~t3d_jax.data.preprocess.VolumeError` naming the mask file, so ``prepare`` logs them in
@@ -98,7 +98,7 @@ def load_mask(path: str | os.PathLike, volume: preprocess.Volume,
     """
     path = pathlib.Path(path)
     if path.is_dir():
-        raise VolumeError(f"{path}: mask is a folder; masks must be NIfTI label maps (.nii, .nii.gz)")
+        raise VolumeError(f"{path}: mask is a folder; masks must be NIfTI or NRRD label map files")
     mask = preprocess.load_volume(path)  # the volume's reader: same checks, same canonicalisation
     if mask.data.shape != volume.data.shape:
         raise VolumeError(

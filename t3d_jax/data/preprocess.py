@@ -3,7 +3,7 @@
 Two steps, used by ``launch/prepare_data.py`` and by embedding export alike, so a volume a user
 exports later is seen exactly as the training data was:
 
-* :func:`load_volume` reads a file or a DICOM series folder into a :class:`Volume`: float32
+* :func:`load_volume` reads a NIfTI or NRRD file or a DICOM series folder into a :class:`Volume`: float32
   Hounsfield units (the header's slope/intercept applied) on a canonical RAS+ voxel grid
   ``[X, Y, Z]`` (indices grow towards the patient's Right, Anterior, Superior), with
   the spacing in mm and the file's own shape/spacing/orientation kept as metadata. Any problem
@@ -118,12 +118,16 @@ class Volume:
 
 
 def load_volume(path: str | os.PathLike) -> Volume:
-    """Reads a NIfTI file or a DICOM series folder; raises :class:`VolumeError` on bad input."""
+    """Reads a NIfTI file, an NRRD file (``.nrrd``/``.nhdr``) or a DICOM series folder; raises
+    :class:`VolumeError` on bad input."""
     path = pathlib.Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
     if path.is_dir():
         data, affine_ras = read_dicom_series(path)
+        return _make_volume(data, affine_ras, path)
+    if path.suffix.lower() in (".nrrd", ".nhdr"):
+        data, affine_ras = read_nrrd(path)
         return _make_volume(data, affine_ras, path)
     if _is_dicom_file(path):
         raise VolumeError(f"{path}: a single DICOM file is one slice; give the folder of the whole series")
@@ -206,6 +210,54 @@ def _make_volume(data: np.ndarray, affine: np.ndarray, path) -> Volume:
         source_orientation=source_orientation,
         path=str(path),
     )
+
+
+# NRRD world spaces (the 'space' field) -> sign flips to RAS.
+_NRRD_SPACES = {
+    "right-anterior-superior": (1.0, 1.0, 1.0), "ras": (1.0, 1.0, 1.0),
+    "left-posterior-superior": (-1.0, -1.0, 1.0), "lps": (-1.0, -1.0, 1.0),
+    "left-anterior-superior": (-1.0, 1.0, 1.0), "las": (-1.0, 1.0, 1.0),
+}
+
+
+def read_nrrd(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a 3D NRRD file (pynrrd) -> (float32 voxels [i, j, k] in file axis order, 4x4 RAS affine).
+
+    The affine comes from ``space directions`` (one row per axis: that axis's step vector) and
+    ``space origin`` in the file's ``space`` (RAS, LPS or LAS), flipped to RAS. Files without that
+    geometry, with non-spatial axes (vectors, time) or another space are refused. Values are taken
+    as stored (NRRD has no rescale slope; CT is stored in HU).
+    """
+    import nrrd  # pynrrd; only where NRRD is read
+
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as err:
+        raise VolumeError(f"{path}: not a readable NRRD file ({type(err).__name__}: {err})") from err
+    sizes = tuple(int(n) for n in header.get("sizes", ()))
+    _check_shape(sizes, path)
+    if int(header.get("dimension", len(sizes))) != 3:
+        raise VolumeError(f"{path}: {header.get('dimension')}D NRRD of sizes {sizes}; one 3D volume expected")
+    space = str(header.get("space", "")).lower()
+    if space not in _NRRD_SPACES or "space directions" not in header:
+        raise VolumeError(f"{path}: NRRD without a patient space and space directions (space {space or None!r}); "
+                          "its voxel geometry is unknown")
+    directions = np.asarray(header["space directions"], dtype=np.float64)
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    if directions.shape != (3, 3) or origin.shape != (3,):
+        raise VolumeError(f"{path}: NRRD space directions {directions.tolist()} are not three 3D vectors "
+                          "(non-spatial axes are not supported)")
+    try:
+        data, _ = nrrd.read(str(path))
+    except Exception as err:
+        raise VolumeError(f"{path}: voxel data cannot be read, file truncated or corrupt "
+                          f"({type(err).__name__}: {err})") from err
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: voxel type {data.dtype} is not a scalar intensity")
+    affine = np.eye(4)
+    affine[:3, :3] = directions.T  # column i: the step of axis i
+    affine[:3, 3] = origin
+    return np.asarray(data, dtype=np.float32), np.diag([*_NRRD_SPACES[space], 1.0]) @ affine
 
 
 def read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
