@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -83,6 +84,42 @@ def test_preprocess_mask_samples_the_volume_grid():
     pad = np.ones(out.shape, bool)
     pad[region] = False
     assert pad.any() and not out[pad].any()  # padding is background
+
+
+def test_load_mask_accepts_the_same_grid_and_refuses_others(tmp_path):
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "v.nii"))
+    volume = preprocess.load_volume(tmp_path / "v.nii")
+    labels = (data % 3).astype(np.uint8)
+
+    def save(name, arr, aff=affine):
+        nib.save(nib.Nifti1Image(arr, aff), str(tmp_path / name))
+        return tmp_path / name
+
+    lps = affine.copy()  # the same physical grid stored LPS: accepted, same canonical labels
+    lps[:2, :2] *= -1
+    lps[:2, 3] = [(6 - 1) * 2.0, (5 - 1) * 2.0]
+    np.testing.assert_array_equal(masks.load_mask(save("lps.nii", labels[::-1, ::-1].copy(), lps), volume), labels)
+    nudged = affine.copy()
+    nudged[0, 3] += 0.05 * 2.0  # within a tenth of a voxel
+    np.testing.assert_array_equal(masks.load_mask(save("ok.nii", labels, nudged), volume), labels)
+    moved = affine.copy()
+    moved[2, 3] += 0.5  # a sixth of a 3 mm voxel
+    for name, arr, aff, reason in [
+            ("moved.nii", labels, moved, "mask affine does not match"),
+            ("half.nii", labels.astype(np.float32) / 2, affine, "non-integer"),
+            ("shape.nii", labels[:, :, :3].copy(), affine, "mask shape (6, 5, 3) (RAS) does not match")]:
+        with pytest.raises(preprocess.VolumeError, match=re.escape(reason)):
+            masks.load_mask(save(name, arr, aff), volume)
+    with pytest.raises(preprocess.VolumeError, match=r"labels \[2\] that are not in the class table"):
+        masks.load_mask(tmp_path / "ok.nii", volume, {0: "background", 1: "a"})
+    with pytest.raises(preprocess.VolumeError, match="mask is a folder"):
+        masks.load_mask(tmp_path, volume)
+    (tmp_path / "c.json").write_text(json.dumps({"classes": {"1": "a"}}))
+    with pytest.raises(ValueError, match="no index 0"):
+        masks.read_class_table(tmp_path / "c.json")
+    assert masks.mask_dtype({0: "b", 255: "x"}) == np.uint8 and masks.mask_dtype({0: "b", 256: "x"}) == np.int16
 
 
 def _write(out, num, masks_flag):
