@@ -244,8 +244,18 @@ class ViT3D(nnx.Module):
             return x
         return (x.astype(jnp.float32) - cfg.input_mean) * (1.0 / cfg.input_std)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> dict:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None,
+                 hidden_layers: tuple[int, ...] = ()) -> dict:
+        """``hidden_layers``: 0-based block indices whose outputs (before the final LayerNorm, CLS
+        token removed, ``[B, N, width]``) are returned under ``"hidden"`` in that order (MONAI
+        ``ViT``'s ``hidden_states_out[i]``; the UNETR decoder reads them). Empty (default): no
+        ``"hidden"`` key, the outputs are unchanged. With ``scan_layers`` every block's output is
+        stacked by the scan (``depth`` x one activation) and the requested ones are picked."""
         cfg = self.cfg
+        hidden_layers = tuple(int(i) for i in hidden_layers)
+        for i in hidden_layers:
+            if not 0 <= i < cfg.depth:
+                raise ValueError(f"ViT3D hidden_layers: block {i} out of range for depth {cfg.depth}")
         tokens, grid = self.patchify(self.standardise(x).astype(self.dtype))
         b, n, _ = tokens.shape
         tokens = tokens + self.position_table(grid)[None]
@@ -258,13 +268,35 @@ class ViT3D(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b, 1, cfg.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
         forward = layers.maybe_remat(_block_forward, cfg.remat)
-        tokens = layers.apply_layer_stack(forward, self.blocks, tokens, scanned=cfg.scan_layers)
+        hidden = None
+        if not hidden_layers:
+            tokens = layers.apply_layer_stack(forward, self.blocks, tokens, scanned=cfg.scan_layers)
+        elif cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: layers.LAYERS_AXIS})
+            def run(layer, carry):
+                y = forward(layer, carry)
+                return y, y
+
+            tokens, stacked = run(self.blocks, tokens)
+            hidden = [stacked[i] for i in hidden_layers]
+        else:
+            outs = []
+            for block in self.blocks:
+                tokens = forward(block, tokens)
+                outs.append(tokens)
+            hidden = [outs[i] for i in hidden_layers]
         tokens = self.norm(tokens)
         if cfg.pool == "cls":
             pooled, tokens = tokens[:, 0], tokens[:, 1:]
+            if hidden is not None:
+                hidden = [h[:, 1:] for h in hidden]
         else:
             pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
-        return {"pooled": pooled, "tokens": tokens, "token_index": token_index, "grid": grid}
+        out = {"pooled": pooled, "tokens": tokens, "token_index": token_index, "grid": grid}
+        if hidden is not None:
+            out["hidden"] = tuple(hidden)
+        return out
 
 
 def _dropout_key(rngs) -> jax.Array:

@@ -1,0 +1,63 @@
+r"""Segmentation fine-tuning: the `segmentation` task (t3d_jax/tasks/segmentation.py) on a
+pretraining's image encoder, or from scratch.
+
+  python launch/train.py --config=configs/finetune_seg.py:tiny|demo --workdir runs/seg_demo
+  python launch/train.py --config=configs/finetune_seg.py:demo,frozen ...   # decoder only
+
+`:VARIANT[,MODE]`: the variants of configs/common.py; MODE as configs/finetune_cls.py (full |
+frozen | layer_decay). The decoder is UNETR for `model.image.name = "vit3d"` and a U-Net decoder
+for "resnet3d" (t3d_jax/models/seg_decoders.py); `model.seg.num_classes` counts the background
+(class 0). The loss is Dice + cross-entropy (MONAI's DiceCELoss: softmax, one-hot labels;
+`loss.dice_include_background`, `loss.dice_batch`, `loss.lambda_dice`, `loss.lambda_ce`).
+`init_from.checkpoint_params = ("image_encoder",)` reads only a pretraining's image encoder;
+the decoder starts fresh. The batch holds `views` and `masks` (the records' label maps, cropped
+with the views' boxes: the data side of issue 12). docs/segmentation.md has the details.
+"""
+
+import os
+
+import ml_collections
+
+from configs import common, finetune_cls
+
+DEMO_PRETRAINING = finetune_cls.DEMO_PRETRAINING
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    variant, _, mode = (arg or "demo").partition(",")
+    c = common.get_config(variant or "demo", config_file="configs/finetune_seg.py")
+    c.task = "segmentation"
+    c.model.name = "segmentation"
+    c.data.num_views = 1
+    c.model.image.patch_dropout = 0.0  # UNETR reads every token
+    c.model.seg = ml_collections.ConfigDict({
+        "num_classes": 2,  # background included; set to the data's class table
+        "feature_size": 16,  # decoder channels at full resolution (x2 per level)
+        "norm": "instance",  # instance (MONAI UNETR's) | group
+        "norm_groups": 8,
+        "hidden_layers": (),  # UNETR skip blocks (0-based); () = evenly spaced (MONAI's 3, 6, 9 for ViT-B/16)
+    })
+    c.loss.dice_include_background = True
+    c.loss.dice_batch = False
+    c.loss.lambda_dice = 1.0
+    c.loss.lambda_ce = 1.0
+    c.optim.lr_multipliers = ml_collections.ConfigDict({"image": 1.0, "decoder": 1.0})
+    c.init_from.checkpoint_params = ("image_encoder",)
+    finetune_cls.apply_mode(c, mode or "full")
+    if c.variant == "tiny":
+        c.model.seg.feature_size = 4
+        c.train.global_batch_size = 8
+        c.train.num_steps = 4
+        c.checkpoint.every_steps = 4
+    elif c.variant == "demo":
+        c.model.seg.feature_size = 8
+        if os.path.isdir(DEMO_PRETRAINING):
+            c.init_from.checkpoint = DEMO_PRETRAINING
+        c.train.global_batch_size = 8
+        c.train.num_steps = 300
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 30
+        c.checkpoint.every_steps = c.train.num_steps
+    elif c.variant == "base":
+        c.model.seg.feature_size = 16
+    return c
