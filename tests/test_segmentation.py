@@ -228,6 +228,35 @@ def test_decoder_shapes_unetr_anisotropic_and_resnet_odd_size(tiny_vit):
                         DecoderConfig(), rngs=nnx.Rngs(1))
 
 
+class _VoxelModel(nnx.Module):
+    """A stand-in segmentation model (per-voxel linear logits plus a position term, so windows
+    differ): the plumbing of predict_volume without compiling a UNETR (tested above and below)."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray([[1.0, -1.0, 0.5]]))
+
+    def logits(self, x, *, deterministic=True):
+        ramp = jnp.arange(x.shape[1], dtype=jnp.float32)[None, :, None, None, None] * 0.2
+        return x * self.w[...] + ramp * jnp.asarray([0.0, 1.0, -1.0])
+
+
+def test_predict_volume_of_any_size():
+    """A model's whole-volume prediction by sliding windows: a volume larger than the window in
+    x/y and smaller in z; a window-sized volume gives the model's own softmax."""
+    net = _VoxelModel()
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(20, 17, 6, 1)).astype(np.float32)
+    labels = seg_eval.predict_volume(net, vol, (16, 16, 8), sw_batch_size=2)
+    probs = seg_eval.predict_volume(net, vol, (16, 16, 8), sw_batch_size=2, probabilities=True)
+    assert labels.shape == (20, 17, 6) and labels.dtype == np.int32 and labels.max() < 3
+    np.testing.assert_array_equal(labels, probs.argmax(-1))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    one = rng.normal(size=(16, 16, 8, 1)).astype(np.float32)
+    probs = seg_eval.predict_volume(net, one, (16, 16, 8), sw_batch_size=2, probabilities=True)
+    direct = seg_eval.window_predictor(net)(np.stack([one, one]))[0]
+    np.testing.assert_allclose(probs, direct, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ task
 def test_segmentation_task_trains_through_the_step_and_overfits():
     """configs/finetune_seg.py:tiny (UNETR on the tiny ViT) through the trainer's step builder on 8

@@ -11,6 +11,7 @@ NumPy / SciPy only (no torch); tests/test_segmentation.py checks each piece agai
   clamped below at max(its minimum, 1e-3); ``mode='constant'``: weight 1), summed, divided by the
   summed weights, and the padding cropped off. The predictor runs on ``sw_batch_size`` windows
   at once (the last call padded with repeats, so a jitted predictor compiles once).
+  :func:`predict_volume` runs a segmentation model's softmax through it and takes the argmax.
 * :func:`dice_per_class` = ``monai.metrics.DiceMetric(include_background=True,
   reduction='none', ignore_empty=True)`` on one-hot label maps: 2|P∩G| / (|P| + |G|); a class
   absent from the ground truth gives NaN (ignored by the nan-means), present in the ground truth
@@ -122,6 +123,31 @@ def sliding_window_inference(volume: np.ndarray, roi_size: Sequence[int], predic
     out = out[:, pads[0][0]:pads[0][0] + shape[0], pads[1][0]:pads[1][0] + shape[1],
               pads[2][0]:pads[2][0] + shape[2]]
     return out[0] if squeeze else out
+
+
+def window_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+    """``windows [n, *roi, C] -> softmax probabilities [n, *roi, K]`` of a segmentation model
+    (``model.logits``, deterministic), jitted once per window shape."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    fn = nnx.jit(lambda m, x: jax.nn.softmax(m.logits(x, deterministic=True), axis=-1))
+    return lambda windows: np.asarray(fn(model, jnp.asarray(windows, jnp.float32)))
+
+
+def predict_volume(model, volume: np.ndarray, roi_size: Sequence[int], *, overlap: float = 0.5,
+                   sigma_scale: float = 0.125, sw_batch_size: int = 4, cval: float = 0.0,
+                   probabilities: bool = False) -> np.ndarray:
+    """Labels ``[X, Y, Z]`` int32 (argmax; ``probabilities=True``: the averaged softmax
+    ``[X, Y, Z, K]``) of one model-input volume ``[X, Y, Z, C]`` of any size, by Gaussian-weighted
+    sliding windows of ``roi_size`` (the training ``data.view_size``). ``cval`` pads a volume
+    smaller than the window, in model-input units (0 = -1000 HU under the "unit" scaling of a
+    [-1000, ...] window, 0 HU under "hu/1000")."""
+    probs = sliding_window_inference(volume, roi_size, window_predictor(model), overlap=overlap,
+                                     sigma_scale=sigma_scale, mode="gaussian", sw_batch_size=sw_batch_size,
+                                     cval=cval)
+    return probs if probabilities else np.argmax(probs, axis=-1).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------ metrics
