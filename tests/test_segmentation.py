@@ -175,15 +175,19 @@ def tiny_vit():
 
 def test_vit_hidden_states_leave_outputs_unchanged_scan_too(tiny_vit):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 8, 1)), jnp.float32)
-    scanned = ViT3D(dataclasses.replace(tiny_vit.cfg, scan_layers=True), rngs=nnx.Rngs(0))
-    for vit in (tiny_vit, scanned):
-        plain, with_hidden = vit(x), vit(x, hidden_layers=(0, 2))
-        assert "hidden" not in plain and len(with_hidden["hidden"]) == 2
-        assert with_hidden["hidden"][0].shape == plain["tokens"].shape
-        np.testing.assert_allclose(plain["tokens"], with_hidden["tokens"], atol=1e-6)
-        np.testing.assert_allclose(vit.norm(with_hidden["hidden"][1]), plain["tokens"], atol=1e-5)
+    plain, with_hidden = tiny_vit(x), tiny_vit(x, hidden_layers=(0, 2))
+    assert "hidden" not in plain and len(with_hidden["hidden"]) == 2
+    assert with_hidden["hidden"][0].shape == plain["tokens"].shape
+    np.testing.assert_allclose(plain["tokens"], with_hidden["tokens"], atol=1e-6)
+    np.testing.assert_allclose(tiny_vit.norm(with_hidden["hidden"][1]), plain["tokens"], atol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         tiny_vit(x, hidden_layers=(3,))
+    # scan_layers: the scan stacks each block's output; the last one, normed, is the output tokens
+    scanned = ViT3D(dataclasses.replace(tiny_vit.cfg, scan_layers=True), rngs=nnx.Rngs(0))
+    out = scanned(x, hidden_layers=(0, 2))
+    assert [h.shape for h in out["hidden"]] == [out["tokens"].shape] * 2
+    np.testing.assert_allclose(scanned.norm(out["hidden"][1]), out["tokens"], atol=1e-5)
+    assert not np.allclose(out["hidden"][0], out["hidden"][1])
 
 
 def test_decoder_shapes_unetr_anisotropic_and_resnet_odd_size(tiny_vit):
@@ -258,11 +262,23 @@ def test_predict_volume_of_any_size():
 
 
 # ------------------------------------------------------------------------------ task
+def test_finetune_seg_configs():
+    tiny, frozen, decay = (finetune_seg.get_config(a) for a in ("tiny", "demo,frozen", "base,layer_decay"))
+    assert (tiny.task, tiny.model.image.patch_dropout, tiny.data.num_views) == ("segmentation", 0.0, 1)
+    assert tiny.init_from.checkpoint_params == ("image_encoder",) and tiny.model.seg.num_classes == 2
+    assert (tiny.loss.dice_include_background, tiny.loss.lambda_dice, tiny.loss.lambda_ce) == (True, 1.0, 1.0)
+    assert frozen.optim.freeze == ("^image_encoder/",) and decay.optim.layer_decay == 0.75
+    assert decay.model.image.patch_size == (16, 16, 8)  # UNETR strides (2,2,2) x3 then (2,2,1)
+    with pytest.raises(ValueError, match="unknown mode"):
+        finetune_seg.get_config("tiny,partial")
+
+
+
 def test_segmentation_task_trains_through_the_step_and_overfits():
-    """configs/finetune_seg.py:tiny (UNETR on the tiny ViT) through the trainer's step builder on 8
-    devices, at 8^3 views with patch 4 to keep the compile short: the encoder gets gradients (its
-    parameters move) and a fixed batch of ball masks is fitted (soft-Dice term ~0.45 -> < 0.3 in
-    12 steps)."""
+    """configs/finetune_seg.py:tiny (UNETR on the tiny ViT) through the trainer's step builder, at
+    8^3 views with patch 4 and on a one-device mesh to keep the compile short (the 8-device mesh
+    passes too and compiles ~1.6x longer): the encoder gets gradients (its parameters move) and a
+    fixed batch of ball masks is fitted (soft-Dice term ~0.45 -> < 0.3 in 12 steps)."""
     config = finetune_seg.get_config("tiny")
     spec = tasks.get_task(config).batch_spec()
     assert spec["views"].shape == (8, 1, 16, 16, 16, 1) and spec["masks"].shape == (8, 1, 16, 16, 16)
@@ -281,7 +297,8 @@ def test_segmentation_task_trains_through_the_step_and_overfits():
     views = (masks + 0.3 * rng.normal(size=masks.shape)).astype(np.float32)
     batch = {"views": views[:, None, ..., None], "masks": masks[:, None]}
 
-    mesh = mesh_lib.make_mesh(config.mesh)
+    config.mesh.shape = (1, 1)
+    mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         program = step_lib.make_train_program(config, mesh)
         state = program.init()
