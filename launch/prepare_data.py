@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", required=True, help="CSV or JSONL: id, volume, report[, split, labels...]")
     parser.add_argument("--out", required=True, help="output folder (shards, dataset.json, errors.jsonl)")
     parser.add_argument("--config", default=None, help="configs/t3d.py:VARIANT (default: configs/t3d.py:demo)")
-    parser.add_argument("--preset", default=None, help="demo | ct_clip | merlin | fvlm | hlip | m3d")
+    parser.add_argument("--preset", default=None, help="demo | ct_clip | ct_clip_320 | merlin | fvlm | hlip | m3d")
     parser.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: bundled bert-base-uncased)")
     case = parser.add_mutually_exclusive_group()
     case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None)

@@ -197,6 +197,9 @@ def test_m3d_resizes_whole_volume_and_min_max_scales():
 
 def test_presets_match_design_table():
     assert P.PRESETS["ct_clip"] == Preset("ct_clip", (0.75, 0.75, 1.5), (-1000, 1000), (480, 480, 240), "hu/1000")
+    small = P.PRESETS["ct_clip_320"]  # the same 360 mm field on a 320 x 320 x 160 grid
+    assert small.size == (320, 320, 160) and small.window == (-1000, 1000) and small.scaling == "hu/1000"
+    assert [s * n for s, n in zip(small.spacing, small.size)] == [360.0, 360.0, 360.0]
     assert P.PRESETS["merlin"].spacing == (1.5, 1.5, 3.0) and P.PRESETS["merlin"].size == (224, 224, 160)
     for name in ("fvlm", "hlip"):
         assert P.PRESETS[name].spacing == (1.0, 1.0, 3.0) and P.PRESETS[name].window == (-1150, 350)
