@@ -211,6 +211,9 @@ def test_prepare_makes_the_tasks_batch_with_views_sharded_over_the_batch():
     assert {s.data.shape[0] for s in out["views"].addressable_shards} == {1}  # one example per device
     np.testing.assert_allclose(np.asarray(out["views"]), dv.host_reference(batch, (16, 16, 16)), rtol=0,
                                atol=parity_atol(batch["volume"], batch["intensity"]))
+    masks = dict(task_spec, masks=jax.ShapeDtypeStruct((8, 2, 16, 16, 16), np.int32))  # segmentation
+    with pytest.raises(UserValueError, match=r"per-view \['masks'\].*views_on='host'"):
+        dv.input_spec(c, masks)
     c.data.views_on = "host"
     assert dv.input_spec(c, task_spec) == task_spec
     assert step_lib.make_prepare(c, task_spec, {}, {})(batch) is batch

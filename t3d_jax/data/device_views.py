@@ -81,6 +81,11 @@ def input_spec(config, task_spec: dict[str, jax.ShapeDtypeStruct]) -> dict[str, 
     if task_spec["views"].shape[-1] != 1:
         raise UserValueError("config.data.views_on='device' makes one-channel views; "
                              f"the task's views are {task_spec['views'].shape}")
+    per_view = sorted(k for k, s in task_spec.items()
+                      if k not in ("views", "boxes") and len(s.shape) > 2 and tuple(s.shape[:2]) == (b, v))
+    if per_view:  # e.g. segmentation masks, cut with each view's box on the host
+        raise UserValueError(f"config.data.views_on='device' makes only the views; this task's batch also "
+                             f"has per-view {per_view}, which the host cuts: use data.views_on='host'")
     spec = {k: s for k, s in task_spec.items() if k != "views"}
     spec.update(
         volume=jax.ShapeDtypeStruct((b, *stored_size(config)), jnp.int16),
