@@ -42,6 +42,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.data.intensity_jitter = 0.05  # +- scale and shift of model-input intensities
     c.data.noise_std = 0.02
     c.data.flip_lr = False  # reports name sides; no left-right flips by default
+    # Add each view's label map (`masks`, cut with the view's box) to the training batch: the
+    # records need a mask (manifest `mask` column); configs/finetune_seg.py turns it on.
+    c.data.masks = False
     # Report augmentation in training (t3d_jax/data/report_augment.py): drop each sentence with
     # this probability (at least one kept) and/or shuffle the kept sentences.
     c.data.report_sentence_drop = 0.0

@@ -29,6 +29,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.task = "segmentation"
     c.model.name = "segmentation"
     c.data.num_views = 1
+    c.data.masks = True  # the batch's `masks`: the records' label maps cut with the views' boxes
     c.model.image.patch_dropout = 0.0  # UNETR reads every token
     c.model.seg = ml_collections.ConfigDict({
         "num_classes": 2,  # background included; set to the data's class table

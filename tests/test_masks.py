@@ -323,3 +323,34 @@ def test_real_nrrd_lesion_mask_stays_aligned(tmp_path, pyradiomics_lung2, bert_v
     out_ml = (rec["mask"] == 1).sum() * 5 / 1000
     assert abs(out_ml - src_ml) <= 0.05 * src_ml, (src_ml, out_ml)
     assert rec["source_orientation"] == "LPS"
+
+
+def test_training_batch_cuts_each_views_mask_with_its_box(tmp_path, bert_vocab):
+    """data.masks: the pipeline's `masks` are the record's label map cut with each view's own
+    box (crop_mask), and the views are the same as without masks (no extra random draw)."""
+    import ml_collections
+
+    from t3d_jax.data import pipeline, views
+
+    manifest = _write(tmp_path / "raw", 2, True)
+    out = tmp_path / "prep"
+    prepare.prepare_dataset(manifest, out, preset="demo", vocab=bert_vocab, max_len=32, workers=0, progress=False)
+    split = next(iter(shards.read_dataset_json(out)["splits"]))
+    cfg = ml_collections.ConfigDict({"dir": str(out), "num_views": 2, "view_size": (16, 16, 16), "crop_min": 0.5,
+                                     "crop_max": 1.0, "intensity_jitter": 0.0, "noise_std": 0.0, "flip_lr": True})
+    options = views.ViewOptions.from_config(cfg)
+    source = pipeline.open_split(out, split)
+    record = pipeline._decode(source[0], "test")
+    with_masks = pipeline.TrainExample(options, seed=5, masks=True).map_with_index(7, source[0])
+    plain = pipeline.TrainExample(options, seed=5).map_with_index(7, source[0])
+    np.testing.assert_array_equal(with_masks["views"], plain["views"])
+    assert with_masks["masks"].shape == (2, 16, 16, 16) and with_masks["masks"].dtype == np.int32
+    for v in range(2):
+        expected = [masks.crop_mask(m, with_masks["boxes"][v], (16, 16, 16))
+                    for m in (record["mask"], record["mask"][::-1])]
+        assert any(np.array_equal(with_masks["masks"][v], e) for e in expected)  # as drawn, or mirrored with the view
+        lungs = np.isin(with_masks["masks"][v], (1, 2))
+        if lungs.sum() > 20:  # the labels sit on the view's own voxels: lung is dark there
+            assert with_masks["views"][v, ..., 0][lungs].mean() < with_masks["views"][v, ..., 0][~lungs].mean()
+    with pytest.raises(ValueError, match="data.masks needs data.views_on='host'"):
+        pipeline.TrainExample(options, seed=5, masks=True, views_on="device")

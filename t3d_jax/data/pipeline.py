@@ -194,8 +194,11 @@ class TrainExample(grain.transforms.MapWithIndex):
     added."""
 
     def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None,
-                 views_on: str = "host", stored_shape: tuple[int, int, int] | None = None):
+                 views_on: str = "host", stored_shape: tuple[int, int, int] | None = None, masks: bool = False):
         self.options = options
+        self.masks = bool(masks)  # data.masks: add each view's labels (`masks`), cut like the view
+        if self.masks and views_on != "host":
+            raise ValueError("data.masks needs data.views_on='host': the host cuts the masks with the views' boxes")
         self.seed = int(seed)
         self.features = features
         self.report_aug = report_aug or ReportAugment()
@@ -212,7 +215,14 @@ class TrainExample(grain.transforms.MapWithIndex):
         # A fresh generator keyed by (seed, global index): independent of who computes it.
         rng = np.random.default_rng((self.seed, int(index)))
         scale, offset = float(record["intensity_scale"]), float(record["intensity_offset"])
-        if self.views_on == "host":
+        if self.views_on == "host" and self.masks:
+            if "mask" not in record:
+                raise ValueError(f"training element {index} (record {record.get('id', '?')!r}) has no mask, but "
+                                 "data.masks is on (a segmentation task): give every training row of the "
+                                 "manifest a `mask` (docs/data.md, Masks)")
+            views, boxes, masks = make_views(record["volume"], scale, offset, rng, self.options, mask=record["mask"])
+            example = {"views": views, "boxes": boxes, "masks": masks}
+        elif self.views_on == "host":
             views, boxes = make_views(record["volume"], scale, offset, rng, self.options)
             example = {"views": views, "boxes": boxes}
         else:  # the accelerator makes the views (t3d_jax.data.device_views)
@@ -394,7 +404,8 @@ def train_dataset(
     if features is not None:
         ds = ds.map_with_index(WithPosition(len(source), positions))
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape))
+    ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape,
+                                        masks=bool(cfg_get(data_config, "masks", False))))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from t3d_jax.data.masks import crop_mask
+
 
 @dataclasses.dataclass(frozen=True)
 class ViewOptions:
@@ -137,7 +139,8 @@ def make_views(
     intensity_offset: float,
     rng: np.random.Generator,
     options: ViewOptions,
-) -> tuple[np.ndarray, np.ndarray]:
+    mask: np.ndarray | None = None,
+):
     """Draws ``options.num_views`` augmented views of one stored volume.
 
     Each view: a random crop box, linear resampling to ``view_size``, conversion to model
@@ -146,12 +149,21 @@ def make_views(
     *before* cropping, so all its views share one frame and the boxes stay consistent
     with each other (they are then fractions of the mirrored volume).
 
+    With ``mask`` (the record's label map, on the stored grid) each view's labels are cut with
+    the same mirroring and box (`t3d_jax.data.masks.crop_mask`: the nearest stored voxel at the
+    view's sample positions); no random number is drawn for it, so the views are the same with
+    or without a mask.
+
     Returns:
-      views float32 [V, X, Y, Z, 1] and boxes float32 [V, 2, 3].
+      views float32 [V, X, Y, Z, 1] and boxes float32 [V, 2, 3]; with ``mask`` also the views'
+      labels int32 [V, X, Y, Z].
     """
     _check_volume(volume)
+    if mask is not None and np.shape(mask) != np.shape(volume):
+        raise ValueError(f"mask shape {np.shape(mask)} differs from the volume's {np.shape(volume)}")
     if options.flip_lr and rng.random() < 0.5:
         volume = volume[::-1]
+        mask = None if mask is None else mask[::-1]
     boxes = sample_boxes(rng, options.num_views, options.crop_min, options.crop_max)
     views = np.empty((options.num_views, *options.view_size, 1), dtype=np.float32)
     jitter = options.intensity_jitter
@@ -164,7 +176,10 @@ def make_views(
         if options.noise_std > 0:
             view += rng.standard_normal(size=view.shape, dtype=np.float32) * np.float32(options.noise_std)
         views[v, ..., 0] = view
-    return views, boxes
+    if mask is None:
+        return views, boxes
+    masks = np.stack([crop_mask(mask, boxes[v], options.view_size) for v in range(options.num_views)])
+    return views, boxes, masks.astype(np.int32)
 
 
 VIEWS_ON = ("host", "device")
