@@ -36,26 +36,33 @@ EXAMPLE_CT_SHA256 = "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180c
 _REF = "totalsegmentator-2.18.0/tests/reference_files"
 
 
+def fetch_sdist(requirement: str, filename: str, sha256: str) -> pathlib.Path:
+    """The source distribution of ``requirement`` (pinned) in CACHE, downloaded with pip from the
+    registry once and checked against ``sha256``; a failed download skips locally, fails in CI."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / filename
+    if not sdist.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement,
+               "-d", str(CACHE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not sdist.exists():
+            msg = f"could not fetch {requirement} sdist from the registry: {proc.stderr[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+    digest = sha256_file(sdist)
+    if digest != sha256:
+        pytest.fail(f"{sdist}: sha256 {digest} != expected {sha256}")
+    return sdist
+
+
 def _fetch_totalseg() -> pathlib.Path:
     """Downloads the sdist with pip (a registry package) once, checks it, extracts the CT files."""
     root = CACHE / "totalsegmentator-2.18.0"
     marker = root / ".extracted"
     if marker.exists():
         return CACHE / _REF
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / TOTALSEG_SDIST
-    if not sdist.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "totalsegmentator==2.18.0", "-d", str(CACHE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not sdist.exists():
-            msg = f"could not fetch totalsegmentator==2.18.0 sdist from the registry: {proc.stderr[-500:]}"
-            if os.environ.get("CI"):
-                pytest.fail(msg)
-            pytest.skip(msg)
-    digest = sha256_file(sdist)
-    if digest != TOTALSEG_SDIST_SHA256:
-        pytest.fail(f"{sdist}: sha256 {digest} != expected {TOTALSEG_SDIST_SHA256}")
+    sdist = fetch_sdist("totalsegmentator==2.18.0", TOTALSEG_SDIST, TOTALSEG_SDIST_SHA256)
     members = (f"{_REF}/aorta_report/example_ct.nii.gz", f"{_REF}/example_ct_dicom/")
     with tarfile.open(sdist) as tar:
         picked = [m for m in tar.getmembers() if m.name.startswith(members)]
@@ -110,20 +117,7 @@ def pyradiomics_lung2() -> dict[str, pathlib.Path]:
     files = {"image": root / "lung2_image.nrrd", "label": root / "lung2_label.nrrd"}
     if all(f.exists() for f in files.values()):
         return files
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / PYRADIOMICS_SDIST
-    if not sdist.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "pyradiomics==3.0.1", "-d", str(CACHE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not sdist.exists():
-            msg = f"could not fetch pyradiomics==3.0.1 sdist from the registry: {proc.stderr[-500:]}"
-            if os.environ.get("CI"):
-                pytest.fail(msg)
-            pytest.skip(msg)
-    digest = sha256_file(sdist)
-    if digest != PYRADIOMICS_SDIST_SHA256:
-        pytest.fail(f"{sdist}: sha256 {digest} != expected {PYRADIOMICS_SDIST_SHA256}")
+    sdist = fetch_sdist("pyradiomics==3.0.1", PYRADIOMICS_SDIST, PYRADIOMICS_SDIST_SHA256)
     with tarfile.open(sdist) as tar:
         picked = [tar.getmember(f"pyradiomics-3.0.1/data/{f.name}") for f in files.values()]
         tar.extractall(CACHE, members=picked, filter="data")
