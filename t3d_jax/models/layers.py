@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from t3d_jax.models import attention as attention_lib
@@ -137,6 +138,16 @@ def _fan_aware(init: Initializer, n_in: int) -> Initializer:
             fan_out *= s
         return init(key, (fan_in, fan_out), dtype).reshape(shape)
     return wrapped
+
+
+def triple(v) -> tuple[int, int, int]:
+    """An int, or 3 ints, as a 3-tuple (per-axis sizes: patches, kernels, strides)."""
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * 3
+    v = tuple(int(a) for a in v)
+    if len(v) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {v}")
+    return v
 
 
 class LayerNorm(nnx.Module):

@@ -71,15 +71,6 @@ NORMS = ("batch", "group")
 SHORTCUTS = ("A", "B")
 
 
-def _triple(v) -> tuple[int, int, int]:
-    if isinstance(v, (int, np.integer)):
-        return (int(v),) * 3
-    v = tuple(int(a) for a in v)
-    if len(v) != 3:
-        raise ValueError(f"expected an int or 3 ints, got {v}")
-    return v
-
-
 @dataclasses.dataclass(frozen=True)
 class ResNet3DConfig:
     """Hyperparameters of :class:`ResNet3D`; ``from_config`` reads ``config.model.image``
@@ -104,8 +95,8 @@ class ResNet3DConfig:
     param_dtype: Any = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "conv1_size", _triple(self.conv1_size))
-        object.__setattr__(self, "conv1_stride", _triple(self.conv1_stride))
+        object.__setattr__(self, "conv1_size", layers.triple(self.conv1_size))
+        object.__setattr__(self, "conv1_stride", layers.triple(self.conv1_stride))
         if self.arch not in ARCHS:
             raise ValueError(f"unknown ResNet arch {self.arch!r}; choose one of {sorted(ARCHS)}")
         if self.norm not in NORMS:
@@ -153,7 +144,7 @@ class ResNet3DConfig:
     def grid(self, image_size) -> tuple[int, int, int]:
         """The token grid of an input of ``image_size`` voxels (exact conv/pool arithmetic)."""
         out = []
-        for n, k, s in zip(_triple(image_size), self.conv1_size, self.conv1_stride):
+        for n, k, s in zip(layers.triple(image_size), self.conv1_size, self.conv1_stride):
             n = (n + 2 * (k // 2) - k) // s + 1
             if not self.no_max_pool:
                 n = (n + 2 - 3) // 2 + 1
@@ -193,9 +184,9 @@ class Conv3D(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size, *, stride=1, padding=0,
                  use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel_size = _triple(kernel_size)
-        self.stride = _triple(stride)
-        self.padding = _triple(padding)
+        self.kernel_size = layers.triple(kernel_size)
+        self.stride = layers.triple(stride)
+        self.padding = layers.triple(padding)
         self.dtype = layers.as_dtype(dtype)
         self.kernel = layers.param(rngs, kaiming_normal_fan_out, (*self.kernel_size, in_features, out_features),
                                    (None, None, None, "conv_in", "conv_out"), param_dtype)

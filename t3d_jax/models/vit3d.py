@@ -45,15 +45,6 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def _triple(v) -> tuple[int, int, int]:
-    if isinstance(v, int):
-        return (v, v, v)
-    v = tuple(int(a) for a in v)
-    if len(v) != 3:
-        raise ValueError(f"expected an int or 3 ints, got {v}")
-    return v
-
-
 @dataclasses.dataclass(frozen=True)
 class ViT3DConfig:
     """Hyperparameters of :class:`ViT3D`; ``from_config`` reads ``config.model.image``."""
@@ -82,8 +73,8 @@ class ViT3DConfig:
     param_dtype: Any = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "image_size", _triple(self.image_size))
-        object.__setattr__(self, "patch_size", _triple(self.patch_size))
+        object.__setattr__(self, "image_size", layers.triple(self.image_size))
+        object.__setattr__(self, "patch_size", layers.triple(self.patch_size))
         if self.pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
         if self.pool not in ("mean", "cls"):
