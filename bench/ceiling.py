@@ -23,7 +23,6 @@ encoder and budget reach when the labels themselves are the target.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -46,21 +45,14 @@ LR_C = 0.1  # inverse L2 strength of the baseline (features standardised)
 
 def load_config(spec: str, data_dir: str, steps: int | None, overrides: list[str]):
     """`configs/supervised.py:VARIANT` with data.dir, the step budget and dotted-key overrides."""
-    import importlib.util
+    from bench.compare_methods import apply_overrides, config_from_file  # the bench scripts' shared parts
 
     path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_ceiling_config", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--config: {path}: config file not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(variant or "demo")
+    config = config_from_file(path, variant or "demo")
     config.data.dir = str(data_dir)
     if steps is not None:
         config.train.num_steps = int(steps)
         config.checkpoint.every_steps = int(steps)
-    from bench.compare_methods import apply_overrides  # the bench scripts' one --set parser
-
     apply_overrides(config, overrides)
     return config
 
@@ -177,10 +169,9 @@ def main(argv=None) -> int:
     from t3d_jax.console import quiet_library_logs
 
     quiet_library_logs()
-    config = load_config(args.config, args.data, args.steps, args.set)
-    config.train.progress_bar = False
-    config.metrics.tensorboard = False
-    config.eval.evaluators = ()
+    from bench.compare_methods import quiet_training, write_json
+
+    config = quiet_training(load_config(args.config, args.data, args.steps, args.set))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ceiling_") as tmp:
         workdir = pathlib.Path(args.workdir or tmp)
@@ -190,9 +181,7 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"wall time {result['wall_seconds']:.0f} s (train {result['train_seconds']:.0f} s)")
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -56,6 +56,35 @@ def apply_overrides(config, overrides: list[str], flag: str = "--set"):
     return config
 
 
+def config_from_file(path: str, arg: str):
+    """`path`'s get_config(`arg`): a config file named by path (the bench scripts' --config),
+    loaded as a module; a missing file stops the script with its name."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_bench_config", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--config: {path}: config file not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def quiet_training(config):
+    """A bench's training run: no progress bar, no TensorBoard, no evaluators (the bench scores)."""
+    config.train.progress_bar = False
+    config.metrics.tensorboard = False
+    config.eval.evaluators = ()
+    return config
+
+
+def write_json(out, result: dict) -> pathlib.Path:
+    """`result` as indented JSON at `out` (folders made); NumPy scalars written as floats."""
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return out
+
+
 def load_config(task: str, variant: str, overrides: list[str]):
     """configs/<task>.py:<variant> (the config files are modules of the `configs` package),
     with KEY=VALUE overrides (`apply_overrides`)."""
@@ -156,9 +185,7 @@ def main(argv=None) -> int:
     result.update(variant=args.variant, seeds=args.seeds, overrides=overrides, runs=facts,
                   load_average=os.getloadavg())
     print(compare.format_comparison(result))
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
+    out = write_json(args.out, result)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

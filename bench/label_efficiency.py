@@ -29,7 +29,6 @@ and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -46,23 +45,16 @@ ARMS = ("pretrained", "scratch")
 
 def load_config(spec: str, data_dir: str, steps: int | None, mode: str, overrides: list[str]):
     """`configs/finetune_cls.py:VARIANT` in `mode`, with data.dir, the step budget and --set overrides."""
-    import importlib.util
+    from bench.compare_methods import apply_overrides, config_from_file  # the bench scripts' shared parts
 
     path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_label_efficiency_config", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--config: {path}: config file not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(f"{variant or 'demo'},{mode}")
+    config = config_from_file(path, f"{variant or 'demo'},{mode}")
     config.data.dir = str(data_dir)
     if steps is not None:
         config.train.num_steps = int(steps)
         config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(int(steps) // 10, 1))
     config.checkpoint.every_steps = int(config.train.num_steps)
     config.init_from.checkpoint = ""
-    from bench.compare_methods import apply_overrides  # the bench scripts' one --set parser
-
     apply_overrides(config, overrides)
     return config
 
@@ -206,9 +198,9 @@ def main(argv=None) -> int:
     quiet_library_logs()
     config = load_config(args.config, args.data, args.steps, args.mode,
                          [f"data.train_subset_seed={args.subset_seed}", *args.set])
-    config.train.progress_bar = False
-    config.metrics.tensorboard = False
-    config.eval.evaluators = ()
+    from bench.compare_methods import quiet_training, write_json
+
+    quiet_training(config)
     pretrained = pretrained_checkpoints(args.pretrained) if args.pretrained else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="label_efficiency_") as tmp:
@@ -220,9 +212,7 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"wall time {result['wall_seconds']:.0f} s")
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, result)}")
     return 0
 
 
