@@ -50,7 +50,8 @@ mean over the 128-padded key length (zero padding included) in 'pallas_tpu'; cuD
 for such a row is not checked here. The models never produce one: [CLS] is always a real token.
 
 XLA's cost analysis counts no FLOPs inside a Pallas kernel (a custom call without a cost
-estimate): FLOP figures of a 'pallas_tpu' compile leave the attention out.
+estimate); the AOT report adds the splash kernels' FLOPs from their shapes
+(`t3d_jax.train.aot.pallas_attention_flops`).
 """
 
 from __future__ import annotations
