@@ -228,8 +228,9 @@ def test_eval_iterator_covers_every_record_once_with_a_valid_mask(data_dir):
         for row in np.flatnonzero(b["valid"]):
             record = decode_record(source[int(b["input_ids"][row, 1]) - 1000])
             np.testing.assert_array_equal(b["volume"][row], eval_view(record["volume"], SCALE, OFFSET, (12, 12, 8)))
+            assert b["report"][row] == record["report"]  # the raw text, the reference of report generation
         for row in np.flatnonzero(~b["valid"]):
-            assert b["id"][row] == "" and not b["volume"][row].any() and not b["attention_mask"][row].any()
+            assert b["id"][row] == "" and b["report"][row] == "" and not b["volume"][row].any() and not b["attention_mask"][row].any()
     _assert_same_batches(batches, list(pipeline.eval_iterator(config, "valid", 2)))  # deterministic
 
     # Two processes: equal step counts, disjoint valid rows that together cover the split.

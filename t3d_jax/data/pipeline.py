@@ -268,6 +268,8 @@ class EvalExample(grain.transforms.Map):
             "attention_mask": record["attention_mask"].astype(np.int32),
             "labels": record["labels"].astype(np.float32),
             "id": np.asarray(record["id"], dtype=np.str_),
+            # The raw report (not its possibly truncated ids): the reference text of report generation.
+            "report": np.asarray(record["report"], dtype=np.str_),
             "valid": np.asarray(True),
         }
         if self.features is not None:
@@ -282,12 +284,13 @@ class PaddingExample(grain.transforms.Map):
     """
 
     def __init__(self, template: dict[str, np.ndarray]):
-        self.specs = {k: (np.shape(v), np.asarray(v).dtype) for k, v in template.items() if k not in ("id", "valid")}
+        self.specs = {k: (np.shape(v), np.asarray(v).dtype) for k, v in template.items() if k not in ("id", "report", "valid")}
 
     def map(self, index: int) -> dict[str, np.ndarray]:
         del index
         example = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.specs.items()}
         example["id"] = np.asarray("", dtype=np.str_)
+        example["report"] = np.asarray("", dtype=np.str_)
         example["valid"] = np.asarray(False)
         return example
 
