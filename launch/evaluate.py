@@ -6,7 +6,9 @@ r"""Evaluate a training run's checkpoint: zero-shot (CT-CLIP protocol), retrieva
 
 Writes WORKDIR/eval/STEP/: metrics.json, per_label.csv, predictions.csv, roc_grid.png,
 retrieval_recall.png, and prints a short table. Use the same --config (and overrides) as
-for training. docs/evaluation.md describes every figure.
+for training. docs/evaluation.md describes every figure. A `segmentation` run
+(configs/finetune_seg.py) is scored by the segmentation evaluator instead: Dice and HD95 per
+class, WORKDIR/eval/STEP/segmentation.json and segmentation_per_class.csv (docs/segmentation.md).
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ def main(argv):
     from t3d_jax.console import quiet_library_logs
 
     quiet_library_logs()
-    from t3d_jax.evaluate.run import evaluate_checkpoint
-
     config = FLAGS.config
+    if config.get("task", "") == "segmentation":  # Dice / HD95 per class (t3d_jax/evaluate/seg_eval.py)
+        from t3d_jax.evaluate.seg_eval import evaluate_checkpoint
+    else:
+        from t3d_jax.evaluate.run import evaluate_checkpoint
+
     if FLAGS.num_bootstrap is not None:
         config.eval.num_bootstrap = FLAGS.num_bootstrap
     evaluate_checkpoint(config, FLAGS.workdir, step=FLAGS.checkpoint, split=FLAGS.split)
