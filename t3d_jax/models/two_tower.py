@@ -37,6 +37,7 @@ from t3d_jax.losses import contrastive
 from t3d_jax.models import layers
 from t3d_jax.models.bert import BertConfig, BertEncoder
 from t3d_jax.models.resnet3d import ResNet3D, ResNet3DConfig
+from t3d_jax.models.swin3d import Swin3D, Swin3DConfig
 from t3d_jax.models.tma_head import TMAHead, l2_normalize
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 from t3d_jax.utils import cfg_get
@@ -63,19 +64,22 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs, attention: str = "aut
     return BertEncoder(cfg, rngs=rngs)
 
 
-IMAGE_ENCODERS = ("vit3d", "resnet3d")
+IMAGE_ENCODERS = ("vit3d", "resnet3d", "swin3d")
 
 
 def build_image_encoder(image_cfg, *, image_size, dtype, rngs: nnx.Rngs, attention: str = "auto"):
     """The image encoder named by ``model.image.name``: 'vit3d' (default; ``model.image.size``,
-    ``patch_size``, ...) or 'resnet3d' (MONAI-layout 3D ResNet, ``model.image.resnet.*``). Both
-    return ``{pooled, tokens, token_index, grid}`` and carry ``cfg.width`` / ``cfg.num_heads``."""
+    ``patch_size``, ...), 'resnet3d' (MONAI-layout 3D ResNet, ``model.image.resnet.*``) or 'swin3d'
+    (MONAI SwinUNETR's 3D Swin transformer, ``model.image.swin.*``). Each returns ``{pooled,
+    tokens, token_index, grid}`` and carries ``cfg.width`` / ``cfg.num_heads``."""
     name = str(_get(image_cfg, "name", "vit3d"))
     if name == "vit3d":
         return ViT3D(ViT3DConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype,
                                              attention=attention), rngs=rngs)
     if name == "resnet3d":
         return ResNet3D(ResNet3DConfig.from_config(image_cfg, dtype=dtype), rngs=rngs)
+    if name == "swin3d":
+        return Swin3D(Swin3DConfig.from_config(image_cfg, dtype=dtype), rngs=rngs)
     raise ValueError(f"config.model.image.name: unknown image encoder {name!r}; choose one of {IMAGE_ENCODERS}")
 
 
@@ -193,7 +197,7 @@ class T3D(CLIPModel):
     def __init__(self, model_config, *, rngs: nnx.Rngs, loss_config=None, view_size=None):
         super().__init__(model_config, rngs=rngs, loss_config=loss_config, view_size=view_size)
         tma_cfg = model_config.tma
-        image = self.image_encoder.cfg  # ViT3DConfig or ResNet3DConfig: width, num_heads
+        image = self.image_encoder.cfg  # ViT3DConfig, ResNet3DConfig or Swin3DConfig: width, num_heads
         self.tma_head = TMAHead(
             image.width, self.text_encoder.cfg.hidden_size, self.embed_dim, int(_get(tma_cfg, "num_prototypes", 64)),
             num_heads=int(_get(tma_cfg, "num_heads", 0) or image.num_heads),
