@@ -1,4 +1,5 @@
-"""Import of PyTorch checkpoints: Hugging Face BERT, MONAI's 3D ``ViT`` and ``ResNet`` (resnet50 ...).
+"""Import of PyTorch checkpoints: Hugging Face BERT, MONAI's 3D ``ViT``, ``ResNet`` (resnet50 ...)
+and ``SwinTransformer`` (the ``swinViT`` of ``SwinUNETR``).
 
 API (two layers, so a trainer can load weights into a sub-module of a bigger model):
 
@@ -48,6 +49,7 @@ from flax import nnx
 
 from t3d_jax.models.bert import BertConfig, BertEncoder
 from t3d_jax.models.resnet3d import ARCHS, BLOCK_INPLANES, ResNet3D, ResNet3DConfig
+from t3d_jax.models.swin3d import Swin3D, Swin3DConfig, relative_position_index
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 State = dict[tuple, np.ndarray]
@@ -593,3 +595,147 @@ def load_monai_resnet(path_or_state_dict, *, prefix: str | None = None, dtype="f
     # 46M parameters takes ~10 s of eager dispatch on CPU) and fill it.
     model = nnx.eval_shape(lambda: ResNet3D(cfg, rngs=nnx.Rngs(0)))
     return assign(model, state, kinds=(nnx.Param, nnx.BatchStat))
+
+
+# ----------------------------------------------------------------------------- MONAI SwinTransformer
+# Keys of MONAI's SwinTransformer (SwinUNETR: under 'swinViT.'; MONAI's self-supervised
+# checkpoints: under 'module.'). Keys outside it (SwinUNETR's encoder/decoder convolutions,
+# pretraining heads) are not read; unknown keys inside it are an error.
+_SWIN_KEYS = re.compile(r"^(patch_embed\.|layers[1-4]c?\.)")
+
+
+def _swin_prefix(sd: Mapping[str, np.ndarray], where: str) -> str:
+    hits = [k for k in sd if k.endswith("patch_embed.proj.weight")]
+    if not hits:
+        raise ValueError(f"{where}: no 'patch_embed.proj.weight' -- not a MONAI SwinTransformer / SwinUNETR "
+                         "state dict")
+    return min(hits, key=len)[: -len("patch_embed.proj.weight")]
+
+
+def monai_swin_config(sd: Mapping[str, np.ndarray], *, window_size=None, downsample: str = "merging",
+                      normalize: bool = True, use_v2: bool = False, spatial_dims: int = 3, embed_dim=None,
+                      feature_size=None, depths=None, num_heads=None, patch_size=None, in_chans=None,
+                      in_channels=None, mlp_ratio=None, qkv_bias=None, patch_norm=None, dtype="float32",
+                      param_dtype="float32", where: str = "state dict", **ignored) -> Swin3DConfig:
+    """The :class:`Swin3DConfig` equal to MONAI's ``SwinTransformer(**kwargs)`` (or the ``swinViT``
+    of ``SwinUNETR(**kwargs)``: ``feature_size``/``in_channels`` are accepted for ``embed_dim``/
+    ``in_chans``). Widths, depths, heads, patch size, input channels, MLP ratio, qkv bias and
+    patch norm are read from ``sd`` and, if given, checked. ``window_size`` is read from the bias
+    tables when the window is cubic (else pass it; it is checked against the stored
+    ``relative_position_index``). ``downsample`` ('merging', MONAI's default, or 'mergingv2') and
+    ``normalize`` cannot be read from weights: pass what the MONAI model was built with. Training-
+    only kwargs (dropout rates, use_checkpoint, SwinUNETR's out_channels ...) are ignored."""
+    if spatial_dims != 3:
+        raise ValueError(f"{where}: only 3D MONAI Swin transformers are supported (spatial_dims={spatial_dims})")
+    if use_v2 or any(re.match(r"layers[1-4]c\.", k) for k in sd):
+        raise ValueError(f"{where}: SwinUNETR v2 (use_v2, residual conv blocks 'layersNc') is not supported")
+    if ignored.get("use_hyena") or ignored.get("hyena_stages"):
+        raise ValueError(f"{where}: Hyena stages are not supported")
+    w = sd["patch_embed.proj.weight"]
+    depths_found = tuple(len({m.group(1) for k in sd if (m := re.match(rf"layers{i}\.0\.blocks\.(\d+)\.", k))})
+                         for i in range(1, 5))
+    if min(depths_found) == 0:
+        raise ValueError(f"{where}: blocks per stage {depths_found}: a stage has no blocks (not a 4-stage MONAI "
+                         "SwinTransformer)")
+    tables = [sd[f"layers{i}.0.blocks.0.attn.relative_position_bias_table"] for i in range(1, 5)]
+    e = int(w.shape[0])
+    found = dict(embed_dim=e, depths=depths_found, num_heads=tuple(int(t.shape[1]) for t in tables),
+                 patch_size=tuple(int(s) for s in w.shape[2:]), in_chans=int(w.shape[1]),
+                 mlp_ratio=int(sd["layers1.0.blocks.0.mlp.linear1.weight"].shape[0]) / e,
+                 qkv_bias="layers1.0.blocks.0.attn.qkv.bias" in sd, patch_norm="patch_embed.norm.weight" in sd)
+    given = dict(embed_dim=embed_dim if embed_dim is not None else feature_size, depths=depths,
+                 num_heads=num_heads, patch_size=patch_size, in_chans=in_chans if in_chans is not None else in_channels,
+                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, patch_norm=patch_norm)
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k == "patch_size" and isinstance(v, int):
+            v = (v,) * 3
+        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
+            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+    rows = int(tables[0].shape[0])
+    if window_size is None:
+        side = round(rows ** (1 / 3))
+        if side ** 3 != rows or side % 2 == 0:
+            raise ValueError(f"{where}: a bias table of {rows} rows is not a cubic window; pass window_size")
+        window_size = (side + 1) // 2
+    window = tuple(window_size) if isinstance(window_size, (list, tuple)) else (int(window_size),) * 3
+    if int(np.prod([2 * a - 1 for a in window])) != rows:
+        raise ValueError(f"{where}: window_size={window} needs {int(np.prod([2 * a - 1 for a in window]))} bias "
+                         f"table rows, the weights have {rows}")
+    stored = sd.get("layers1.0.blocks.0.attn.relative_position_index")
+    if stored is not None and not np.array_equal(np.asarray(stored), relative_position_index(window)):
+        raise ValueError(f"{where}: the stored relative_position_index is not the one of window_size={window}")
+    return Swin3DConfig(embed_dim=e, depths=depths_found, num_heads_per_stage=found["num_heads"],
+                        window_size=window, patch_size=found["patch_size"], in_channels=found["in_chans"],
+                        mlp_ratio=found["mlp_ratio"], qkv_bias=found["qkv_bias"], patch_norm=found["patch_norm"],
+                        downsample=downsample, normalize=bool(normalize), dtype=dtype, param_dtype=param_dtype)
+
+
+def monai_swin_state_from_dict(sd: Mapping[str, np.ndarray], cfg: Swin3DConfig, where: str = "state dict") -> State:
+    """Maps MONAI ``SwinTransformer`` names (prefix already stripped) onto :class:`Swin3D` paths."""
+    used: set[str] = set()
+
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"{where}: missing weight {name!r}")
+        used.add(name)
+        return np.asarray(sd[name], np.float32)
+
+    def linear(src, dst, out_shape=None, in_shape=None, bias=True):
+        kernel = get(f"{src}.weight").T  # [out, in] -> [in, out]
+        st[dst + ("kernel",)] = kernel.reshape(*(in_shape or kernel.shape[:1]), *(out_shape or kernel.shape[1:]))
+        if bias:
+            b = get(f"{src}.bias")
+            st[dst + ("bias",)] = b.reshape(out_shape) if out_shape else b
+
+    def norm(src, dst):
+        st[dst + ("scale",)] = get(f"{src}.weight")
+        st[dst + ("bias",)] = get(f"{src}.bias")
+
+    st: State = {("patch_embed", "kernel"): get("patch_embed.proj.weight").transpose(2, 3, 4, 1, 0),
+                 ("patch_embed", "bias"): get("patch_embed.proj.bias")}
+    if cfg.patch_norm:
+        norm("patch_embed.norm", ("patch_norm",))
+    for s in range(4):
+        dim, heads = cfg.stage_dim(s), cfg.num_heads_per_stage[s]
+        hd = (heads, dim // heads)
+        src_stage, dst_stage = f"layers{s + 1}.0", (f"layers{s + 1}",)
+        for j in range(cfg.depths[s]):
+            src, dst = f"{src_stage}.blocks.{j}", dst_stage + ("blocks", j)
+            norm(f"{src}.norm1", dst + ("norm1",))
+            norm(f"{src}.norm2", dst + ("norm2",))
+            linear(f"{src}.attn.qkv", dst + ("attn", "qkv"), out_shape=(3, *hd), bias=cfg.qkv_bias)
+            linear(f"{src}.attn.proj", dst + ("attn", "proj"), in_shape=hd)
+            st[dst + ("attn", "relative_position_bias_table")] = get(f"{src}.attn.relative_position_bias_table")
+            used.add(f"{src}.attn.relative_position_index")  # a buffer, recomputed (checked in the config)
+            linear(f"{src}.mlp.linear1", dst + ("mlp", "fc1"))
+            linear(f"{src}.mlp.linear2", dst + ("mlp", "fc2"))
+        norm(f"{src_stage}.downsample.norm", dst_stage + ("downsample", "norm"))
+        linear(f"{src_stage}.downsample.reduction", dst_stage + ("downsample", "reduction"), bias=False)
+    leftover = sorted(k for k in sd if k not in used and _SWIN_KEYS.match(k))
+    if leftover:
+        raise ValueError(f"{where}: MONAI SwinTransformer weights not understood: {leftover[:10]}")
+    return {k: np.ascontiguousarray(v) for k, v in st.items()}
+
+
+def monai_swin_state(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                     **monai_swin_kwargs) -> tuple[Swin3DConfig, State]:
+    """Reads a MONAI ``SwinTransformer`` / ``SwinUNETR`` checkpoint (file or state dict) into
+    ``(Swin3DConfig, flat state)``. ``prefix`` (``'swinViT.'`` in a SwinUNETR, ``'module.'`` in
+    MONAI's self-supervised weights) is found automatically when None: the part before
+    ``patch_embed.proj.weight``; keys without it (SwinUNETR's decoder) are not read."""
+    sd, where = _prefixed_state_dict(path_or_state_dict, prefix, _swin_prefix)
+    cfg = monai_swin_config(sd, dtype=dtype, param_dtype=param_dtype, where=where, **monai_swin_kwargs)
+    return cfg, monai_swin_state_from_dict(sd, cfg, where)
+
+
+def load_monai_swin(path_or_state_dict, *, prefix: str | None = None, dtype="float32", param_dtype="float32",
+                    **monai_swin_kwargs) -> Swin3D:
+    """A :class:`Swin3D` computing what MONAI's ``SwinTransformer(**kwargs)`` with these weights
+    computes: ``features(x)`` = its ``forward(x, normalize)`` list, channel-last (``normalize`` is
+    a kwarg here, default True as SwinUNETR). ``monai_swin_kwargs``: see :func:`monai_swin_config`."""
+    cfg, state = monai_swin_state(path_or_state_dict, prefix=prefix, dtype=dtype, param_dtype=param_dtype,
+                                  **monai_swin_kwargs)
+    model = nnx.eval_shape(lambda: Swin3D(cfg, rngs=nnx.Rngs(0)))
+    return assign(model, state)
