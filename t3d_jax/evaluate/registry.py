@@ -11,8 +11,9 @@ expensive part they share, embedding a split and the prompts, is done once per c
 alone embeds the evaluated split only, and asking for several evaluators embeds it once.
 
 Registered (`evaluate/evaluators.py` imports their modules): `zeroshot`, `retrieval`,
-`linear_probe` (scalars, no files) and `full` (`evaluate/run.py`: every figure with its
-intervals and the files of launch/evaluate.py in WORKDIR/eval/STEP/).
+`linear_probe` (scalars, no files), `full` (`evaluate/run.py`: every figure with its
+intervals and the files of launch/evaluate.py in WORKDIR/eval/STEP/) and `segmentation`
+(`evaluate/seg_eval.py`: Dice / HD95 per class of a segmentation model; files when ctx.write).
 
 Every process calls the evaluators (models are sharded, so evaluation is collective); only
 process 0 writes files.
