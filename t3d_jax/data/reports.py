@@ -231,10 +231,20 @@ def make_report(rng: np.random.Generator, labels: Mapping[str, int],
     return f"FINDINGS: {findings_text} IMPRESSION: {impression}"
 
 
-def split_sentences(report: str) -> list[str]:
-    """Sentences of a report (impression items count as separate sentences)."""
-    body = report.replace("FINDINGS:", " ").replace("IMPRESSION:", " ")
-    parts = re.split(r"(?<=[.])\s+|,\s+", body)
+# Section headers ("FINDINGS:", "Impression:") that are not part of any sentence.
+SECTION_HEADER = r"\b(?:findings|impressions?|conclusions?|technique|comparison|history|indication)\s*:"
+
+
+def split_sentences(report: str, *, on_commas: bool = True) -> list[str]:
+    """Sentences of a report, section headers removed.
+
+    A sentence ends at ".", "!" or "?" before white space, or at a line break. With
+    ``on_commas`` (the default, for the synthetic reports' impression lists) ", " also
+    splits, so every impression item is a sentence; the report labeler
+    (``t3d_jax.evaluate.report_labeler``) keeps commas, so "no X, Y or Z" stays one list.
+    """
+    body = re.sub(SECTION_HEADER, " ", report, flags=re.IGNORECASE)
+    parts = re.split(r"(?<=[.!?])\s+|\n+" + (r"|,\s+" if on_commas else ""), body)
     return [p.strip() for p in parts if p.strip()]
 
 
