@@ -3,7 +3,8 @@ and ``SwinTransformer`` (the ``swinViT`` of ``SwinUNETR``).
 
 API (two layers, so a trainer can load weights into a sub-module of a bigger model):
 
-* ``hf_bert_state(path) -> (BertConfig, state)``, ``monai_vit_state(sd_or_path, **monai_kwargs)
+* ``hf_bert_state(path) -> (BertConfig, state)``, ``hf_gpt2_state(path) -> (ReportDecoderConfig,
+  state)`` (the text part of a report decoder), ``monai_vit_state(sd_or_path, **monai_kwargs)
   -> (ViT3DConfig, state)`` and ``monai_resnet_state(sd_or_path, **monai_kwargs) -> (ResNet3DConfig,
   state)`` read a checkpoint and return the converted weights as a *flat state*: ``{path tuple:
   np.ndarray}`` keyed by our module's parameter paths, e.g. ``('layers', 0, 'attn', 'query',
@@ -14,7 +15,7 @@ API (two layers, so a trainer can load weights into a sub-module of a bigger mod
   values are cast to each parameter's dtype.  Errors name the offending paths.
 * ``into_state(params, state, prefix=('text_encoder',))`` is the functional form for a split
   ``nnx.State`` (what a trainer holds after ``nnx.split``); it keeps each value's sharding.
-* ``load_hf_bert(path)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` /
+* ``load_hf_bert(path)`` / ``load_hf_gpt2(path, visual_width=...)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` /
   ``load_monai_resnet(path_or_state_dict, **monai_resnet_kwargs)`` do both and return a ready
   module, e.g.::
 
@@ -38,6 +39,7 @@ The reverse direction (our models as MONAI / Hugging Face checkpoints) is
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 from typing import Any, Mapping
@@ -48,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from t3d_jax.models.bert import BertConfig, BertEncoder
+from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig
 from t3d_jax.models.resnet3d import ARCHS, BLOCK_INPLANES, ResNet3D, ResNet3DConfig
 from t3d_jax.models.swin3d import Swin3D, Swin3DConfig, relative_position_index
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
@@ -285,6 +288,97 @@ def load_hf_bert(path, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs
     cfg = BertConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype, **config_overrides})
     model = BertEncoder(cfg, rngs=_default_rngs(rngs))
     return assign(model, state, allow_missing=(("pooler",),))
+
+
+# ----------------------------------------------------------------------------- Hugging Face GPT-2
+# Buffers older GPT-2 checkpoints store beside the weights (the causal mask): no parameter.
+_GPT2_IGNORED = re.compile(r"\.(attn|crossattention)\.(bias|masked_bias)$")
+
+
+def hf_gpt2_state_from_dict(sd: Mapping[str, np.ndarray], cfg: ReportDecoderConfig,
+                            where: str = "state dict") -> State:
+    """Maps Hugging Face ``GPT2LMHeadModel`` / ``GPT2Model`` names onto :class:`TextDecoder` paths.
+
+    GPT-2's ``Conv1D`` stores ``[in, out]`` (no transpose); the fused ``c_attn`` [D, 3D] splits
+    into q, k, v (cross-attention: ``q_attn`` [D, D] and ``c_attn`` [D, 2D] = k, v), each
+    reshaped to [D, heads, dh]. ``lm_head.weight``, when present, must equal ``wte`` (tied).
+    Every block must have cross-attention (``add_cross_attention=True``): a plain GPT-2 has
+    none, and its missing ``crossattention`` / ``ln_cross_attn`` are reported by name.
+    """
+    sd = {k: np.asarray(v) for k, v in sd.items()}
+    hits = [k for k in sd if k.endswith("wte.weight")]
+    if not hits:
+        raise ValueError(f"{where}: no 'wte.weight' -- not a GPT-2 checkpoint")
+    prefix = min(hits, key=len)[: -len("wte.weight")]  # 'transformer.' (LM head model) or ''
+    lm_head = sd.get("lm_head.weight")
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    d, heads = cfg.hidden_size, cfg.num_heads
+    dh = d // heads
+    used: set[str] = set()
+
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"{where}: missing weight {prefix + name!r}"
+                           + (" (a GPT-2 without add_cross_attention=True?)" if "cross" in name else ""))
+        used.add(name)
+        return np.asarray(sd[name], np.float32)
+
+    st: State = {("wte", "embedding"): get("wte.weight"), ("wpe", "embedding"): get("wpe.weight"),
+                 ("ln_f", "scale"): get("ln_f.weight"), ("ln_f", "bias"): get("ln_f.bias")}
+    if lm_head is not None and not np.array_equal(np.asarray(lm_head, np.float32), st[("wte", "embedding")]):
+        raise ValueError(f"{where}: lm_head.weight differs from wte.weight; only tied GPT-2 heads are supported")
+    for i in range(cfg.num_layers):
+        src, dst = f"h.{i}.", ("blocks", i)
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_cross", "ln_cross_attn"), ("ln_2", "ln_2")):
+            st[dst + (ours, "scale")] = get(f"{src}{theirs}.weight")
+            st[dst + (ours, "bias")] = get(f"{src}{theirs}.bias")
+        w, b = get(f"{src}attn.c_attn.weight"), get(f"{src}attn.c_attn.bias")
+        wq, wkv = get(f"{src}crossattention.q_attn.weight"), get(f"{src}crossattention.c_attn.weight")
+        bq, bkv = get(f"{src}crossattention.q_attn.bias"), get(f"{src}crossattention.c_attn.bias")
+        parts = {"attn": (np.split(w, 3, axis=1), np.split(b, 3)),
+                 "cross": ([wq, *np.split(wkv, 2, axis=1)], [bq, *np.split(bkv, 2)])}
+        for module, theirs in (("attn", "attn"), ("cross", "crossattention")):
+            kernels, biases = parts[module]
+            for name, kernel, bias in zip(("query", "key", "value"), kernels, biases):
+                st[dst + (module, name, "kernel")] = kernel.reshape(d, heads, dh)
+                st[dst + (module, name, "bias")] = bias.reshape(heads, dh)
+            st[dst + (module, "out", "kernel")] = get(f"{src}{theirs}.c_proj.weight").reshape(heads, dh, d)
+            st[dst + (module, "out", "bias")] = get(f"{src}{theirs}.c_proj.bias")
+        st[dst + ("mlp", "fc1", "kernel")] = get(f"{src}mlp.c_fc.weight")
+        st[dst + ("mlp", "fc1", "bias")] = get(f"{src}mlp.c_fc.bias")
+        st[dst + ("mlp", "fc2", "kernel")] = get(f"{src}mlp.c_proj.weight")
+        st[dst + ("mlp", "fc2", "bias")] = get(f"{src}mlp.c_proj.bias")
+    leftover = sorted(k for k in sd if k not in used and not _GPT2_IGNORED.search(k))
+    if leftover:
+        raise ValueError(f"{where}: GPT-2 weights not understood (more layers than n_layer={cfg.num_layers}, "
+                         f"or another architecture?): {leftover[:10]}")
+    return {k: np.ascontiguousarray(v) for k, v in st.items()}
+
+
+def hf_gpt2_state(path) -> tuple[ReportDecoderConfig, State]:
+    """Reads a local Hugging Face GPT-2 directory into ``(ReportDecoderConfig, flat state)``; the
+    state's paths are :class:`TextDecoder`'s (``assign(model.text, state)`` for a ReportDecoder)."""
+    d = pathlib.Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a directory (expected a Hugging Face GPT-2 folder)")
+    cfg = ReportDecoderConfig.from_hf(d / "config.json")
+    weights = _find_hf_weights(d)
+    return cfg, hf_gpt2_state_from_dict(read_torch_weights(weights), cfg, str(weights))
+
+
+def load_hf_gpt2(path, *, visual_width: int | None = None, dtype="float32", param_dtype="float32",
+                 rngs: nnx.Rngs | None = None, **config_overrides) -> ReportDecoder:
+    """A :class:`ReportDecoder` whose text decoder has the weights of the GPT-2 directory ``path``.
+
+    The visual projection (``visual_width`` -> n_embd) and the resampler (``resampler_latents``
+    in ``config_overrides``) are new: randomly initialised from ``rngs`` (default seed 0).
+    """
+    cfg, state = hf_gpt2_state(path)
+    cfg = dataclasses.replace(cfg, visual_width=visual_width, dtype=dtype, param_dtype=param_dtype,
+                              **config_overrides)
+    model = ReportDecoder(cfg, rngs=_default_rngs(rngs))
+    assign(model.text, state)
+    return model
 
 
 # ----------------------------------------------------------------------------- MONAI ViT
