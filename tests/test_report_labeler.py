@@ -89,6 +89,12 @@ CASES = [  # (report text, {label: status}); every label not listed must be abse
     ("Small pericardial and pleural effusions.", {"Pleural effusion": P, "Pericardial effusion": P}),
     ("Calcific atheroma plaques are observed in the aorta and coronary arteries.",
      {"Arterial wall calcification": P, "Coronary artery wall calcification": P}),
+    ("Atherosclerotic calcifications are observed in the aorta and coronary arteries.",
+     {"Arterial wall calcification": P, "Coronary artery wall calcification": P}),
+    ("Coronary artery calcifications, the aorta is of normal calibre.", {"Coronary artery wall calcification": P}),
+    ("Ground glass densities and interlobular septal thickenings are observed in both lungs.",
+     {"Lung opacity": P, "Interlobular septal thickening": P}),
+    ("Pericardial effusion-thickening was not observed.", {"Pericardial effusion": N}),
     ("The heart is enlarged.", {"Cardiomegaly": P}),
     ("The heart is not enlarged.", {}),
     ("Heart size is normal and there is no cardiomegaly.", {"Cardiomegaly": N}),
@@ -110,6 +116,17 @@ CASES = [  # (report text, {label: status}); every label not listed must be abse
     ("Impression:\nNo acute cardiopulmonary abnormality.\nStable 4 mm nodule in the left lower lobe.",
      {"Lung nodule": P}),
     ("Small left pleural effusion. No pleural effusion on the right.", {"Pleural effusion": P}),  # any positive wins
+    # a whole findings paragraph in CT-RATE's (translated) style
+    ("Trachea and both main bronchi are in normal width and no obstructive pathology is detected in the lumen. "
+     "Mediastinal structures cannot be evaluated optimally because contrast material is not given. As far as can "
+     "be observed: Heart contour and size are normal. Pericardial effusion-thickening was not observed. No lymph "
+     "node was detected in mediastinal and both hilar regions in pathological size and appearance. When examined "
+     "in the lung parenchyma window; Minimal emphysematous changes are observed in both lungs. There are "
+     "millimetric nonspecific nodules in both lungs. There are sequelae fibrotic changes in the middle lobe of the "
+     "right lung. No pneumonic infiltration or consolidation area was detected in the lung parenchyma. Bone "
+     "structures in the study area are natural.",
+     {"Pericardial effusion": N, "Emphysema": P, "Lung nodule": P, "Pulmonary fibrotic sequela": P,
+      "Consolidation": N}),
 ]
 
 

@@ -11,7 +11,8 @@ How a report is read:
 * Sentences: :func:`t3d_jax.data.reports.split_sentences` without its comma split, so a
   list ("no X, Y or Z") stays in one sentence.
 * Mentions: per label a set of synonym patterns (:data:`SYNONYMS`; the first is the
-  synthetic reports' key term, ``reports.MENTION``). Laterality and lobe words are not part
+  synthetic reports' key term, ``reports.MENTION``), matched as whole words with an
+  optional plural ending ("port" is not in "portion"). Laterality and lobe words are not part
   of any key phrase, so "left lower lobe atelectasis" and "atelectasis in the left lower
   lobe" both match; coordinated pairs ("pleural and pericardial effusions") are spelled
   out.
@@ -56,6 +57,7 @@ from t3d_jax.data.labels import CT_RATE_LABELS
 from t3d_jax.data.reports import MENTION, NEGATION, split_sentences
 
 _CALC = r"calci(?:fi(?:c|ed|cations?)|um)"
+_NOT_CORONARY = "(?<!coronary )(?<!coronary artery )(?<!coronary artery wall )(?<!coronary arterial )"
 _PLAQUE = rf"(?:{_CALC}|atheroma(?:tous)?|atherosclerotic)(?: (?:atheroma(?:tous)?|atherosclerotic))? plaques?"
 
 # Per label: patterns for phrases naming it, the synthetic reports' key term first.
@@ -74,6 +76,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
         rf"{_CALC}s? (?:of|in|along) the (?:thoracic |ascending |descending )?(?:aort\w*|arch|arteri\w*|vessels?)",
         rf"{_PLAQUE}(?: are| is)?(?: seen| noted| observed)? (?:in|of|along|at) (?:the )?(?:thoracic |ascending |descending )?(?:aort\w*|arch)",
         r"(?:aortic|aorta) (?:wall )?atherosclerosis", r"calcified (?:aorta|aortic wall|arteries)",
+        rf"{_NOT_CORONARY}{_CALC}s?\b[^.;,]{{0,60}}?\b(?:aort\w*|aortic arch)",
     ),
     "Cardiomegaly": (
         MENTION["Cardiomegaly"],
@@ -91,6 +94,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
         rf"coronary (?:arter(?:y|ial|ies) )?(?:wall )?{_CALC}s?", r"calcified coronar(?:y|ies)",
         rf"{_CALC}s? (?:of|in|along) (?:the )?(?:\w+ )?coronar\w*", r"coronary (?:artery )?atherosclerosis",
         rf"{_PLAQUE}[^.;]*?\bcoronar\w*", r"coronary arteries (?:are|were) calcified",
+        rf"{_CALC}s?\b[^.;,]{{0,60}}?\bcoronar\w*",
     ),
     "Hiatal hernia": (MENTION["Hiatal hernia"], r"hiatus hernia", r"hiatal herniation"),
     "Lymphadenopathy": (
@@ -170,8 +174,8 @@ TERMINATOR = (
     r"nevertheless|while|which|who)\b|,? with\b|(?:,|\band) (?:there|the|a|an)\b|\bthere (?:is|are|was|were)\b"
 )
 
-# Whole words only: "port" must not match "support" nor "portion".
-_SYN = {name: re.compile(r"\b(?:" + "|".join(f"(?:{p})" for p in SYNONYMS[name]) + r")\b")
+# Whole words only ("port" must not match "support" nor "portion"), plurals allowed.
+_SYN = {name: re.compile(r"\b(?:" + "|".join(f"(?:{p})" for p in SYNONYMS[name]) + r")(?:s|es)?\b")
         for name in CT_RATE_LABELS}
 _CUES = [("pseudo", re.compile(PSEUDO_NEGATION)), ("uncertain", re.compile(UNCERTAINTY)),
          ("neg_after", re.compile(NEGATION_AFTER)), ("neg_both", re.compile(NEGATION_BOTH)),
