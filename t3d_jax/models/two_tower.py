@@ -36,6 +36,7 @@ from flax import nnx
 from t3d_jax.losses import contrastive
 from t3d_jax.models import layers
 from t3d_jax.models.bert import BertConfig, BertEncoder
+from t3d_jax.models.msvlm import MSVLM, MSVLMConfig
 from t3d_jax.models.resnet3d import ResNet3D, ResNet3DConfig
 from t3d_jax.models.swin3d import Swin3D, Swin3DConfig
 from t3d_jax.models.tma_head import TMAHead, l2_normalize
@@ -64,13 +65,15 @@ def build_text_encoder(text_cfg, *, dtype, rngs: nnx.Rngs, attention: str = "aut
     return BertEncoder(cfg, rngs=rngs)
 
 
-IMAGE_ENCODERS = ("vit3d", "resnet3d", "swin3d")
+IMAGE_ENCODERS = ("vit3d", "resnet3d", "swin3d", "msvlm")
 
 
 def build_image_encoder(image_cfg, *, image_size, dtype, rngs: nnx.Rngs, attention: str = "auto"):
     """The image encoder named by ``model.image.name``: 'vit3d' (default; ``model.image.size``,
     ``patch_size``, ...), 'resnet3d' (MONAI-layout 3D ResNet, ``model.image.resnet.*``) or 'swin3d'
-    (MONAI SwinUNETR's 3D Swin transformer, ``model.image.swin.*``). Each returns ``{pooled,
+    (MONAI SwinUNETR's 3D Swin transformer, ``model.image.swin.*``) or 'msvlm' (per-slice 2D ViT +
+    inter-slice transformer, ``model.image.msvlm.*``; slices of ``view_size[:2]``, any slice
+    count, plus a ``mask`` output for its padded slice slots). Each returns ``{pooled,
     tokens, token_index, grid}`` and carries ``cfg.width`` / ``cfg.num_heads``."""
     name = str(_get(image_cfg, "name", "vit3d"))
     if name == "vit3d":
@@ -80,6 +83,9 @@ def build_image_encoder(image_cfg, *, image_size, dtype, rngs: nnx.Rngs, attenti
         return ResNet3D(ResNet3DConfig.from_config(image_cfg, dtype=dtype), rngs=rngs)
     if name == "swin3d":
         return Swin3D(Swin3DConfig.from_config(image_cfg, dtype=dtype), rngs=rngs)
+    if name == "msvlm":
+        return MSVLM(MSVLMConfig.from_config(image_cfg, image_size=tuple(image_size), dtype=dtype,
+                                             attention=attention), rngs=rngs)
     raise ValueError(f"config.model.image.name: unknown image encoder {name!r}; choose one of {IMAGE_ENCODERS}")
 
 
