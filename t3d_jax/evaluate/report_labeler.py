@@ -139,7 +139,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 # Not negations although they contain a negation word: "no change in X" asserts X.
 PSEUDO_NEGATION = (
     r"\bno (?:significant |appreciable |interval |significant interval |substantial )?"
-    r"(?:change|increase|decrease|progression|regression|enlargement)s? (?:in|of)\b"
+    r"(?:change|increase|decrease|progression|regression)s? (?:in|of)\b"
     r"|\bnot (?:significantly )?(?:changed|increased|decreased)\b|\bwithout (?:significant )?(?:change|progression)\b"
     r"|\bnot only\b|\bno longer (?:growing|progress\w*)\b|\bgram[- ]negative\b"
 )
@@ -182,7 +182,6 @@ _CUES = [("pseudo", re.compile(PSEUDO_NEGATION)), ("uncertain", re.compile(UNCER
          ("neg_before", re.compile(NEGATION_BEFORE))]
 _TERM = re.compile(TERMINATOR)
 _RANK = {None: 0, "negative": 1, "uncertain": 2, "positive": 3}
-STATUSES = ("positive", "uncertain", "negative")
 
 
 def _cues(text: str) -> list[tuple[int, int, str]]:
