@@ -4,4 +4,4 @@
 `t3d_jax/evaluate/` with a `@register_evaluator("name")` function, added to the line below.
 """
 
-from t3d_jax.evaluate import linear_probe, retrieval, run, seg_eval, zeroshot  # noqa: F401
+from t3d_jax.evaluate import linear_probe, reportgen, retrieval, run, seg_eval, zeroshot  # noqa: F401

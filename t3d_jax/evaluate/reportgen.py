@@ -1,0 +1,155 @@
+"""The `reportgen` evaluator: reports generated for the held-out volumes, scored against theirs.
+
+For every volume of the evaluated split (`eval.split`, else `data.eval_split`) the model of the
+`reportgen` task decodes a report (`config.generate`: greedy, beam or top-p; one compiled
+program, batches padded to a fixed size and split over the data-parallel devices), and the
+reports are scored against the record's raw report text (never cut to `max_len`):
+
+* language: BLEU-1..4, METEOR, ROUGE-L and CIDEr (`language_metrics`, pycocoevalcap on
+  R2Gen-cleaned text; METEOR NaN with a logged reason where Java is missing);
+* clinical efficacy: the rule labeler's 18 findings of generated against reference reports,
+  precision / recall / F1 macro and micro over labels and per label (`report_labeler`).
+
+Intervals (a final evaluation: launch/evaluate.py, or `ctx.write`): `eval.reportgen_num_bootstrap`
+resamples of the volumes (default 200) for BLEU, ROUGE-L, CIDEr and the CE figures (METEOR runs a
+JVM per call and has none). Files (process 0, `ctx.write`) in WORKDIR/eval/STEP/reportgen/:
+`metrics.json`, `ce_per_label.csv` and `generated.jsonl` (id, reference, generated).
+
+`score_reports` is the scoring alone, shared with bench/reportgen_baselines.py (which also scores
+the nearest-neighbour baseline, `nearest_neighbour_reports`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import pathlib
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from t3d_jax.evaluate import language_metrics as lm
+from t3d_jax.evaluate import report_labeler
+from t3d_jax.evaluate.registry import EvalContext, register_evaluator
+from t3d_jax.utils import cfg_get
+
+log = logging.getLogger(__name__)
+
+CE_FIGURES = ("precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro", "f1_micro")
+BOOTSTRAPPED = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr") + tuple(f"CE_{k}" for k in CE_FIGURES)
+
+
+def _figures(references: Sequence[str], generated: Sequence[str], truth: np.ndarray, pred: np.ndarray,
+             *, meteor: bool) -> tuple[dict, dict]:
+    """(scalar figures, CE result with per-label entries) of one set of reports."""
+    ids = [str(i) for i in range(len(references))]
+    lang = lm.language_metrics(dict(zip(ids, references)), dict(zip(ids, generated)), meteor=meteor)
+    ce = report_labeler.ce_scores(truth, pred)
+    return {**lang, **{f"CE_{k}": ce[k] for k in CE_FIGURES}}, ce
+
+
+def score_reports(references: Sequence[str], generated: Sequence[str], *, num_bootstrap: int = 0,
+                  seed: int = 0, alpha: float = 0.05, meteor: bool = True) -> dict:
+    """Language and clinical-efficacy figures of `generated` against `references` (same order).
+
+    Returns `{"figures": {name: value}, "intervals": {name: [low, high]}, "ce_per_label": {...},
+    "num_reports": N}`; intervals are percentile intervals over `num_bootstrap` resamples of the
+    reports (none when 0).
+    """
+    references, generated = [str(r) for r in references], [str(g) for g in generated]
+    if len(references) != len(generated) or not references:
+        raise ValueError(f"score_reports: {len(generated)} generated reports for {len(references)} references")
+    truth = report_labeler.label_reports(references)
+    pred = report_labeler.label_reports(generated)
+    figures, ce = _figures(references, generated, truth, pred, meteor=meteor)
+    intervals: dict[str, list[float]] = {}
+    if num_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        n = len(references)
+        samples = {k: [] for k in BOOTSTRAPPED}  # figure names as in `figures`
+        for _ in range(int(num_bootstrap)):
+            idx = rng.integers(0, n, n)
+            f, _ = _figures([references[i] for i in idx], [generated[i] for i in idx], truth[idx], pred[idx],
+                            meteor=False)
+            for name in samples:
+                samples[name].append(f[name])
+        for name, values in samples.items():
+            v = np.asarray(values, np.float64)
+            v = v[np.isfinite(v)]
+            intervals[name] = ([float(np.percentile(v, 100 * alpha / 2)), float(np.percentile(v, 100 * (1 - alpha / 2)))]
+                               if v.size else [math.nan, math.nan])
+    return {"figures": figures, "intervals": intervals, "ce_per_label": ce["per_label"],
+            "labels_without_positives": ce["labels_without_positives"], "num_reports": len(references)}
+
+
+def nearest_neighbour_reports(query_emb: np.ndarray, bank_emb: np.ndarray, bank_reports: Sequence[str]) -> list[str]:
+    """The classic retrieval baseline: for each query volume, the report of the most similar
+    bank volume (cosine of L2-normalised image embeddings; ties to the first)."""
+    q = np.asarray(query_emb, np.float64)
+    b = np.asarray(bank_emb, np.float64)
+    if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1] or len(b) != len(bank_reports):
+        raise ValueError(f"nearest_neighbour_reports: query {q.shape}, bank {b.shape} with "
+                         f"{len(bank_reports)} reports do not fit")
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return [str(bank_reports[j]) for j in np.argmax(q @ b.T, axis=1)]
+
+
+def generate_split(model, config, mesh, split: str) -> dict[str, list[str]]:
+    """`{"id", "reference", "generated"}` for every record of `split`, in stored order."""
+    from t3d_jax.data.pipeline import eval_iterator
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+    from t3d_jax.tasks.reportgen import decode_config, generate_ids, ids_to_text
+
+    tokenizer = tokenizer_for_config(config)
+    dcfg = decode_config(config, tokenizer)
+    batch_size = int(cfg_get(cfg_get(config, "generate"), "batch_size", 16))
+    out = {"id": [], "reference": [], "generated": []}
+    for batch in eval_iterator(config.data, split, batch_size, worker_count=0):
+        valid = np.asarray(batch["valid"], bool)
+        if not valid.any():
+            continue
+        rows = generate_ids(model, batch["volume"], dcfg, mesh=mesh, rules=config.sharding_rules,
+                            seed=int(cfg_get(config, "seed", 0)))
+        texts = ids_to_text(tokenizer, rows[valid])
+        out["id"] += [str(i) for i in np.asarray(batch["id"])[valid]]
+        out["reference"] += [str(r) for r in np.asarray(batch["report"])[valid]]
+        out["generated"] += texts
+    if not out["id"]:
+        raise ValueError(f"{config.data.dir}: split {split!r} has no records to generate reports for")
+    return out
+
+
+def write_outputs(out_dir, scored: dict, generated: dict) -> pathlib.Path:
+    """metrics.json, ce_per_label.csv and generated.jsonl into `out_dir`."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(scored, indent=2, allow_nan=True))
+    with open(out / "ce_per_label.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "precision", "recall", "f1", "support", "predicted"])
+        for name, e in scored["ce_per_label"].items():
+            w.writerow([name, e["precision"], e["recall"], e["f1"], e["support"], e["predicted"]])
+    with open(out / "generated.jsonl", "w") as f:
+        for i, ref, gen in zip(generated["id"], generated["reference"], generated["generated"]):
+            f.write(json.dumps({"id": i, "reference": ref, "generated": gen}) + "\n")
+    return out
+
+
+@register_evaluator("reportgen")
+def reportgen_evaluator(ctx: EvalContext) -> dict[str, float]:
+    """Generate for the evaluated split and score (module docstring); scalars for the logs."""
+    config = ctx.config
+    split = str(cfg_get(cfg_get(config, "eval"), "split", "") or config.data.eval_split)
+    generated = generate_split(ctx.model, config, ctx.mesh, split)
+    boots = int(cfg_get(config.eval, "reportgen_num_bootstrap", 200)) if ctx.write else 0
+    scored = score_reports(generated["reference"], generated["generated"], num_bootstrap=boots,
+                           meteor=bool(ctx.write or cfg_get(config.eval, "reportgen_meteor_periodic", False)))
+    scored.update(step=int(ctx.step), split=split, decoding=dict(cfg_get(config, "generate", {}) or {}))
+    if ctx.write and jax.process_index() == 0:
+        out = write_outputs(pathlib.Path(ctx.workdir) / "eval" / str(ctx.step) / "reportgen", scored, generated)
+        log.info("reportgen: wrote %s/metrics.json, ce_per_label.csv, generated.jsonl", out)
+    return {k: v for k, v in scored["figures"].items() if not (isinstance(v, float) and math.isnan(v))}
