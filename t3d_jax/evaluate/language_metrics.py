@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import threading
 from typing import Mapping, Sequence, Union
 
@@ -97,6 +98,8 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
     if reason is not None:
         log.warning("METEOR is missing (reported as NaN): %s", reason)
         return math.nan
+    # "|||" separates fields in the jar's line protocol (the wrapper strips it from hypotheses only)
+    gts = {k: [r.replace("|||", " ") for r in v] for k, v in gts.items()}
     scorer = None
     try:
         scorer = _meteor_module.Meteor()
@@ -104,17 +107,30 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
         return float(score)
     except Exception as e:  # the JVM died or answered garbage: say so, never report 0
         stderr = ""
-        if scorer is not None and scorer.meteor_p.poll() is not None:
-            stderr = scorer.meteor_p.stderr.read().decode(errors="replace")[-2000:]
+        if scorer is not None:
+            _stop(scorer.meteor_p, wait_s=5.0)
+            stderr = scorer.meteor_p.stderr.read().decode(errors="replace").strip()[-2000:]
         log.warning("METEOR is missing (reported as NaN): the METEOR subprocess failed: %r %s", e, stderr)
         return math.nan
     finally:
         if scorer is not None:
-            scorer.meteor_p.kill()
-            scorer.meteor_p.wait()
+            _stop(scorer.meteor_p, wait_s=0.0)
             # A failed compute_score leaves the scorer's lock held; its __del__ takes that
             # lock, so give it a free one (it then only closes the finished process).
             scorer.lock = threading.Lock()
+
+
+def _stop(process: subprocess.Popen, wait_s: float) -> None:
+    """Ends the METEOR JVM (after ``wait_s`` for it to exit by itself) and closes its stdin."""
+    try:
+        process.stdin.close()
+    except OSError:  # the JVM is gone and the pipe's last bytes cannot be flushed
+        pass
+    try:
+        process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def language_metrics(references: Texts, hypotheses: Texts, *, clean: bool = True,
