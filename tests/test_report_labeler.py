@@ -99,6 +99,10 @@ CASES = [  # (report text, {label: status}); every label not listed must be abse
     ("The heart is not enlarged.", {}),
     ("Heart size is normal and there is no cardiomegaly.", {"Cardiomegaly": N}),
     ("A small thyroid nodule is noted.", {}),
+    ("Hypodense nodule in the left thyroid lobe.", {}),
+    ("No new consolidation, stable emphysema.", {"Consolidation": N, "Emphysema": P}),
+    ("No significant lymph node enlargement.", {"Lymphadenopathy": N}),
+    ("No enlargement of the heart.", {"Cardiomegaly": N}),
     ("The thyroid gland is unremarkable in the visualized portion.", {}),  # "port" is a whole word only
     ("Median sternotomy wires and a left pectoral pacemaker are noted.", {"Medical material": P}),
     ("Consolidation and pleural effusion are not seen.", {"Consolidation": N, "Pleural effusion": N}),

@@ -100,12 +100,14 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "Lymphadenopathy": (
         MENTION["Lymphadenopathy"], r"lymphadenopathies", r"adenopathy",
         r"(?:enlarged|pathologic(?:al)?(?:ly)? (?:enlarged|sized?)) (?:\w+ )?(?:and \w+ )?lymph nodes?",
-        r"lymph nodes? (?:of |in |with )?patholog\w* (?:size|dimensions?)",
+        r"lymph nodes? (?:of |in |with )?patholog\w* (?:size|dimensions?)", r"lymph nodes? enlargement",
     ),
     "Emphysema": (MENTION["Emphysema"], r"emphysematous"),
     "Atelectasis": (MENTION["Atelectasis"], r"atelectases", r"atelectatic", r"fibroatelecta\w*"),
-    "Lung nodule": (
-        r"(?<!thyroid )(?<!adrenal )(?<!hepatic )(?<!breast )(?<!renal )(?<!liver )" + MENTION["Lung nodule"],
+    "Lung nodule": (  # not a nodule of another organ ("thyroid nodule", "nodule in the left thyroid lobe")
+        r"(?<!thyroid )(?<!adrenal )(?<!hepatic )(?<!breast )(?<!renal )(?<!liver )" + MENTION["Lung nodule"]
+        + r"(?! (?:is |are |was |were )?(?:seen |noted |observed )?(?:in|of|within) the (?:\w+ ){0,2}"
+          r"(?:thyroid|adrenal|liver|hepatic|kidney|renal|breast|spleen|splenic|pancrea\w*))",
         r"micronodules?", r"nodular (?:opacit(?:y|ies)|lesions?|densit(?:y|ies))",
     ),
     "Lung opacity": (
@@ -172,6 +174,9 @@ NEGATION_BOTH = r"\b(?:resolved|absent)\b"
 TERMINATOR = (
     r";|:|\b(?:but|however|although|though|except|aside from|apart from|other than|whereas|yet|"
     r"nevertheless|while|which|who)\b|,? with\b|(?:,|\band) (?:there|the|a|an)\b|\bthere (?:is|are|was|were)\b"
+    # a comma and a word that describes something present starts a new statement
+    r"|, (?:stable|unchanged|persistent|persisting|known|residual|redemonstrated|again|mild|moderate|severe|"
+    r"minimal|small|large|extensive|marked|new|increased|decreased)\b"
 )
 
 # Whole words only ("port" must not match "support" nor "portion"), plurals allowed.
