@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t3d_jax.models import decoding
 from t3d_jax.models.decoding import DecodeConfig
-from t3d_jax.models.report_decoder import ReportDecoderConfig, init_report_decoder
+from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig
 
 VOCAB, VISUAL, TOKENS, BATCH, STEPS = 5, 12, 6, 8, 8
 BOS, EOS, PAD = 0, 1, 2
@@ -32,7 +32,7 @@ def model():
     cfg = ReportDecoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=16,
                               visual_width=VISUAL, hidden_dropout=0.0, attention_dropout=0.0,
                               initializer_range=0.5)
-    return init_report_decoder(cfg, seed=2)  # a seed whose greedy reports end at varied lengths
+    return ReportDecoder(cfg, rngs=nnx.Rngs(2))  # a seed whose greedy reports end at varied lengths
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +119,10 @@ def test_output_does_not_depend_on_the_batch(model, visual):
 
 def test_top_p_filter_against_numpy():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 9)) * 2
-    for top_p in (0.3, 0.75, 0.95):
-        got = np.asarray(decoding.top_p_logits(jnp.asarray(logits, jnp.float32), top_p)) > decoding.NEG_INF / 2
-        for row, kept in zip(logits, got):
+    logits = (rng.normal(size=(6, 9)) * 2).astype(np.float32)
+    filtered = jax.jit(lambda x: [decoding.top_p_logits(x, p) for p in (0.3, 0.75, 0.95)])(jnp.asarray(logits))
+    for top_p, got in zip((0.3, 0.75, 0.95), filtered):
+        for row, kept in zip(logits, np.asarray(got) > decoding.NEG_INF / 2):
             p = np.exp(row - row.max())
             p /= p.sum()
             order = np.argsort(-p)

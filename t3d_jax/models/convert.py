@@ -367,16 +367,16 @@ def hf_gpt2_state(path) -> tuple[ReportDecoderConfig, State]:
 
 
 def load_hf_gpt2(path, *, visual_width: int | None = None, dtype="float32", param_dtype="float32",
-                 rngs: nnx.Rngs | None = None, **config_overrides) -> ReportDecoder:
+                 seed: int = 0, **config_overrides) -> ReportDecoder:
     """A :class:`ReportDecoder` whose text decoder has the weights of the GPT-2 directory ``path``.
 
     The visual projection (``visual_width`` -> n_embd) and the resampler (``resampler_latents``
-    in ``config_overrides``) are new: randomly initialised from ``rngs`` (default seed 0).
+    in ``config_overrides``) are new: randomly initialised from ``seed``.
     """
     cfg, state = hf_gpt2_state(path)
     cfg = dataclasses.replace(cfg, visual_width=visual_width, dtype=dtype, param_dtype=param_dtype,
                               **config_overrides)
-    model = ReportDecoder(cfg, rngs=_default_rngs(rngs))
+    model = ReportDecoder(cfg, rngs=nnx.Rngs(seed))
     assign(model.text, state)
     return model
 

@@ -353,10 +353,3 @@ class ReportDecoder(nnx.Module):
         context, cmask = self.encode_visual(visual, visual_mask, deterministic=deterministic)
         return self.text(input_ids, context, cmask, attention_mask, deterministic=deterministic)
 
-
-def init_report_decoder(cfg: ReportDecoderConfig, seed: int = 0) -> ReportDecoder:
-    """A randomly initialised :class:`ReportDecoder`, its initialisers run as one compiled program
-    (built eagerly, each initializer is its own dispatch: seconds for a small model on CPU)."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: ReportDecoder(cfg, rngs=nnx.Rngs(seed))))
-    state = jax.jit(lambda: nnx.split(ReportDecoder(cfg, rngs=nnx.Rngs(seed)))[1])()
-    return nnx.merge(graphdef, state)
