@@ -17,12 +17,20 @@ foreground mean gets a paired bootstrap over the same cases (`seg_eval.paired_di
 settings (`model.image.*`, `data.view_size`) must be the fine-tune config's: a checkpoint that
 does not fit stops with the tensors that differ. Without --pretrained only the scratch arm runs.
 
+The runs live in --workdir/pretrained and --workdir/scratch. An arm whose folder already holds
+its final checkpoint is scored without training again (the trainer resumes at the last step),
+so the two arms may be trained elsewhere -- e.g. at the same time, as two `launch/train.py`
+runs of the same config -- and scored here; a folder whose config.json differs from the arm's
+config in the model, optimizer, loss, training, initialisation or view keys is refused. The
+losses are read from each run's metrics.jsonl.
+
 Prints the table and writes JSON (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -33,6 +41,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
 
 ARMS = ("pretrained", "scratch")
 
@@ -79,6 +89,23 @@ def score_run(config, workdir, split: str) -> dict:
     return scored
 
 
+COMPARED = ("task", "model", "optim", "loss", "train", "init_from")
+COMPARED_DATA = ("dir", "view_size", "crop_min", "crop_max", "masks", "train_split")
+
+
+def check_same_run(config, workdir: pathlib.Path) -> None:
+    """Refuses a run folder whose config.json is not this arm's config (module docstring)."""
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        return
+    old, new = json.loads(saved.read_text()), json.loads(config.to_json_best_effort())
+    differ = [k for k in COMPARED if old.get(k) != new.get(k)]
+    differ += [f"data.{k}" for k in COMPARED_DATA if old.get("data", {}).get(k) != new["data"].get(k)]
+    if differ:
+        raise SystemExit(f"{workdir}: holds a run trained with another config ({', '.join(differ)} differ); "
+                         "use another --workdir or remove it")
+
+
 def run(config, *, pretrained: str | None, root: pathlib.Path, split: str, num_bootstrap: int, log=print) -> dict:
     """Trains and scores both arms; the JSON-ready result (module docstring)."""
     from t3d_jax.data.prepared import check_data_config, data_fingerprint, sync_config_with_data
@@ -104,6 +131,7 @@ def run(config, *, pretrained: str | None, root: pathlib.Path, split: str, num_b
         c = config.copy_and_resolve_references()
         c.init_from.checkpoint = pretrained if arm == "pretrained" else ""
         workdir = root / arm
+        check_same_run(c, workdir)
         log(f"== {arm}: {c.train.num_steps} steps -> {workdir}")
         t0 = time.perf_counter()
         trained = train_and_evaluate(c, workdir)
@@ -111,13 +139,17 @@ def run(config, *, pretrained: str | None, root: pathlib.Path, split: str, num_b
         t0 = time.perf_counter()
         scored[arm] = score_run(c, workdir, split)
         score_s = time.perf_counter() - t0
-        losses = [h["loss"] for h in trained.history if "loss" in h]
+        logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        losses = [h["loss"] for h in logged if "loss" in h]
+        step_times = [h["perf/step_time_s"] for h in logged if "perf/step_time_s" in h]
         figs = seg_eval.figures(scored[arm], names, num_bootstrap=num_bootstrap)
-        result["arms_result"][arm] = {"train_seconds": round(train_s, 1), "score_seconds": round(score_s, 1),
-                                      "steps": int(trained.step), "first_loss": float(losses[0]) if losses else math.nan,
+        result["arms_result"][arm] = {"train_seconds_here": round(train_s, 1), "score_seconds": round(score_s, 1),
+                                      "steps": int(trained.step), "logged_losses": losses,
+                                      "mean_step_time_s": float(np.mean(step_times)) if step_times else math.nan,
+                                      "first_loss": float(losses[0]) if losses else math.nan,
                                       "final_loss": float(losses[-1]) if losses else math.nan, **figs,
                                       "per_case": {"ids": scored[arm]["ids"], "dice": scored[arm]["dice"].tolist()}}
-        log(f"   trained {train_s:.0f} s (loss {result['arms_result'][arm]['first_loss']:.3f} -> "
+        log(f"   {train_s:.0f} s in the trainer (loss {result['arms_result'][arm]['first_loss']:.3f} -> "
             f"{result['arms_result'][arm]['final_loss']:.3f}), scored {score_s:.0f} s: mean Dice "
             f"{figs['dice']['mean']['value']:.3f}")
     if pretrained:
