@@ -131,6 +131,18 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.model.image.resnet.norm_groups = 32
     c.model.image.resnet.norm_eps = 1e-5
     c.model.image.resnet.bn_momentum = 0.1  # PyTorch's: the new batch's weight in the running statistics
+    # model.image.name = "swin3d" (t3d_jax/models/swin3d.py: MONAI SwinUNETR's swinViT; MONAI's
+    # SwinTransformer arguments in brackets). size: tiny | demo | small | base (feature_size 48,
+    # MG-3D's Swin-B) | large (96, Swin-L) | swin_b (embed 128, depths 2-2-18-2).
+    c.model.image.swin = ml_collections.ConfigDict()
+    c.model.image.swin.size = "tiny"
+    c.model.image.swin.window_size = (7, 7, 7)  # [window_size]
+    c.model.image.swin.patch_size = (2, 2, 2)  # [patch_size]
+    c.model.image.swin.mlp_ratio = 4.0  # [mlp_ratio]
+    c.model.image.swin.qkv_bias = True  # [qkv_bias]
+    c.model.image.swin.patch_norm = False  # [patch_norm]
+    c.model.image.swin.downsample = "merging"  # merging (MONAI's default) | mergingv2 [downsample]
+    c.model.image.swin.normalize = True  # LayerNorm on the stage outputs [SwinUNETR's normalize]
     c.model.text = ml_collections.ConfigDict()
     c.model.text.size = "tiny"  # tiny | mini | minilm | base; pretrained weights: init_from.hf_bert_dir
     c.model.text.vocab_size = 30522
@@ -227,6 +239,8 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.init_from = ml_collections.ConfigDict()
     c.init_from.hf_bert_dir = ""  # local Hugging Face BERT directory -> text encoder
     c.init_from.monai_vit = ""  # MONAI ViT state dict (.pt/.pth/.safetensors) -> image encoder
+    # MONAI SwinTransformer / SwinUNETR state dict -> image encoder (model.image.name='swin3d')
+    c.init_from.monai_swin = ""
     c.init_from.checkpoint = ""  # another run's checkpoint folder (WORKDIR/checkpoints) -> params
     c.init_from.checkpoint_step = -1  # -1 = latest
     # Top-level submodules read from init_from.checkpoint, e.g. ("image_encoder",) under a fresh

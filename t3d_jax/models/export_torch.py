@@ -5,6 +5,8 @@
 * :func:`resnet3d_to_monai`: a :class:`ResNet3D` (BatchNorm) as ``monai.networks.nets.resnet50``
   (or resnet10/18/34/101/152/200) with ``feed_forward=False``; the running statistics are the
   model's BatchNorm statistics;
+* :func:`swin3d_to_monai`: a :class:`Swin3D` as ``monai.networks.nets.swin_unetr.SwinTransformer``
+  (the ``swinViT`` of ``SwinUNETR``; its ``forward(x)`` list = our ``features(x)``);
 * :func:`bert_to_hf`: a :class:`BertEncoder` as ``transformers.BertModel`` weights + ``config.json``;
 * :func:`write_export`: all of a model's towers into one folder (``launch/export_weights.py``).
 
@@ -32,6 +34,7 @@ from flax import nnx
 
 from t3d_jax.models.bert import BertEncoder
 from t3d_jax.models.resnet3d import ResNet3D
+from t3d_jax.models.swin3d import Swin3D, relative_position_index
 from t3d_jax.models.vit3d import ViT3D
 
 StateDict = dict[str, np.ndarray]
@@ -160,14 +163,66 @@ def resnet3d_to_monai(model: ResNet3D, to_numpy: ToNumpy = np.asarray) -> tuple[
     return out, kwargs
 
 
+# ----------------------------------------------------------------------------- MONAI SwinTransformer
+def swin3d_to_monai(model: Swin3D, to_numpy: ToNumpy = np.asarray) -> tuple[StateDict, dict]:
+    """(state dict, kwargs): ``monai.networks.nets.swin_unetr.SwinTransformer(**kwargs)`` loads it
+    with ``strict=True``; its ``forward(x, normalize=cfg.normalize)`` returns our ``features`` (the
+    last map, flattened, is our ``tokens``; our ``pooled`` is their mean). A ``SwinUNETR`` takes
+    the same weights under ``swinViT.`` (its decoder is not ours). The ``relative_position_index``
+    buffers (int64, part of MONAI's state dict) are MONAI's for the window."""
+    cfg = model.cfg
+    flat = flat_values(model, to_numpy)
+    sd: StateDict = {"patch_embed.proj.weight": flat[("patch_embed", "kernel")].transpose(4, 3, 0, 1, 2),
+                     "patch_embed.proj.bias": flat[("patch_embed", "bias")]}
+
+    def linear(src, dst, in_dim, bias=True):
+        sd[f"{dst}.weight"] = flat[src + ("kernel",)].reshape(in_dim, -1).T
+        if bias:
+            sd[f"{dst}.bias"] = flat[src + ("bias",)].reshape(-1)
+
+    def norm(src, dst):
+        sd[f"{dst}.weight"] = flat[src + ("scale",)]
+        sd[f"{dst}.bias"] = flat[src + ("bias",)]
+
+    if cfg.patch_norm:
+        norm(("patch_norm",), "patch_embed.norm")
+    index = relative_position_index(cfg.window_size)
+    for s in range(4):
+        dim = cfg.stage_dim(s)
+        src_stage, dst_stage = (f"layers{s + 1}",), f"layers{s + 1}.0"
+        for j in range(cfg.depths[s]):
+            src, dst = src_stage + ("blocks", j), f"{dst_stage}.blocks.{j}"
+            norm(src + ("norm1",), f"{dst}.norm1")
+            norm(src + ("norm2",), f"{dst}.norm2")
+            linear(src + ("attn", "qkv"), f"{dst}.attn.qkv", dim, bias=cfg.qkv_bias)  # outputs (qkv, head, dh)
+            linear(src + ("attn", "proj"), f"{dst}.attn.proj", dim)
+            sd[f"{dst}.attn.relative_position_bias_table"] = flat[src + ("attn", "relative_position_bias_table")]
+            linear(src + ("mlp", "fc1"), f"{dst}.mlp.linear1", dim)
+            linear(src + ("mlp", "fc2"), f"{dst}.mlp.linear2", int(dim * cfg.mlp_ratio))
+        norm(src_stage + ("downsample", "norm"), f"{dst_stage}.downsample.norm")
+        linear(src_stage + ("downsample", "reduction"), f"{dst_stage}.downsample.reduction", 8 * dim, bias=False)
+    out = {k: _f32(v) for k, v in sd.items()}
+    for s in range(4):
+        for j in range(cfg.depths[s]):
+            out[f"layers{s + 1}.0.blocks.{j}.attn.relative_position_index"] = np.ascontiguousarray(index)
+    kwargs = dict(in_chans=cfg.in_channels, embed_dim=cfg.embed_dim, window_size=list(cfg.window_size),
+                  patch_size=list(cfg.patch_size), depths=list(cfg.depths), num_heads=list(cfg.num_heads_per_stage),
+                  mlp_ratio=float(cfg.mlp_ratio), qkv_bias=bool(cfg.qkv_bias), patch_norm=bool(cfg.patch_norm),
+                  downsample=cfg.downsample, spatial_dims=3)
+    return out, kwargs
+
+
 def image_encoder_to_monai(encoder, to_numpy: ToNumpy = np.asarray) -> tuple[StateDict, dict]:
-    """(state dict, {"class": MONAI constructor path, "kwargs": ...}) of either image encoder."""
+    """(state dict, {"class": MONAI constructor path, "kwargs": ...}) of an image encoder."""
     if isinstance(encoder, ViT3D):
         sd, kwargs = vit3d_to_monai(encoder, to_numpy)
         return sd, {"class": "monai.networks.nets.ViT", "kwargs": kwargs}
     if isinstance(encoder, ResNet3D):
         sd, kwargs = resnet3d_to_monai(encoder, to_numpy)
         return sd, {"class": f"monai.networks.nets.{encoder.cfg.arch}", "kwargs": kwargs}
+    if isinstance(encoder, Swin3D):
+        sd, kwargs = swin3d_to_monai(encoder, to_numpy)
+        return sd, {"class": "monai.networks.nets.swin_unetr.SwinTransformer", "kwargs": kwargs}
     raise TypeError(f"no MONAI export for image encoder {type(encoder).__name__}")
 
 

@@ -21,7 +21,7 @@ and every stage output goes through a LayerNorm without affine parameters (MONAI
   as keys (no padding mask, as MONAI) and are cropped away after it.
 * Shifted windows: ``roll`` by ``-window // 2``, attention with MONAI's additive region mask
   (-100 between tokens from different regions of the rolled map, :func:`compute_mask`, built
-  on the padded size), roll back.
+  on the padded size; in the graph from the per-token region ids), roll back.
 * Relative position bias: a table ``[(2wx-1)(2wy-1)(2wz-1), heads]`` indexed by the relative
   offset of each query/key pair in the *configured* window. When a stage clips its window
   (a map smaller than the window), MONAI indexes the bias with the top-left ``n x n`` block of
@@ -202,19 +202,26 @@ def _partition_np(x: np.ndarray, window) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def compute_mask(dims: tuple[int, int, int], window: tuple[int, ...], shift: tuple[int, ...]) -> np.ndarray:
-    """MONAI's ``compute_mask`` (its slices kept literally, including ``slice(-0, None)`` for an
-    unshifted axis): ``[num_windows, n, n]`` float32, 0 within a region, -100 across."""
-    img = np.zeros(dims, np.float32)
+def mask_regions(dims: tuple[int, int, int], window: tuple[int, ...], shift: tuple[int, ...]) -> np.ndarray:
+    """The region id of every token of every window, ``[num_windows, n]`` int32, of MONAI's
+    ``compute_mask`` (its slices kept literally, including ``slice(-0, None)`` for an unshifted
+    axis). Tokens of different regions may not attend to each other (:func:`compute_mask`)."""
+    img = np.zeros(dims, np.int32)
     cnt = 0
     for d in slice(-window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None):
         for h in slice(-window[1]), slice(-window[1], -shift[1]), slice(-shift[1], None):
             for w in slice(-window[2]), slice(-window[2], -shift[2]), slice(-shift[2], None):
                 img[d, h, w] = cnt
                 cnt += 1
-    win = _partition_np(img, window)
-    diff = win[:, None, :] - win[:, :, None]
-    return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
+    return _partition_np(img, window)
+
+
+def compute_mask(dims, window, shift) -> np.ndarray:
+    """MONAI's ``compute_mask``: ``[num_windows, n, n]`` float32, 0 within a region, -100 across.
+    (The model builds it in the graph from :func:`mask_regions`: for a 7^3 window on a 128^3
+    volume the full mask is hundreds of MB, the region ids a few hundred kB.)"""
+    win = mask_regions(tuple(dims), tuple(window), tuple(shift))
+    return np.where(win[:, None, :] != win[:, :, None], MASK_VALUE, 0.0).astype(np.float32)
 
 
 def window_partition(x: jax.Array, window) -> jax.Array:
@@ -268,8 +275,8 @@ class WindowAttention(nnx.Module):
             rngs, nnx.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02),
             (rows, num_heads), (None, "heads"), param_dtype)
 
-    def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
-        """``x [B*nW, n, C]``; ``mask`` ``[nW, n, n]`` additive (shifted windows) or None."""
+    def __call__(self, x: jax.Array, regions: np.ndarray | None) -> jax.Array:
+        """``x [B*nW, n, C]``; ``regions`` ``[nW, n]`` (:func:`mask_regions`; shifted windows) or None."""
         bw, n, _ = x.shape
         qkv = self.qkv(x)  # [B*nW, n, 3, heads, dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -277,9 +284,11 @@ class WindowAttention(nnx.Module):
         index = relative_position_index(self.window)[:n, :n].reshape(-1)  # MONAI's [:n, :n], see module doc
         bias = self.relative_position_bias_table[...].astype(jnp.float32)[index].reshape(n, n, -1)
         logits = logits + bias.transpose(2, 0, 1)[None]
-        if mask is not None:
-            nw = mask.shape[0]
-            logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + jnp.asarray(mask)[None, :, None]
+        if regions is not None:
+            nw = regions.shape[0]
+            ids = jnp.asarray(regions)
+            mask = jnp.where(ids[:, None, :] != ids[:, :, None], np.float32(MASK_VALUE), np.float32(0.0))
+            logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
             logits = logits.reshape(bw, self.num_heads, n, n)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return self.proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
@@ -302,12 +311,12 @@ class SwinBlock(nnx.Module):
         window, shift = stage_window((d, h, w), self.window, self.shift)
         padded = tuple(_round_up(s, wi) for s, wi in zip((d, h, w), window))
         y = _pad_end(self.norm1(x), padded)
-        mask = None
+        regions = None
         if any(shift):
             y = jnp.roll(y, tuple(-s for s in shift), axis=(1, 2, 3))
             # MONAI's BasicLayer builds it from the stage's clipped window and shift (= this block's).
-            mask = compute_mask(padded, window, shift)
-        y = self.attn(window_partition(y, window), mask)
+            regions = mask_regions(padded, window, shift)
+        y = self.attn(window_partition(y, window), regions)
         y = window_reverse(y, window, (b, *padded))
         if any(shift):
             y = jnp.roll(y, shift, axis=(1, 2, 3))
@@ -403,10 +412,15 @@ class Swin3D(nnx.Module):
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs=None) -> dict:
         del rngs  # nothing random
-        fmap = self.features(x, deterministic=deterministic)[-1]
-        b, gx, gy, gz, c = fmap.shape
-        n = gx * gy * gz
-        tokens = fmap.reshape(b, n, c)
-        pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
-        token_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        return {"pooled": pooled, "tokens": tokens, "token_index": token_index, "grid": (gx, gy, gz)}
+        return encoder_output(self.features(x, deterministic=deterministic)[-1])
+
+
+def encoder_output(fmap: jax.Array) -> dict:
+    """The image-tower dict of the last map ``[B, gx, gy, gz, C]``: row-major ``tokens``, their
+    mean as ``pooled``, ``token_index`` (every cell kept) and ``grid``."""
+    b, gx, gy, gz, c = fmap.shape
+    n = gx * gy * gz
+    tokens = fmap.reshape(b, n, c)
+    pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
+    token_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    return {"pooled": pooled, "tokens": tokens, "token_index": token_index, "grid": (gx, gy, gz)}

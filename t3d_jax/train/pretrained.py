@@ -1,4 +1,4 @@
-"""`config.init_from`: start training from a Hugging Face BERT and/or a MONAI ViT checkpoint.
+"""`config.init_from`: start training from a Hugging Face BERT and/or a MONAI ViT / Swin checkpoint.
 
 The converters of `t3d_jax.models.convert` turn a checkpoint into a flat state
 `{path tuple: array}` keyed by our encoder's parameter paths; here those arrays replace the
@@ -96,6 +96,18 @@ def load_into_state(config, program, state: dict) -> dict:
             num_heads=int(image.get("num_heads", 0) or _image_heads(config)))
         params, n = apply_flat_state(params, shardings, flat, "image_encoder", init.monai_vit)
         log.info("image_encoder: %d tensors from MONAI ViT %s", n, init.monai_vit)
+    if init.get("monai_swin", ""):
+        image = config.model.image
+        if str(image.get("name", "vit3d")) != "swin3d":
+            raise ValueError(f"init_from.monai_swin={init.monai_swin} needs model.image.name='swin3d', "
+                             f"not {image.get('name', 'vit3d')!r}")
+        swin = dict(image.get("swin", None) or {})
+        # The window and the merging order cannot be read from the weights: the config's are used
+        # (the window is checked against the checkpoint's bias tables and index buffers).
+        _, flat = convert.monai_swin_state(init.monai_swin, window_size=tuple(swin.get("window_size", (7, 7, 7))),
+                                           downsample=str(swin.get("downsample", "merging")))
+        params, n = apply_flat_state(params, shardings, flat, "image_encoder", init.monai_swin)
+        log.info("image_encoder: %d tensors from MONAI SwinTransformer %s", n, init.monai_swin)
     return dict(state, params=params)
 
 
