@@ -135,7 +135,15 @@ def test_mem_loss_matches_float64_numpy():
 
 
 def test_one_compiled_program_per_bucket():
-    model = MSVLM(tiny(), rngs=nnx.Rngs(6))
+    # Built as the two-tower models build their image tower (model.image.name = 'msvlm').
+    import ml_collections
+
+    from t3d_jax.models import two_tower
+
+    fields = {k: v for k, v in tiny().__dict__.items() if k not in ("image_size", "attention", "dtype", "param_dtype")}
+    image_cfg = ml_collections.ConfigDict({"name": "msvlm", "size": "tiny", "msvlm": fields})
+    model = two_tower.build_image_encoder(image_cfg, image_size=(16, 16, 48), dtype="float32", rngs=nnx.Rngs(6))
+    assert isinstance(model, MSVLM) and model.cfg == tiny()
     traces = []
 
     @nnx.jit

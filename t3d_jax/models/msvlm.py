@@ -144,6 +144,10 @@ class MSVLMConfig:
         unknown = sorted(set(sub) - keys)
         if unknown:
             raise ValueError(f"config.model.image.msvlm: unknown keys {unknown}; known: {sorted(keys)}")
+        for k in ("attention", "dtype", "param_dtype"):
+            if k in sub:
+                raise ValueError(f"config.model.image.msvlm.{k}: set by the model (config.model.attention / "
+                                 f"config.model.dtype), not per encoder")
         sub.setdefault("image_size", tuple(image_size)[:2])
         for k in ("in_channels", "input_mean", "input_std", "scan_layers"):
             if k in c and k not in sub:
