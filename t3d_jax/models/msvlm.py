@@ -432,10 +432,10 @@ def hf_vit_state_from_dict(sd, cfg: MSVLMConfig, where: str = "state dict") -> d
           ("norm", "scale"): get("layernorm.weight"), ("norm", "bias"): get("layernorm.bias")}
     for i in range(cfg.depth):
         src, dst = f"encoder.layer.{i}.", ("blocks", i)
-        for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
-            st[dst + ("attn", ours, "kernel")] = get(f"{src}attention.attention.{theirs}.weight").T.reshape(h, heads, dh)
+        for name in ("query", "key", "value"):
+            st[dst + ("attn", name, "kernel")] = get(f"{src}attention.attention.{name}.weight").T.reshape(h, heads, dh)
             if cfg.qkv_bias:
-                st[dst + ("attn", ours, "bias")] = get(f"{src}attention.attention.{theirs}.bias").reshape(heads, dh)
+                st[dst + ("attn", name, "bias")] = get(f"{src}attention.attention.{name}.bias").reshape(heads, dh)
         st[dst + ("attn", "out", "kernel")] = get(f"{src}attention.output.dense.weight").T.reshape(heads, dh, h)
         st[dst + ("attn", "out", "bias")] = get(f"{src}attention.output.dense.bias")
         st[dst + ("norm1", "scale")] = get(f"{src}layernorm_before.weight")
@@ -446,7 +446,8 @@ def hf_vit_state_from_dict(sd, cfg: MSVLMConfig, where: str = "state dict") -> d
         st[dst + ("mlp", "fc1", "bias")] = get(f"{src}intermediate.dense.bias")
         st[dst + ("mlp", "fc2", "kernel")] = get(f"{src}output.dense.weight").T
         st[dst + ("mlp", "fc2", "bias")] = get(f"{src}output.dense.bias")
-    leftover = sorted(k for k in sd if k not in used and not re.match(r"(pooler|classifier)\.|embeddings\.mask_token", k))
+    skipped = re.compile(r"(pooler|classifier)\.|embeddings\.mask_token")
+    leftover = sorted(k for k in sd if k not in used and not skipped.match(k))
     if leftover:
         raise ValueError(f"{where}: ViT weights not understood (more layers than config.json, or another "
                          f"architecture): {leftover[:10]}")
