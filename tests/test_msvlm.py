@@ -50,7 +50,7 @@ def test_slice_encoder_matches_transformers_vit(tmp_path):
     hf.save_pretrained(tmp_path)
 
     # The import into a whole MS-VLM model's slice encoder, run over a volume in chunks of 3
-    # slices (B*Z = 10: the last chunk is padded).
+    # slices per volume (Z = 5: the second chunk is padded).
     cfg, _ = msvlm.hf_vit_state(tmp_path)
     model = MSVLM(tiny(**{**cfg.__dict__, "slice_chunk": 3, "z_depth": 0}), rngs=nnx.Rngs(0))
     msvlm.load_hf_vit(tmp_path, into=model.slice_encoder)

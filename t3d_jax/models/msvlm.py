@@ -10,8 +10,8 @@ Pieces (submodule names are part of the contract: optimizer freeze regexes match
   blocks (ViT3D's :class:`~t3d_jax.models.vit3d.Block`), final LayerNorm: the layout of
   Hugging Face's ``ViTModel``, whose weights :func:`load_hf_vit` imports. A volume
   ``[B, X, Y, Z, C]`` is cut into its Z axial slices ``[X, Y, C]`` (slice x = the ViT's image
-  height, y = its width); each slice's token is the final [CLS] state. The ``B*Z`` slices
-  run in chunks of ``slice_chunk`` through ``lax.map`` (each chunk rematerialised in the
+  height, y = its width); each slice's token is the final [CLS] state. The slices run in
+  chunks of ``slice_chunk`` per volume through ``lax.map`` (each chunk rematerialised in the
   backward pass when ``slice_remat``), so activation memory is one chunk's, not the volume's.
   Freezing it: ``optim.freeze = (r'^image_encoder/slice_encoder/',)`` (no update, no optimizer
   state) plus ``freeze_slice_encoder=True`` (a ``stop_gradient`` on its tokens, so no backward
@@ -287,28 +287,31 @@ class MSVLM(nnx.Module):
 
     # ------------------------------------------------------------------ slice encoder
     def slice_tokens(self, volume: jax.Array) -> jax.Array:
-        """[B, X, Y, Z, C] -> [B, Z, width]: every axial slice's [CLS] state, in chunks of
-        ``slice_chunk`` slices (``lax.map``). Deterministic (the encoder has no dropout)."""
+        """[B, X, Y, Z, C] -> [B, Z, width]: every axial slice's [CLS] state. ``lax.map`` over
+        chunks of ``slice_chunk`` slices of every volume (B x chunk slices a step, Z zero-padded
+        to a multiple of the chunk); the batch axis stays leading in each step, so a batch
+        sharded over devices stays sharded. Deterministic (the encoder has no dropout)."""
         cfg = self.cfg
         if volume.ndim != 5:
             raise ValueError(f"MS-VLM expects [B, X, Y, Z, C] volumes, got shape {volume.shape}")
         b, sx, sy, z, c = volume.shape
         if cfg.input_mean != 0.0 or cfg.input_std != 1.0:
             volume = (volume.astype(jnp.float32) - cfg.input_mean) * (1.0 / cfg.input_std)
-        slices = jnp.transpose(volume, (0, 3, 1, 2, 4)).reshape(b * z, sx, sy, c)
-        n = b * z
-        chunk = min(cfg.slice_chunk, n)
-        pad = (-n) % chunk
-        slices = jnp.pad(slices, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        chunk = min(cfg.slice_chunk, z)
+        steps = -(-z // chunk)
+        volume = jnp.pad(volume, ((0, 0), (0, 0), (0, 0), (0, steps * chunk - z), (0, 0)))
+        # [steps, B, chunk, X, Y, C]
+        slices = jnp.transpose(volume.reshape(b, sx, sy, steps, chunk, c), (3, 0, 4, 1, 2, 5))
         graphdef, state = nnx.split(self.slice_encoder)
 
-        def run(chunk_slices):
-            return nnx.merge(graphdef, state)(chunk_slices)["cls"]
+        def run(step_slices):  # [B, chunk, X, Y, C] -> [B, chunk, width]
+            flat = step_slices.reshape(b * chunk, sx, sy, c)
+            return nnx.merge(graphdef, state)(flat)["cls"].reshape(b, chunk, cfg.width)
 
         if cfg.slice_remat:
             run = jax.checkpoint(run)
-        out = jax.lax.map(run, slices.reshape(-1, chunk, sx, sy, c)).reshape(n + pad, cfg.width)[:n]
-        out = out.reshape(b, z, cfg.width)
+        out = jax.lax.map(run, slices)  # [steps, B, chunk, width]
+        out = jnp.transpose(out, (1, 0, 2, 3)).reshape(b, steps * chunk, cfg.width)[:, :z]
         return jax.lax.stop_gradient(out) if cfg.freeze_slice_encoder else out
 
     # ------------------------------------------------------------------ Z-former
