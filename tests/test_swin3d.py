@@ -3,11 +3,12 @@
 both patch mergings) against MONAI's own functions, and the `base` encoder's shapes.
 
 The parity model has shapes no other test uses and is chosen so every path of MONAI's code
-runs: input 39x36x30 with 2 channels (the patch embedding pads 39 -> 40), window 4: stage 1
-(20x18x15) pads to 20x20x16 and its odd block shifts windows with the mask; stage 2 (10x9x8)
-pads and shifts; stage 3 (5x5x4) has an axis equal to the window (unshifted there); stage 4
-(3x3x2) clips its window to (3, 3, 2), where MONAI indexes the bias with the top-left block of
-the full window's index; odd sizes reach every patch merging (15 -> 8, 9 -> 5, 5 -> 3, 3 -> 2).
+runs: input 39x36x30 with 2 channels (the patch embedding pads 39 -> 40), window 4, depths
+2-1-2-1: stage 1 (20x18x15) pads to 20x20x16 and its second block shifts windows with the mask;
+stage 3 (5x5x4) pads x and y to 8 and its second block shifts x and y only (z equals the window:
+MONAI's unshifted-axis case of the mask); stage 4 (3x3x2) clips its window to (3, 3, 2), where
+MONAI indexes the bias with the top-left block of the full window's index; odd sizes reach
+every patch merging (15 -> 8, 9 -> 5, 5 -> 3, 3 -> 2).
 
 Tolerance: ATOL = 2e-5 on the stage outputs, which are layer-normalised (unit scale). Both sides
 compute in float32 and differ in the order of sums (matmuls over at most 8 x 96 terms, softmax
@@ -25,13 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t3d_jax.models import convert, export_torch, swin3d
+from t3d_jax.models import convert, export_torch, layers, swin3d
 
 torch = pytest.importorskip("torch")
 monai_swin = pytest.importorskip("monai.networks.nets.swin_unetr")
 
 ATOL = 2e-5
-KW = dict(in_chans=2, embed_dim=12, window_size=(4, 4, 4), patch_size=(2, 2, 2), depths=(2, 2, 1, 1),
+KW = dict(in_chans=2, embed_dim=12, window_size=(4, 4, 4), patch_size=(2, 2, 2), depths=(2, 1, 2, 1),
           num_heads=(1, 2, 2, 4))
 SHAPE = (39, 36, 30)
 
@@ -48,6 +49,16 @@ def _monai_model(downsample="merging", seed=0):
 
 def _channels_last(x):
     return jnp.asarray(np.moveaxis(x, 1, -1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """MONAI's side runs on one thread (the module's tiny convolutions and matmuls gain nothing
+    from more, and on a shared CPU torch's thread pool costs seconds); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +93,7 @@ def test_monai_parity_every_stage_and_the_init_from_entry_point(parity, tmp_path
     torch.save({"state_dict": sd}, path)
 
     ours = convert.load_monai_swin(path)  # window 4 read from the bias tables
-    assert ours.cfg.window_size == (4, 4, 4) and ours.cfg.depths == (2, 2, 1, 1) and ours.cfg.in_channels == 2
+    assert ours.cfg.window_size == (4, 4, 4) and ours.cfg.depths == (2, 1, 2, 1) and ours.cfg.in_channels == 2
     forward, state = _compiled_forward(ours, _channels_last(x))
     feats, out = forward(state, _channels_last(x))
     for i, (got, exp) in enumerate(zip(feats, want)):
@@ -102,7 +113,7 @@ def test_monai_parity_every_stage_and_the_init_from_entry_point(parity, tmp_path
 
     config = ml_collections.ConfigDict({
         "model": {"image": {"name": "swin3d", "in_channels": 2,
-                            "swin": {"size": "tiny", "depths": (2, 2, 1, 1), "num_heads_per_stage": (1, 2, 2, 4),
+                            "swin": {"size": "tiny", "depths": (2, 1, 2, 1), "num_heads_per_stage": (1, 2, 2, 4),
                                      "window_size": (4, 4, 4), "patch_size": (2, 2, 2)}}},
         "init_from": {"hf_bert_dir": "", "monai_vit": "", "monai_swin": str(path)}})
     # Abstract (an eager random init costs more than the compile); the loader fills every leaf.
@@ -123,11 +134,20 @@ def test_monai_parity_every_stage_and_the_init_from_entry_point(parity, tmp_path
         pretrained.load_into_state(config, program, {"params": pure})
 
 
-def test_export_round_trip_loads_strictly_into_monai(parity):
-    ref, _, _ = parity
-    ours = convert.load_monai_swin(ref.state_dict(), window_size=4)
+@pytest.mark.parametrize("options", [{}, dict(patch_norm=True, qkv_bias=False, downsample="mergingv2",
+                                               window_size=(4, 3, 2), mlp_ratio=2.0)])
+def test_export_round_trip_loads_strictly_into_monai(parity, options):
+    """Import then export gives back MONAI's state dict exactly (weights only: the forward of the
+    default options is the parity test's; the others change only which weights exist)."""
+    ref = parity[0]
+    if options:
+        torch.manual_seed(1)
+        ref = monai_swin.SwinTransformer(**{**KW, **options})
+    kwargs = {k: v for k, v in options.items() if k in ("window_size", "downsample")}
+    ours = convert.load_monai_swin(ref.state_dict(), **kwargs)
     sd, ctor = export_torch.image_encoder_to_monai(ours)
     assert ctor["class"] == "monai.networks.nets.swin_unetr.SwinTransformer"
+    assert ctor["kwargs"]["downsample"] == options.get("downsample", "merging")
     back = monai_swin.SwinTransformer(**ctor["kwargs"])
     back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     for k, v in ref.state_dict().items():
@@ -187,9 +207,13 @@ def test_base_builds_as_the_image_tower_at_128x96x128():
     c.model.image.name = "swin3d"
     c.model.image.swin.size = "base"
     c.data.view_size = (128, 96, 128)
+    c.model.image.remat = "full"  # traced through nnx.remat below
     model = nnx.eval_shape(lambda: build_model_from_config(c, rngs=nnx.Rngs(0)))
     enc = model.image_encoder
     assert isinstance(enc, swin3d.Swin3D) and enc.cfg.embed_dim == 48 and enc.cfg.width == 768
+    names = layers.logical_names(enc)  # every parameter carries logical sharding names
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(enc, nnx.Param))}
+    assert set(names) == set(flat) and all(n is not None and len(n) == len(flat[p].shape) for p, n in names.items())
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(enc, nnx.Param)))
     print(f"Swin3D base: {n_params:,} parameters")
     assert model.image_proj.kernel.get_value().shape == (768, c.model.embed_dim)
