@@ -195,3 +195,27 @@ def test_multi_series_order_and_embeddings():
         for j in range(8):
             expect[1 + i, 1 + j] = ids[i] == ids[j] and abs(pos[i] - pos[j]) <= 1
     np.testing.assert_array_equal(mask, expect)
+
+
+def test_freeze_regex_selects_the_slice_encoder():
+    """The documented freeze: optim.freeze = (r'^image_encoder/slice_encoder/',) labels every
+    slice-encoder parameter frozen and nothing of the Z-former / heads (the optimizer's own
+    labelling, t3d_jax/train/optim.py, on a two-tower-shaped parameter tree)."""
+    import ml_collections
+
+    from t3d_jax.train import optim
+    from t3d_jax.utils import path_str
+
+    class Tower(nnx.Module):
+        def __init__(self):
+            self.image_encoder = MSVLM(tiny(z_depth=1), rngs=nnx.Rngs(10))
+
+    params = nnx.state(nnx.eval_shape(Tower), nnx.Param)
+    config = ml_collections.ConfigDict({"freeze": (r"^image_encoder/slice_encoder/",), "lr_multipliers": {},
+                                        "layer_decay": 0.0, "no_decay": ()})
+    labels, _ = optim.param_labels(params, config)
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    frozen = sorted(k for k, v in flat.items() if v == optim.FROZEN)
+    assert frozen and all("slice_encoder" in k for k in frozen)
+    assert len(frozen) == sum("slice_encoder" in k for k in flat)
+    assert "image_encoder/z_blocks/0/attn/query/kernel" in flat and len(frozen) < len(flat)
