@@ -3,7 +3,8 @@ r"""Export a trained checkpoint's encoders for PyTorch: MONAI image encoder, Hug
   python launch/export_weights.py --config=configs/t3d.py:demo --workdir demo_out/run --out demo_out/torch
   python launch/export_weights.py --config=configs/t3d.py:resnet_demo --workdir runs/r --out r_torch
 
-OUT gets image_encoder.safetensors (a monai.networks.nets.ViT / resnet50 state dict, loadable
+OUT gets image_encoder.safetensors (a monai.networks.nets.ViT / resnet50 /
+swin_unetr.SwinTransformer state dict, loadable
 with load_state_dict(strict=True)), text_encoder/ (config.json, model.safetensors, vocab.txt:
 transformers.BertModel.from_pretrained), projections.safetensors and export.json (the MONAI
 constructor arguments, the input standardisation, the data's preprocessing, the step).

@@ -5,8 +5,9 @@ API (two layers, so a trainer can load weights into a sub-module of a bigger mod
 
 * ``hf_bert_state(path) -> (BertConfig, state)``, ``hf_gpt2_state(path) -> (ReportDecoderConfig,
   state)`` (the text part of a report decoder), ``monai_vit_state(sd_or_path, **monai_kwargs)
-  -> (ViT3DConfig, state)`` and ``monai_resnet_state(sd_or_path, **monai_kwargs) -> (ResNet3DConfig,
-  state)`` read a checkpoint and return the converted weights as a *flat state*: ``{path tuple:
+  -> (ViT3DConfig, state)``, ``monai_resnet_state(sd_or_path, **monai_kwargs) -> (ResNet3DConfig,
+  state)`` and ``monai_swin_state(sd_or_path, **monai_kwargs) -> (Swin3DConfig, state)`` (a MONAI
+  ``SwinTransformer`` / ``SwinUNETR``: its ``swinViT`` part) read a checkpoint and return the converted weights as a *flat state*: ``{path tuple:
   np.ndarray}`` keyed by our module's parameter paths, e.g. ``('layers', 0, 'attn', 'query',
   'kernel')`` (a ResNet's state also holds its BatchNorm running statistics, ``.../mean|var``).
 * ``assign(module, state, *, allow_missing=())`` writes such a state into an existing module
@@ -16,7 +17,8 @@ API (two layers, so a trainer can load weights into a sub-module of a bigger mod
 * ``into_state(params, state, prefix=('text_encoder',))`` is the functional form for a split
   ``nnx.State`` (what a trainer holds after ``nnx.split``); it keeps each value's sharding.
 * ``load_hf_bert(path)`` / ``load_hf_gpt2(path, visual_width=...)`` / ``load_monai_vit(path_or_state_dict, **monai_vit_kwargs)`` /
-  ``load_monai_resnet(path_or_state_dict, **monai_resnet_kwargs)`` do both and return a ready
+  ``load_monai_resnet(path_or_state_dict, **monai_resnet_kwargs)`` / ``load_monai_swin(...)`` do
+  both and return a ready
   module, e.g.::
 
       text = convert.load_hf_bert("/models/BiomedBERT")                  # whole encoder
