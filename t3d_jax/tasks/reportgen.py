@@ -48,8 +48,9 @@ def vocab_size_of(config) -> int:
 
 
 def decoder_config(config, visual_width: int) -> ReportDecoderConfig:
-    """The decoder of `model.decoder` (a size by name; `init_from.hf_gpt2_dir`: that folder's
-    config.json, whose weights t3d_jax/train/pretrained.py loads)."""
+    """The decoder of `model.decoder` (a size by name, `hidden_size` / `num_layers` / `num_heads`
+    overriding its own when > 0; `init_from.hf_gpt2_dir`: that folder's config.json, whose
+    weights t3d_jax/train/pretrained.py loads)."""
     dc = cfg_get(config.model, "decoder", None)
     dtype = cfg_get(config.model, "dtype", "float32")
     kw = dict(
@@ -63,9 +64,10 @@ def decoder_config(config, visual_width: int) -> ReportDecoderConfig:
     if hf_dir:
         cfg = ReportDecoderConfig.from_hf(hf_dir, **kw)
     else:
+        sizes = {k: int(cfg_get(dc, k, 0) or 0) for k in ("hidden_size", "num_layers", "num_heads")}
         cfg = ReportDecoderConfig.from_size(str(cfg_get(dc, "size", "tiny")),
                                             max_position_embeddings=int(cfg_get(dc, "max_position_embeddings", 512)),
-                                            **kw)
+                                            **{k: v for k, v in sizes.items() if v > 0}, **kw)
     max_len = int(cfg_get(cfg_get(config, "preprocess"), "max_len", 128))
     if max_len > cfg.max_position_embeddings:
         raise UserValueError(f"preprocess.max_len={max_len} exceeds the decoder's max_position_embeddings "
