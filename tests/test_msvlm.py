@@ -49,10 +49,10 @@ def test_slice_encoder_matches_transformers_vit(tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     hf.save_pretrained(tmp_path)
 
-    # The import into a whole MS-VLM model's slice encoder, run over a volume in chunks of 3
-    # slices per volume (Z = 5: the second chunk is padded).
+    # The import into a whole MS-VLM model's slice encoder (layers stacked: scan_layers), run over
+    # a volume in chunks of 3 slices per volume (Z = 5: the second chunk is padded).
     cfg, _ = msvlm.hf_vit_state(tmp_path)
-    model = MSVLM(tiny(**{**cfg.__dict__, "slice_chunk": 3, "z_depth": 0}), rngs=nnx.Rngs(0))
+    model = MSVLM(tiny(**{**cfg.__dict__, "slice_chunk": 3, "z_depth": 1, "scan_layers": True}), rngs=nnx.Rngs(0))
     msvlm.load_hf_vit(tmp_path, into=model.slice_encoder)
     assert model.cfg.layer_norm_eps == 1e-12
 

@@ -287,7 +287,7 @@ class MSVLM(nnx.Module):
 
     # ------------------------------------------------------------------ slice encoder
     def slice_tokens(self, volume: jax.Array) -> jax.Array:
-        """[B, X, Y, Z, C] -> [B, Z, width]: every axial slice's [CLS] state. ``lax.map`` over
+        """[B, X, Y, Z, C] -> [B, Z, width]: every axial slice's [CLS] state. A map over
         chunks of ``slice_chunk`` slices of every volume (B x chunk slices a step, Z zero-padded
         to a multiple of the chunk); the batch axis stays leading in each step, so a batch
         sharded over devices stays sharded. Deterministic (the encoder has no dropout)."""
@@ -302,15 +302,16 @@ class MSVLM(nnx.Module):
         volume = jnp.pad(volume, ((0, 0), (0, 0), (0, 0), (0, steps * chunk - z), (0, 0)))
         # [steps, B, chunk, X, Y, C]
         slices = jnp.transpose(volume.reshape(b, sx, sy, steps, chunk, c), (3, 0, 4, 1, 2, 5))
-        graphdef, state = nnx.split(self.slice_encoder)
 
-        def run(step_slices):  # [B, chunk, X, Y, C] -> [B, chunk, width]
+        def run(encoder, step_slices):  # [B, chunk, X, Y, C] -> [B, chunk, width]
             flat = step_slices.reshape(b * chunk, sx, sy, c)
-            return nnx.merge(graphdef, state)(flat)["cls"].reshape(b, chunk, cfg.width)
+            return encoder(flat)["cls"].reshape(b, chunk, cfg.width)
 
         if cfg.slice_remat:
-            run = jax.checkpoint(run)
-        out = jax.lax.map(run, slices)  # [steps, B, chunk, width]
+            run = nnx.remat(run)
+        # nnx.scan without a carry = lax.map over the steps, the encoder broadcast (NNX's own
+        # transform, so a scanned (scan_layers) encoder nests inside it).
+        out = nnx.scan(run, in_axes=(None, 0), out_axes=0)(self.slice_encoder, slices)  # [steps, B, chunk, width]
         out = jnp.transpose(out, (1, 0, 2, 3)).reshape(b, steps * chunk, cfg.width)[:, :z]
         return jax.lax.stop_gradient(out) if cfg.freeze_slice_encoder else out
 
