@@ -11,7 +11,7 @@ Pieces (submodule names are part of the contract: optimizer freeze regexes match
   Hugging Face's ``ViTModel``, whose weights :func:`load_hf_vit` imports. A volume
   ``[B, X, Y, Z, C]`` is cut into its Z axial slices ``[X, Y, C]`` (slice x = the ViT's image
   height, y = its width); each slice's token is the final [CLS] state. The slices run in
-  chunks of ``slice_chunk`` per volume through ``lax.map`` (each chunk rematerialised in the
+  chunks of ``slice_chunk`` per volume through a carry-less ``nnx.scan`` (each rematerialised in the
   backward pass when ``slice_remat``), so activation memory is one chunk's, not the volume's.
   Freezing it: ``optim.freeze = (r'^image_encoder/slice_encoder/',)`` (no update, no optimizer
   state) plus ``freeze_slice_encoder=True`` (a ``stop_gradient`` on its tokens, so no backward
@@ -81,7 +81,7 @@ class MSVLMConfig:
     in_channels: int = 1
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6  # Hugging Face ViT checkpoints: 1e-12 (from their config.json)
-    slice_chunk: int = 64  # slices per lax.map step of the slice encoder
+    slice_chunk: int = 64  # slices of each volume per step of the slice encoder
     slice_remat: bool = True  # recompute each chunk in the backward pass (memory = one chunk)
     freeze_slice_encoder: bool = False  # stop_gradient on the slice tokens (pair with optim.freeze)
     scan_layers: bool = False
