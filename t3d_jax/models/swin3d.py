@@ -192,7 +192,9 @@ def relative_position_index(window: tuple[int, int, int]) -> np.ndarray:
     rel[..., 2] += w2 - 1
     rel[..., 0] *= (2 * w1 - 1) * (2 * w2 - 1)
     rel[..., 1] *= 2 * w2 - 1
-    return rel.sum(-1)
+    index = rel.sum(-1)
+    index.setflags(write=False)  # cached and shared
+    return index
 
 
 def _partition_np(x: np.ndarray, window) -> np.ndarray:
@@ -213,7 +215,9 @@ def mask_regions(dims: tuple[int, int, int], window: tuple[int, ...], shift: tup
             for w in slice(-window[2]), slice(-window[2], -shift[2]), slice(-shift[2], None):
                 img[d, h, w] = cnt
                 cnt += 1
-    return _partition_np(img, window)
+    regions = np.ascontiguousarray(_partition_np(img, window))
+    regions.setflags(write=False)  # cached and shared
+    return regions
 
 
 def compute_mask(dims, window, shift) -> np.ndarray:
