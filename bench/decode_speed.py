@@ -1,7 +1,7 @@
 r"""Report decoding speed on this CPU: generated tokens/s, greedy and beam 4, batch 1 and 32,
 with the KV cache and without it (the whole prefix recomputed at every step), in one run.
 
-  python bench/decode_speed.py [--size demo] [--max-new-tokens 128] [--out bench/results/decode_speed.json]
+  python bench/decode_speed.py [--size demo] [--max-new-tokens 64] [--out bench/results/decode_speed.json]
 
 The decoder is `t3d_jax.models.report_decoder` at `--size` (random weights: speed does not
 depend on them), reading `--visual-tokens` image tokens of width `--visual-width` (a demo
@@ -10,8 +10,10 @@ ViT3D's 64 patch tokens of width 192 by default), vocabulary `--vocab-size`. Dec
 set to an id the model cannot emit, so every sequence runs the full `--max-new-tokens`
 steps: each figure is the cost of that many tokens per report, not of where a random model
 happens to stop. Tokens/s counts the tokens handed back (batch x max_new_tokens, the best
-beam for beam search, which does num_beams x that work). The compile is timed apart; the
-decode time is the best of `--repeats` runs.
+beam for beam search, which does num_beams x that work). The compile is timed apart (the
+same jitted function `generate` caches); the runs with and without the cache are interleaved
+so both see the same load, and each decode time is the best of `--repeats` runs (one run
+when a run takes over 5 s).
 
 Without the cache, each step is a full forward over the fixed (1 + max_new_tokens) buffer, so
 its cost does not fall with the position: that is what one compiled program can do without a
@@ -38,21 +40,34 @@ from flax import nnx  # noqa: E402
 from t3d_jax.models import decoding  # noqa: E402
 from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig  # noqa: E402
 
+MIN_SINGLE_S = 5.0
 
-def run_case(model, visual, config: decoding.DecodeConfig, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    out = decoding.generate(model, visual, config=config)
-    jax.block_until_ready(out)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+
+def run_pair(model, visual, configs: list[decoding.DecodeConfig], repeats: int) -> list[dict]:
+    """Compiles each config (timed apart), then times the decodes interleaved (cache, no cache,
+    cache, ...) so both see the same load: the best of `repeats` runs each; a config whose run
+    takes over MIN_SINGLE_S runs once (the uncached beam search at batch 32: minutes)."""
+    graphdef, state = nnx.split(model)
+    compiled, results = [], []
+    for config in configs:
         t0 = time.perf_counter()
-        jax.block_until_ready(decoding.generate(model, visual, config=config))
-        times.append(time.perf_counter() - t0)
-    tokens = int(np.asarray(out["lengths"]).sum())
-    best = min(times)
-    return {"compile_and_first_s": round(first, 3), "decode_s": round(best, 4), "tokens": tokens,
-            "tokens_per_s": round(tokens / best, 1)}
+        compiled.append(jax.jit(decoding.make_decode_fn(graphdef, config)).lower(state, visual).compile())
+        results.append({"compile_s": round(time.perf_counter() - t0, 2), "times": [], "loads": []})
+    for _ in range(repeats):
+        for fn, r in zip(compiled, results):
+            if r["times"] and r["times"][-1] > MIN_SINGLE_S:
+                continue
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(state, visual))
+            r["times"].append(time.perf_counter() - t0)
+            r["loads"].append(os.getloadavg()[0])
+            r["tokens"] = int(np.asarray(out["lengths"]).sum())
+    for r in results:
+        times, loads = r.pop("times"), r.pop("loads")
+        best = min(times)
+        r.update(decode_s=round(best, 4), runs=len(times), tokens_per_s=round(r["tokens"] / best, 1),
+                 load_average=round(float(np.mean(loads)), 2))
+    return results
 
 
 def main(argv=None) -> int:
@@ -61,10 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--visual-tokens", type=int, default=64)
     p.add_argument("--visual-width", type=int, default=192)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--methods", default="greedy,beam4")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench/results/decode_speed.json")
     args = p.parse_args(argv)
 
@@ -76,19 +91,19 @@ def main(argv=None) -> int:
     print(f"decoder {args.size} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}), "
           f"{args.visual_tokens} visual tokens x {args.visual_width}, {args.max_new_tokens} new tokens, "
           f"{jax.device_count()} {jax.default_backend()} device(s), load {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<8} {'batch':>5} {'cache':>6} {'tokens/s':>10} {'decode s':>9} {'compile+1st s':>14}")
+    print(f"{'method':<8} {'batch':>5} {'cache':>6} {'tokens/s':>10} {'decode s':>9} {'compile s':>10} {'load':>5}")
     for method in args.methods.split(","):
         beams = int(method[4:]) if method.startswith("beam") else 1
         for batch in (int(b) for b in args.batches.split(",")):
             visual = rng.normal(size=(batch, args.visual_tokens, args.visual_width)).astype(np.float32)
-            for use_cache in (True, False):
-                config = decoding.DecodeConfig(method="beam" if beams > 1 else "greedy", num_beams=beams,
-                                               max_new_tokens=args.max_new_tokens, bos_id=2,
-                                               eos_id=cfg.vocab_size, pad_id=0, use_cache=use_cache)
-                result = run_case(model, visual, config, args.repeats)
+            configs = [decoding.DecodeConfig(method="beam" if beams > 1 else "greedy", num_beams=beams,
+                                             max_new_tokens=args.max_new_tokens, bos_id=2, eos_id=cfg.vocab_size,
+                                             pad_id=0, use_cache=use_cache) for use_cache in (True, False)]
+            for use_cache, result in zip((True, False), run_pair(model, visual, configs, args.repeats)):
                 rows.append({"method": method, "batch": batch, "cache": use_cache, **result})
                 print(f"{method:<8} {batch:>5} {str(use_cache):>6} {result['tokens_per_s']:>10.1f} "
-                      f"{result['decode_s']:>9.3f} {result['compile_and_first_s']:>14.2f}", flush=True)
+                      f"{result['decode_s']:>9.3f} {result['compile_s']:>10.2f} {result['load_average']:>5.1f}",
+                      flush=True)
     speedups = {}
     for r in rows:
         if r["cache"]:
