@@ -15,8 +15,9 @@ resamples of the volumes (default 200) for BLEU, ROUGE-L, CIDEr and the CE figur
 JVM per call and has none). Files (process 0, `ctx.write`) in WORKDIR/eval/STEP/reportgen/:
 `metrics.json`, `ce_per_label.csv` and `generated.jsonl` (id, reference, generated).
 
-`score_reports` is the scoring alone, shared with bench/reportgen_baselines.py (which also scores
-the nearest-neighbour baseline, `nearest_neighbour_reports`).
+`generate_ids` decodes one batch (split over a mesh's data-parallel devices); `score_reports` is
+the scoring alone, shared with bench/reportgen_baselines.py (which also scores the
+nearest-neighbour baseline, `nearest_neighbour_reports`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ import math
 import pathlib
 from typing import Sequence
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from t3d_jax.evaluate import language_metrics as lm
 from t3d_jax.evaluate import report_labeler
 from t3d_jax.evaluate.registry import EvalContext, register_evaluator
+from t3d_jax.models.decoding import DecodeConfig, decode
+from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.utils import cfg_get
 
 log = logging.getLogger(__name__)
@@ -98,11 +106,47 @@ def nearest_neighbour_reports(query_emb: np.ndarray, bank_emb: np.ndarray, bank_
     return [str(bank_reports[j]) for j in np.argmax(q @ b.T, axis=1)]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(graphdef, dcfg: DecodeConfig, state, volume, rng):
+    model = nnx.merge(graphdef, state)
+    tokens, mask = model.visual(volume)
+    return decode(model.decoder, tokens, mask, config=dcfg, rng=rng)["tokens"]
+
+
+def generate_ids(model, volume: np.ndarray, dcfg: DecodeConfig, *, mesh=None, rules=None,
+                 seed: int = 0) -> np.ndarray:
+    """Token ids [B, max_new_tokens] generated for volumes [B, X, Y, Z, C] (EOS, then padding).
+
+    With a `mesh` the batch is padded to a multiple of the data-parallel devices and split over
+    them (the `batch` sharding rule of `rules`), the model's parameters as they are sharded. One
+    compiled program per (model structure, decode config, batch shape); every example's output
+    is independent of the rest of its batch (decoding.py), so padding rows change nothing.
+    """
+    graphdef, state = nnx.split(model)
+    volume = np.asarray(volume, np.float32)
+    n = volume.shape[0]
+    # Sampling: row i draws from fold_in(key(seed), i), so padding never changes a row's draws.
+    rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
+    if mesh is None:
+        return np.asarray(_generate(graphdef, dcfg, state, jnp.asarray(volume), rng))
+    multiple = max(1, mesh_lib.data_parallel_size(mesh, rules))
+    padded = -(-n // multiple) * multiple
+    if padded != n:
+        volume = np.concatenate([volume, np.zeros((padded - n, *volume.shape[1:]), volume.dtype)])
+        rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(padded))
+    placed = jax.make_array_from_callback(volume.shape, mesh_lib.batch_sharding(mesh, rules, 1),
+                                          lambda idx: volume[idx])
+    with jax.set_mesh(mesh):
+        ids = _generate(graphdef, dcfg, state, placed, rng)
+    ids = multihost_utils.process_allgather(ids, tiled=True) if jax.process_count() > 1 else ids
+    return np.asarray(ids)[:n]
+
+
 def generate_split(model, config, mesh, split: str) -> dict[str, list[str]]:
     """`{"id", "reference", "generated"}` for every record of `split`, in stored order."""
     from t3d_jax.data.pipeline import eval_iterator
     from t3d_jax.data.tokenizer import tokenizer_for_config
-    from t3d_jax.tasks.reportgen import decode_config, generate_ids, ids_to_text
+    from t3d_jax.tasks.reportgen import decode_config, ids_to_text
 
     tokenizer = tokenizer_for_config(config)
     dcfg = decode_config(config, tokenizer)

@@ -16,13 +16,12 @@ report), `input_ids` and `attention_mask` [B, L] int32 (L = `preprocess.max_len`
 
 The decoder's vocabulary is the data's (`model.decoder.vocab_size`, 0 = the tokenizer of the
 prepared data, read once when the task is built: `vocab_size_of`). Decoding (greedy, beam,
-top-p; t3d_jax/models/decoding.py) is `generate_ids` here, used by the `reportgen` evaluator
-and launch/generate_reports.py.
+top-p; t3d_jax/models/decoding.py) with `decode_config` and `ids_to_text` here is
+t3d_jax/evaluate/reportgen.py's `generate_ids`, used by the `reportgen` evaluator and
+launch/generate_reports.py.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from t3d_jax.models import layers
-from t3d_jax.models.decoding import DecodeConfig, decode
+from t3d_jax.models.decoding import DecodeConfig
 from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig
 from t3d_jax.models.two_tower import build_image_encoder
 from t3d_jax.tasks.base import Task
@@ -148,46 +147,6 @@ def decode_config(config, tokenizer) -> DecodeConfig:
                         num_beams=int(cfg_get(g, "num_beams", 4)),
                         length_penalty=float(cfg_get(g, "length_penalty", 1.0)),
                         top_p=float(cfg_get(g, "top_p", 0.9)), temperature=float(cfg_get(g, "temperature", 1.0)))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(graphdef, dcfg: DecodeConfig, state, volume, rng):
-    model = nnx.merge(graphdef, state)
-    tokens, mask = model.visual(volume)
-    return decode(model.decoder, tokens, mask, config=dcfg, rng=rng)["tokens"]
-
-
-def generate_ids(model: ReportGenerator, volume: np.ndarray, dcfg: DecodeConfig, *, mesh=None, rules=None,
-                 seed: int = 0) -> np.ndarray:
-    """Token ids [B, max_new_tokens] generated for volumes [B, X, Y, Z, C] (EOS, then padding).
-
-    With a `mesh` the batch is padded to a multiple of the data-parallel devices and split over
-    them (the `batch` sharding rule of `rules`), the model's parameters as they are sharded. One
-    compiled program per (model structure, decode config, batch shape); every example's output
-    is independent of the rest of its batch (decoding.py), so padding rows change nothing.
-    """
-    from jax.experimental import multihost_utils
-
-    from t3d_jax.train import mesh as mesh_lib
-
-    graphdef, state = nnx.split(model)
-    volume = np.asarray(volume, np.float32)
-    n = volume.shape[0]
-    # Sampling: row i draws from fold_in(key(seed), i), so padding never changes a row's draws.
-    rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
-    if mesh is None:
-        return np.asarray(_generate(graphdef, dcfg, state, jnp.asarray(volume), rng))
-    multiple = max(1, mesh_lib.data_parallel_size(mesh, rules))
-    padded = -(-n // multiple) * multiple
-    if padded != n:
-        volume = np.concatenate([volume, np.zeros((padded - n, *volume.shape[1:]), volume.dtype)])
-        rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(padded))
-    placed = jax.make_array_from_callback(volume.shape, mesh_lib.batch_sharding(mesh, rules, 1),
-                                          lambda idx: volume[idx])
-    with jax.set_mesh(mesh):
-        ids = _generate(graphdef, dcfg, state, placed, rng)
-    ids = multihost_utils.process_allgather(ids, tiled=True) if jax.process_count() > 1 else ids
-    return np.asarray(ids)[:n]
 
 
 def ids_to_text(tokenizer, rows: np.ndarray) -> list[str]:
