@@ -97,11 +97,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         if os.path.isdir(DEMO_PRETRAINING):
             c.init_from.checkpoint = DEMO_PRETRAINING
         c.train.global_batch_size = 16
-        c.train.num_steps = 800
+        c.train.num_steps = 300
         c.optim.lr = 1e-3
-        c.optim.warmup_steps = 50
+        c.optim.warmup_steps = 30
         c.optim.weight_decay = 0.01
-        c.checkpoint.every_steps = 400
+        c.checkpoint.every_steps = 300
     elif c.variant == "small":
         c.model.decoder.size = "small"
         c.model.decoder.resampler_latents = 32
