@@ -20,7 +20,7 @@ from t3d_jax.models import decoding
 from t3d_jax.models.decoding import DecodeConfig
 from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig
 
-VOCAB, VISUAL, TOKENS, BATCH, STEPS = 5, 12, 6, 8, 8
+VOCAB, VISUAL, TOKENS, BATCH, STEPS = 5, 20, 6, 8, 8
 BOS, EOS, PAD = 0, 1, 2
 # Scores are sums of float32 log-probs over <= 8 steps: cached vs recomputed logits differ by
 # summation order (~1e-6 each); 1e-4 is far below the gaps between the hypotheses compared.
@@ -29,7 +29,7 @@ SCORE_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ReportDecoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=16,
+    cfg = ReportDecoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=16,
                               visual_width=VISUAL, hidden_dropout=0.0, attention_dropout=0.0,
                               initializer_range=0.5)
     return ReportDecoder(cfg, rngs=nnx.Rngs(2))  # a seed whose greedy reports end at varied lengths
@@ -45,6 +45,18 @@ def _cfg(**kw):
 
 
 _results: dict = {}
+_log_softmax_forward = nnx.jit(lambda m, ids, v: jax.nn.log_softmax(m(ids, v), axis=-1))
+ROWS = VOCAB ** 3  # every sequence of 3 tokens (the exhaustive test); the greedy check pads to it
+
+
+def _full_logp(model, ids, visual_rows):
+    """float64 log-probs [n, L, V] of the full (uncached) forward. Inputs are padded to one
+    shape [ROWS, 1 + STEPS] (extra rows repeat row 0; extra positions come after, so causal
+    attention keeps them out of the real ones): one compile for every caller."""
+    n, length = ids.shape
+    ids = np.pad(ids, ((0, ROWS - n), (0, 1 + STEPS - length)), constant_values=PAD)
+    rows = jnp.concatenate([visual_rows, jnp.repeat(visual_rows[:1], ROWS - n, axis=0)])
+    return np.asarray(_log_softmax_forward(model, jnp.asarray(ids), rows), np.float64)[:n, :length]
 
 
 def _run(model, visual, key, **kw):
@@ -69,9 +81,8 @@ def test_greedy_is_argmax_of_full_forward(model, visual):
     out = _run(model, visual, "greedy", method="greedy")
     _check_well_formed(out)
     assert len(set(out["lengths"].tolist())) > 1  # some stop early, the loop runs on for the others
-    forward = nnx.jit(lambda m, ids, v: jax.nn.log_softmax(m(ids, v), axis=-1))
     ids = np.concatenate([np.full((BATCH, 1), BOS), out["tokens"]], axis=1)
-    logp = np.asarray(forward(model, jnp.asarray(ids), visual), np.float64)
+    logp = _full_logp(model, ids, visual)
     for b in range(BATCH):
         n = out["lengths"][b]
         np.testing.assert_array_equal(out["tokens"][b, :n], logp[b, :n].argmax(-1))
@@ -140,11 +151,9 @@ def test_beam_search_is_exhaustive_when_wide(model, visual):
                                                            max_new_tokens=steps))
     seqs = np.array(list(itertools.product(range(VOCAB), repeat=steps)))
     ids = np.concatenate([np.full((len(seqs), 1), BOS), seqs], axis=1)
-    forward = nnx.jit(lambda m, ids, v: m(ids, v))
+    assert len(seqs) == ROWS
     for b in range(2):
-        logits = np.asarray(forward(model, jnp.asarray(ids), jnp.repeat(visual[b:b + 1], len(seqs), 0)), np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
+        logp = _full_logp(model, ids, jnp.repeat(visual[b:b + 1], ROWS, 0))
         hyps = {}
         for s, lp in zip(seqs, logp):
             n = next((i + 1 for i, t in enumerate(s) if t == EOS), steps)

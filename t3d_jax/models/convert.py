@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from t3d_jax.models.bert import BertConfig, BertEncoder
-from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig
+from t3d_jax.models.report_decoder import ReportDecoder, ReportDecoderConfig, TextDecoder
 from t3d_jax.models.resnet3d import ARCHS, BLOCK_INPLANES, ResNet3D, ResNet3DConfig
 from t3d_jax.models.swin3d import Swin3D, Swin3DConfig, relative_position_index
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
@@ -378,9 +378,16 @@ def load_hf_gpt2(path, *, visual_width: int | None = None, dtype="float32", para
     cfg, state = hf_gpt2_state(path)
     cfg = dataclasses.replace(cfg, visual_width=visual_width, dtype=dtype, param_dtype=param_dtype,
                               **config_overrides)
-    model = ReportDecoder(cfg, rngs=nnx.Rngs(seed))
-    assign(model.text, state)
-    return model
+    # Every text weight comes from the checkpoint: build the text decoder abstractly (no random
+    # init to throw away: op-by-op initialisers take seconds on CPU), fill it, and give its
+    # dropout streams real keys.
+    text = nnx.eval_shape(lambda: TextDecoder(cfg, rngs=nnx.Rngs(seed)))
+    assign(text, state)
+    streams = [v for _, v in nnx.iter_graph(text) if isinstance(v, (nnx.RngKey, nnx.RngCount))]
+    for i, var in enumerate(streams):
+        var.set_value(jax.random.fold_in(jax.random.key(seed), i) if isinstance(var, nnx.RngKey)
+                      else jnp.zeros((), jnp.uint32))
+    return ReportDecoder(cfg, rngs=nnx.Rngs(seed), text=text)
 
 
 # ----------------------------------------------------------------------------- MONAI ViT

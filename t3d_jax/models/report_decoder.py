@@ -327,14 +327,15 @@ class ReportDecoder(nnx.Module):
     :meth:`encode_visual` gives ``(context, context_mask)`` for :mod:`decoding`.
     """
 
-    def __init__(self, cfg: ReportDecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ReportDecoderConfig, *, rngs: nnx.Rngs, text: TextDecoder | None = None):
+        """``text``: an already built (e.g. imported) :class:`TextDecoder` of this ``cfg``."""
         self.cfg = cfg
         vw = cfg.visual_width or cfg.hidden_size
         self.visual_proj = layers.Dense((vw,), (cfg.hidden_size,), (None, ), ("embed",),
                                         kernel_init=nnx.initializers.normal(cfg.initializer_range),
                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.resampler = PerceiverResampler(cfg, rngs=rngs) if cfg.resampler_latents else None
-        self.text = TextDecoder(cfg, rngs=rngs)
+        self.text = text if text is not None else TextDecoder(cfg, rngs=rngs)
 
     def encode_visual(self, visual: jax.Array, visual_mask: jax.Array | None = None, *,
                       deterministic: bool = True) -> tuple[jax.Array, jax.Array | None]:
