@@ -137,3 +137,65 @@ def test_nearest_neighbour_reports_is_the_brute_force_cosine_argmax():
     assert got == [reports[int(np.argmax(row))] for row in cos]
     with pytest.raises(ValueError, match="do not fit"):
         rg_eval.nearest_neighbour_reports(query, bank, reports[:-1])
+
+
+def test_init_from_hf_gpt2_dir_fills_the_decoders_text_part(tiny_model, tmp_path):
+    """`init_from.hf_gpt2_dir`'s loader (pretrained.apply_flat_state into 'decoder/text') puts
+    a Hugging Face GPT-2's weights (random init, cross-attention on) exactly where the decoder
+    reads them, and leaves the visual projection alone."""
+    import torch
+    import transformers
+
+    from t3d_jax.models import convert
+    from t3d_jax.train import pretrained
+
+    cfg = tiny_model.decoder.cfg
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+        n_positions=cfg.max_position_embeddings, add_cross_attention=True))
+    hf.save_pretrained(tmp_path / "gpt2")
+    _, flat = convert.hf_gpt2_state(tmp_path / "gpt2")
+    params = nnx.to_pure_dict(nnx.state(tiny_model, nnx.Param))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    out, n = pretrained.apply_flat_state(params, shardings, flat, "decoder/text", "gpt2")
+    assert n == len(flat)
+    sd = hf.state_dict()
+    np.testing.assert_array_equal(np.asarray(out["decoder"]["text"]["wte"]["embedding"]),
+                                  sd["transformer.wte.weight"].numpy())
+    np.testing.assert_array_equal(np.asarray(out["decoder"]["text"]["blocks"][1]["ln_cross"]["scale"]),
+                                  sd["transformer.h.1.ln_cross_attn.weight"].numpy())
+    np.testing.assert_array_equal(np.asarray(out["decoder"]["visual_proj"]["kernel"]),
+                                  np.asarray(params["decoder"]["visual_proj"]["kernel"]))
+    with pytest.raises(KeyError, match="no 'decoder/nothing'"):
+        pretrained.apply_flat_state(params, shardings, flat, "decoder/nothing", "gpt2")
+
+
+def test_generate_reports_for_a_folder_skips_bad_inputs_and_resumes(tiny_model, tmp_path, monkeypatch):
+    """launch/generate_reports.py's library call on a folder of NIfTI files: one JSON line per
+    readable volume, the unreadable one in OUTPUT.errors.jsonl naming the file, and a rerun
+    generates nothing again (ids already in OUTPUT are skipped). The checkpoint restore is
+    replaced by the fixture's model: what is tested is the input side."""
+    import nibabel as nib
+
+    from t3d_jax.train import params as params_lib
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(rng.normal(-500, 300, (20, 18, 12)).astype(np.int16), np.diag([1.5, 1.5, 3, 1])),
+                 folder / f"{name}.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti")
+    monkeypatch.setattr(params_lib, "restore_model", lambda *a, **k: (tiny_model, 7))
+    c = _config()
+    out = tmp_path / "reports.jsonl"
+    first = rg_eval.generate_reports_for_inputs(c, tmp_path, folder, out, progress=False)
+    assert first == {"written": 2, "skipped_existing": 0, "errors": 1, "step": 7}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and all(isinstance(r["generated"], str) for r in rows)
+    errors = [json.loads(line) for line in (tmp_path / "reports.jsonl.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "broken.nii.gz" in errors[0]["error"]
+    again = rg_eval.generate_reports_for_inputs(c, tmp_path, folder, out, progress=False)
+    assert again["written"] == 0 and again["skipped_existing"] == 2
+    assert len(out.read_text().splitlines()) == 2

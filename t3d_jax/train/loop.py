@@ -242,7 +242,7 @@ def init_from_pretrained(config, program: step_lib.TrainProgram, state: dict) ->
         log.info("initialised %s from %s step %d", ", ".join(sorted(params)) if init.get("checkpoint_params")
                  else "params", init.checkpoint, step)
         state = dict(state, params={**state["params"], **params})
-    if init.hf_bert_dir or init.monai_vit or init.get("monai_swin", ""):
+    if init.hf_bert_dir or init.monai_vit or init.get("monai_swin", "") or init.get("hf_gpt2_dir", ""):
         from t3d_jax.train import pretrained
         state = pretrained.load_into_state(config, program, state)
     return state

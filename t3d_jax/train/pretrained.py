@@ -1,4 +1,4 @@
-"""`config.init_from`: start training from a Hugging Face BERT and/or a MONAI ViT / Swin checkpoint.
+"""`config.init_from`: start training from a Hugging Face BERT / GPT-2 and/or a MONAI ViT / Swin checkpoint.
 
 The converters of `t3d_jax.models.convert` turn a checkpoint into a flat state
 `{path tuple: array}` keyed by our encoder's parameter paths; here those arrays replace the
@@ -49,11 +49,16 @@ def _copy(tree):
 
 def apply_flat_state(params: dict, shardings: dict, flat: dict, submodule: str, source: str) -> tuple[dict, int]:
     """Returns params with `params[submodule][path] = flat[path]` (cast, sharded); checks that
-    every checkpoint weight has a place of the same shape and every submodule param is covered."""
-    if submodule not in params:
-        raise KeyError(f"{source}: the model has no {submodule!r} to load into")
-    targets = _flat(params[submodule])
-    target_shardings = _flat(shardings[submodule])
+    every checkpoint weight has a place of the same shape and every submodule param is covered.
+    `submodule` may name a nested module with '/' (e.g. 'decoder/text')."""
+    keys = tuple(submodule.split("/"))
+    node, node_shardings = params, shardings
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f"{source}: the model has no {submodule!r} to load into")
+        node, node_shardings = node[key], node_shardings[key]
+    targets = _flat(node)
+    target_shardings = _flat(node_shardings)
     from t3d_jax.models import convert
 
     flat = convert.match_layer_stacks({tuple(p): v for p, v in flat.items()},
@@ -74,7 +79,7 @@ def apply_flat_state(params: dict, shardings: dict, flat: dict, submodule: str, 
             raise ValueError(f"{source}: {submodule}/{'/'.join(map(str, path))} has shape "
                              f"{tuple(np.shape(value))} in the checkpoint but {tuple(target.shape)} in "
                              f"the model; set config.model to the checkpoint's size")
-        _set(out[submodule], path, jax.device_put(np.asarray(value, dtype=target.dtype),
+        _set(out, keys + path, jax.device_put(np.asarray(value, dtype=target.dtype),
                                                    target_shardings[path]))
     return out, len(flat)
 
@@ -96,6 +101,12 @@ def load_into_state(config, program, state: dict) -> dict:
             num_heads=int(image.get("num_heads", 0) or _image_heads(config)))
         params, n = apply_flat_state(params, shardings, flat, "image_encoder", init.monai_vit)
         log.info("image_encoder: %d tensors from MONAI ViT %s", n, init.monai_vit)
+    if init.get("hf_gpt2_dir", ""):
+        # The report decoder's GPT-2 part (configs/reportgen.py builds it from the folder's
+        # config.json); its visual projection and resampler stay freshly initialised.
+        _, flat = convert.hf_gpt2_state(init.hf_gpt2_dir)
+        params, n = apply_flat_state(params, shardings, flat, "decoder/text", init.hf_gpt2_dir)
+        log.info("decoder/text: %d tensors from Hugging Face GPT-2 %s", n, init.hf_gpt2_dir)
     if init.get("monai_swin", ""):
         image = config.model.image
         if str(image.get("name", "vit3d")) != "swin3d":
