@@ -161,12 +161,15 @@ class Attention(nnx.Module):
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.key(x), self.value(x)
 
-    def attend(self, x, k, v, mask=None, *, causal=False, deterministic=True) -> jax.Array:
+    def attend(self, x, k, v, mask=None, *, causal=False, deterministic=True, single_query=False) -> jax.Array:
+        """``single_query``: one query per row (a decoding step): 'auto' then takes 'xla', since
+        a flash kernel would pad the one query to a whole tile (the splash kernel: 128 rows)."""
         dropout = None
         if self.dropout.rate > 0 and not deterministic:
             dropout = lambda w: self.dropout(w, deterministic=False)  # noqa: E731
         y = attention_lib.dot_product_attention(self.query(x), k, v, mask=mask, causal=causal, dropout=dropout,
-                                                implementation=self.attention)
+                                                implementation="xla" if single_query and self.attention == "auto"
+                                                else self.attention)
         return self.out(y)
 
 
@@ -187,11 +190,14 @@ class DecoderBlock(nnx.Module):
             rngs.params(), fc2.get_value().shape, layers.as_dtype(cfg.param_dtype)))
         self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
-    def __call__(self, x, self_kv, self_mask, cross_kv, cross_mask, *, causal: bool, deterministic: bool):
+    def __call__(self, x, self_kv, self_mask, cross_kv, cross_mask, *, causal: bool, deterministic: bool,
+                 single_query: bool = False):
         """One block given the self- and cross-attention keys/values (cache or fresh)."""
         drop = lambda y: self.dropout(y, deterministic=deterministic)  # noqa: E731
-        x = x + drop(self.attn.attend(self.ln_1(x), *self_kv, self_mask, causal=causal, deterministic=deterministic))
-        x = x + drop(self.cross.attend(self.ln_cross(x), *cross_kv, cross_mask, deterministic=deterministic))
+        x = x + drop(self.attn.attend(self.ln_1(x), *self_kv, self_mask, causal=causal, deterministic=deterministic,
+                                      single_query=single_query))
+        x = x + drop(self.cross.attend(self.ln_cross(x), *cross_kv, cross_mask, deterministic=deterministic,
+                                       single_query=single_query))
         return x + drop(self.mlp(self.ln_2(x)))
 
 
@@ -284,7 +290,7 @@ class TextDecoder(nnx.Module):
             new["k"].append(k)
             new["v"].append(v)
             x = block(x, (k, v), visible, (cache["ck"][i], cache["cv"][i]), cache["context_mask"], causal=False,
-                      deterministic=True)
+                      deterministic=True, single_query=True)
         return self.logits(self.ln_f(x))[:, 0], new
 
 
