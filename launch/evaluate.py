@@ -8,7 +8,9 @@ Writes WORKDIR/eval/STEP/: metrics.json, per_label.csv, predictions.csv, roc_gri
 retrieval_recall.png, and prints a short table. Use the same --config (and overrides) as
 for training. docs/evaluation.md describes every figure. A `segmentation` run
 (configs/finetune_seg.py) is scored by the segmentation evaluator instead: Dice and HD95 per
-class, WORKDIR/eval/STEP/segmentation.json and segmentation_per_class.csv (docs/segmentation.md).
+class, WORKDIR/eval/STEP/segmentation.json and segmentation_per_class.csv (docs/segmentation.md);
+a `reportgen` run (configs/reportgen.py) by the report-generation evaluator: BLEU-1..4, METEOR,
+ROUGE-L, CIDEr and clinical efficacy, WORKDIR/eval/STEP/reportgen/ (docs/report_generation.md).
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def main(argv):
 
     quiet_library_logs()
     config = FLAGS.config
-    if config.get("task", "") == "segmentation":  # Dice / HD95 per class (t3d_jax/evaluate/seg_eval.py)
-        from t3d_jax.evaluate.seg_eval import evaluate_checkpoint
-    else:
-        from t3d_jax.evaluate.run import evaluate_checkpoint
+    from t3d_jax.evaluate import reportgen, run, seg_eval
+
+    # The final evaluation of each task (the contrastive tasks: zero-shot, retrieval, probe).
+    evaluate_checkpoint = {"segmentation": seg_eval.evaluate_checkpoint,  # Dice / HD95 per class
+                           "reportgen": reportgen.evaluate_checkpoint,  # BLEU..CIDEr, METEOR, CE
+                           }.get(config.get("task", ""), run.evaluate_checkpoint)
 
     if FLAGS.num_bootstrap is not None:
         config.eval.num_bootstrap = FLAGS.num_bootstrap

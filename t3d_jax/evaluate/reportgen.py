@@ -274,3 +274,30 @@ def generate_reports_for_inputs(config, workdir, input_path, output, *, step=Non
         for e in errors:
             f.write(json.dumps(e) + "\n")
     return {"written": written, "skipped_existing": len(items) - len(todo), "errors": len(errors), "step": got}
+
+
+def format_table(scored: dict) -> str:
+    """The figures with their intervals, then CE per label."""
+    lines = [f"Report generation: {scored['num_reports']} '{scored.get('split', '')}' volumes, step "
+             f"{scored.get('step', '?')} [95% bootstrap CI]"]
+    for name, value in scored["figures"].items():
+        ci = scored["intervals"].get(name)
+        lines.append(f"  {name:<20}{value:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    lines.append(f"  {'CE per label':<34}{'P':>7}{'R':>7}{'F1':>7}{'n+':>6}")
+    for name, e in scored["ce_per_label"].items():
+        lines.append(f"  {name:<34}{e['precision']:>7.3f}{e['recall']:>7.3f}{e['f1']:>7.3f}{e['support']:>6}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(config, workdir, *, step: int | None = None, split: str | None = None):
+    """launch/evaluate.py for a `reportgen` run: restore, generate for the evaluated split, score
+    with intervals, write WORKDIR/eval/STEP/reportgen/, print the table."""
+    from t3d_jax.evaluate.run import restored_context
+
+    ctx = restored_context(config, workdir, step=step, split=split)
+    figures = reportgen_evaluator(ctx)
+    out = pathlib.Path(workdir) / "eval" / str(ctx.step) / "reportgen"
+    if jax.process_index() == 0:
+        print(format_table(json.loads((out / "metrics.json").read_text())))
+        print(f"Wrote {out}/metrics.json, ce_per_label.csv, generated.jsonl")
+    return figures, out

@@ -61,20 +61,27 @@ def evaluate(ctx: EvalContext) -> tuple[dict, pathlib.Path | None]:
     return metrics, out
 
 
-def evaluate_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
-                        split: str | None = None) -> tuple[dict, pathlib.Path | None]:
-    """What ``launch/evaluate.py`` does: restore, evaluate, write, print the table.
-
-    Expected problems (no prepared data, no checkpoint, a checkpoint of another model) are
-    `t3d_jax.utils.UserError`s naming the fix.
-    """
+def restored_context(config, workdir: str | os.PathLike, *, step: int | None = None,
+                     split: str | None = None) -> EvalContext:
+    """A final evaluation's context (`write=True`): `config` synced with its prepared data (a
+    private copy; `split` sets `eval.split`), the checkpoint `step` (newest when None) of
+    WORKDIR restored on the config's mesh. Expected problems (no prepared data, no checkpoint,
+    a checkpoint of another model) are `t3d_jax.utils.UserError`s naming the fix."""
     check_data_config(config)
     config = sync_config_with_data(config)  # a private copy
     if split:
         config.eval.split = split
     mesh = mesh_lib.make_mesh(config.mesh)
     model, got = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), step, mesh=mesh)
-    ctx = EvalContext(model=model, config=config, step=got, workdir=os.fspath(workdir), mesh=mesh, write=True)
+    return EvalContext(model=model, config=config, step=got, workdir=os.fspath(workdir), mesh=mesh, write=True)
+
+
+def evaluate_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
+                        split: str | None = None) -> tuple[dict, pathlib.Path | None]:
+    """What ``launch/evaluate.py`` does for the contrastive tasks: restore, evaluate, write,
+    print the table (`restored_context` for the restore)."""
+    ctx = restored_context(config, workdir, step=step, split=split)
+    config = ctx.config
     metrics, out = evaluate(ctx)
     if jax.process_index() == 0:
         print(report.format_table(metrics, tuple(config.data.label_names)))
