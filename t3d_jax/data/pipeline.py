@@ -52,6 +52,10 @@ tower, `t3d_jax.data.text_features`): both pipelines add each record's row of
 source (before the shuffle), so the row follows the record whatever the shuffle, workers
 or processes; the ``.npy`` is memory-mapped in each worker. A missing or stale cache is a
 UserError naming ``launch/cache_text_features.py``.
+
+Sentences (``data.sentences``, the `mg3d` task): training examples also carry
+``sentence_index`` and ``word_index`` [L] int32, computed from the (augmented) token ids by
+`t3d_jax.data.sentences` (at most ``data.max_sentences`` sentences).
 """
 
 from __future__ import annotations
@@ -194,8 +198,10 @@ class TrainExample(grain.transforms.MapWithIndex):
     added."""
 
     def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None,
-                 views_on: str = "host", stored_shape: tuple[int, int, int] | None = None, masks: bool = False):
+                 views_on: str = "host", stored_shape: tuple[int, int, int] | None = None, masks: bool = False,
+                 sentences=None):
         self.options = options
+        self.sentences = sentences  # data.sentences: a t3d_jax.data.sentences.SentenceIndexer
         self.masks = bool(masks)  # data.masks: add each view's labels (`masks`), cut like the view
         if self.masks and views_on != "host":
             raise ValueError("data.masks needs data.views_on='host': the host cuts the masks with the views' boxes")
@@ -239,6 +245,8 @@ class TrainExample(grain.transforms.MapWithIndex):
             ids, mask = augment_report(ids, mask, np.random.default_rng((self.seed, int(index), 1)),
                                        self.report_aug)
         example.update(input_ids=ids, attention_mask=mask, labels=record["labels"].astype(np.float32))
+        if self.sentences is not None:  # after the augmentation: the indices follow the tokens
+            example.update(self.sentences(ids, mask))
         if self.features is not None:
             example.update(self.features(position))
         return example
@@ -407,8 +415,13 @@ def train_dataset(
     if features is not None:
         ds = ds.map_with_index(WithPosition(len(source), positions))
     ds = ds.shuffle(seed=seed).repeat()
+    sentences = None
+    if cfg_get(data_config, "sentences", False):  # sentence_index / word_index (the mg3d task)
+        from t3d_jax.data.sentences import indexer_for_data
+
+        sentences = indexer_for_data(_data_dir(data_config), int(cfg_get(data_config, "max_sentences", 32)))
     ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape,
-                                        masks=bool(cfg_get(data_config, "masks", False))))
+                                        masks=bool(cfg_get(data_config, "masks", False)), sentences=sentences))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

@@ -10,6 +10,7 @@ Registered tasks (one module each):
     t3d   clip + Text-informed Multi-view Alignment (tasks/t3d.py)
     supervised  18-label classification with the same image encoder: the ceiling (tasks/supervised.py)
     segmentation  per-voxel classes: the image encoder + UNETR / U-Net decoder, Dice + CE (tasks/segmentation.py)
+    mg3d  MG-3D: text-gated masked volume reconstruction, image-gated masked report modelling, CML/DCL/SSM (tasks/mg3d.py)
     reportgen  report generation: a GPT-2 decoder cross-attending to the image encoder's tokens (tasks/reportgen.py)
 
 To add a method, write `t3d_jax/tasks/<name>.py` with a `Task` subclass and add one line to
@@ -18,7 +19,7 @@ To add a method, write `t3d_jax/tasks/<name>.py` with a `Task` subclass and add 
 
 from __future__ import annotations
 
-from t3d_jax.tasks import clip, reportgen, segmentation, supervised, t3d
+from t3d_jax.tasks import clip, mg3d, reportgen, segmentation, supervised, t3d
 from t3d_jax.tasks.base import Task
 from t3d_jax.utils import UserValueError
 
@@ -28,6 +29,7 @@ TASKS: dict[str, type[Task]] = {
     "supervised": supervised.SupervisedTask,
     "segmentation": segmentation.SegmentationTask,
     "reportgen": reportgen.ReportGenTask,
+    "mg3d": mg3d.MG3DTask,
 }
 
 
