@@ -151,7 +151,7 @@ class UpsampleHead(nnx.Module):
     def __init__(self, in_dim: int, out_channels: int, plan, *, min_channels: int = 16, dtype, rngs):
         from t3d_jax.models.resnet3d import Conv3D
 
-        self.plan = [tuple(f) for f in plan]
+        self.plan = tuple(tuple(f) for f in plan)  # static (hashable graphdef)
         chans = [in_dim] + [max(in_dim // 2 ** (i + 1), min_channels) for i in range(len(self.plan))]
         self.convs = nnx.List([Conv3D(chans[i], chans[i + 1], 3, padding=1, use_bias=True, dtype=dtype, rngs=rngs)
                                for i in range(len(self.plan))])
