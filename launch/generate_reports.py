@@ -42,10 +42,9 @@ def main(argv):
     if FLAGS.config.get("task", "") != "reportgen":
         raise app.UsageError(f"--config: task {FLAGS.config.get('task', '')!r} does not generate reports; "
                              "use configs/reportgen.py")
-    from t3d_jax.evaluate.reportgen import generate_reports_for_inputs
-    from t3d_jax.export import errors_path
+    from t3d_jax.export import errors_path, run_generate_reports
 
-    done = generate_reports_for_inputs(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+    done = run_generate_reports(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output,
                                        step=FLAGS.checkpoint, split=FLAGS.split)
     print(f"checkpoint step {done['step']}: wrote {done['written']} report(s) to {FLAGS.output} "
           f"({done['skipped_existing']} already there); {done['errors']} input(s) skipped "

@@ -24,6 +24,9 @@ Output:
   metadata.
 All embeddings are L2-normalised (the model's outputs).
 
+``run_generate_reports`` (``launch/generate_reports.py``) writes a generated report per volume
+instead, with a `reportgen` checkpoint (docs/report_generation.md).
+
 ``run_export_weights`` (``launch/export_weights.py``) exports the weights instead: the image
 encoder as a MONAI state dict, the text encoder as a Hugging Face BERT folder
 (t3d_jax/models/export_torch.py).
@@ -41,7 +44,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from t3d_jax.utils import UserFileNotFoundError, UserValueError
+from t3d_jax.utils import UserFileNotFoundError, UserValueError, cfg_get
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +422,84 @@ def run_export(config, workdir, input_path, output, *, texts_file=None, tokens=F
     log.info("checkpoint step %d: exported %d volumes, %d texts to %s; %d errors in %s", got, len(result.ids),
              len(result.texts), output, len(result.errors), errors_path(output))
     return result
+
+
+# ------------------------------------------------------------------ a user's own scans
+def run_generate_reports(config, workdir, input_path, output, *, step=None, split=None,
+                         progress: bool = True) -> dict:
+    """What launch/generate_reports.py does: a report for every volume `input_path` names (a
+    manifest, a folder of NIfTI files / DICOM series, one series folder or one NIfTI file),
+    preprocessed exactly as the training data (`t3d_jax.export.prepare_volume` with the dataset's
+    preset), decoded with `config.generate`, appended to `output` (JSONL: id, path, generated,
+    and the manifest's report as `reference` where it has one) batch by batch.
+
+    Inputs that cannot be read go to OUTPUT.errors.jsonl and are skipped. Ids already in
+    `output` are not generated again, so a killed run continues where it stopped.
+    Returns {"written", "skipped_existing", "errors", "step"}.
+    """
+    from tqdm import tqdm
+
+    from t3d_jax.data.prepared import sync_config_with_data
+    from t3d_jax.data.shards import has_dataset
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+    from t3d_jax.evaluate.reportgen import generate_ids
+    from t3d_jax.tasks.reportgen import decode_config, ids_to_text
+    from t3d_jax.train import mesh as mesh_lib
+    from t3d_jax.train import params as params_lib
+
+    items, errors = discover_inputs(input_path, split)
+    output = pathlib.Path(output)
+    done = set()
+    if output.is_file():
+        for n, line in enumerate(output.read_text().splitlines(), 1):
+            try:
+                done.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{output}:{n}: not a line this tool wrote (JSON with an 'id'); "
+                                 "move the file away or pass another --output") from None
+    if has_dataset(config.data.get("dir", "")):
+        config = sync_config_with_data(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    model, got = params_lib.restore_model(config, params_lib.checkpoint_dir(config, workdir), step, mesh=mesh)
+    preset, tok_info = dataset_preprocessing(config)
+    tokenizer = tokenizer_for_config(config, tok_info)
+    dcfg = decode_config(config, tokenizer)
+    batch_size = int(cfg_get(cfg_get(config, "generate"), "batch_size", 16))
+    todo = [item for item in items if item.id not in done]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written, pending = 0, []
+
+    def flush(out_file):
+        nonlocal written
+        if not pending:
+            return
+        rows = generate_ids(model, np.stack([v for _, v in pending]), dcfg, mesh=mesh,
+                            rules=config.sharding_rules, seed=int(cfg_get(config, "seed", 0)))
+        for (item, _), text in zip(pending, ids_to_text(tokenizer, rows)):
+            entry = {"id": item.id, "path": item.path, "generated": text}
+            if item.report:
+                entry["reference"] = item.report
+            out_file.write(json.dumps(entry) + "\n")
+        out_file.flush()
+        written += len(pending)
+        pending.clear()
+
+    with open(output, "a") as out_file:
+        for item in tqdm(todo, desc="generate reports", unit="vol", disable=not progress):
+            try:
+                pending.append((item, prepare_volume(item.path, preset, config.data.view_size)))
+            except Exception as err:  # VolumeError, or anything unforeseen: log it, keep going
+                reason = str(err) if str(err).startswith(str(item.path)) else f"{item.path}: {type(err).__name__}: {err}"
+                errors.append({"id": item.id, "path": item.path, "error": reason})
+                log.warning("skipping %s: %s", item.id, reason)
+                continue
+            if len(pending) == batch_size:
+                flush(out_file)
+        flush(out_file)
+    with open(errors_path(output), "w") as f:
+        for e in errors:
+            f.write(json.dumps(e) + "\n")
+    return {"written": written, "skipped_existing": len(items) - len(todo), "errors": len(errors), "step": got}
 
 
 # ----------------------------------------------------------------------------- weights

@@ -178,6 +178,7 @@ def test_generate_reports_for_a_folder_skips_bad_inputs_and_resumes(tiny_model, 
     replaced by the fixture's model: what is tested is the input side."""
     import nibabel as nib
 
+    from t3d_jax import export
     from t3d_jax.train import params as params_lib
 
     folder = tmp_path / "scans"
@@ -190,12 +191,12 @@ def test_generate_reports_for_a_folder_skips_bad_inputs_and_resumes(tiny_model, 
     monkeypatch.setattr(params_lib, "restore_model", lambda *a, **k: (tiny_model, 7))
     c = _config()
     out = tmp_path / "reports.jsonl"
-    first = rg_eval.generate_reports_for_inputs(c, tmp_path, folder, out, progress=False)
+    first = export.run_generate_reports(c, tmp_path, folder, out, progress=False)
     assert first == {"written": 2, "skipped_existing": 0, "errors": 1, "step": 7}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all(isinstance(r["generated"], str) for r in rows)
     errors = [json.loads(line) for line in (tmp_path / "reports.jsonl.errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and "broken.nii.gz" in errors[0]["error"]
-    again = rg_eval.generate_reports_for_inputs(c, tmp_path, folder, out, progress=False)
+    again = export.run_generate_reports(c, tmp_path, folder, out, progress=False)
     assert again["written"] == 0 and again["skipped_existing"] == 2
     assert len(out.read_text().splitlines()) == 2
