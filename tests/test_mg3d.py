@@ -355,3 +355,25 @@ def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
     assert last["loss"] < 0.9 * first["loss"], [h["loss"] for h in history]
     # optim.freeze: the BERT did not move (MG-3D's frozen text tower); the heads did
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, state["params"]["text_encoder"]))
+
+
+def test_training_pipeline_delivers_the_indices_of_the_delivered_tokens(tiny_prepared_dir):
+    """data.sentences: every training example carries sentence_index / word_index, computed from
+    the ids it delivers (after the sentence drop / shuffle), for the batch contract of `mg3d`."""
+    from t3d_jax.data import pipeline
+
+    c = mg3d_config.get_config("tiny")
+    c.data.dir = str(tiny_prepared_dir)
+    c.data.report_sentence_drop = 0.3
+    c.data.report_shuffle = True
+    batch = next(pipeline.train_iterator(c.data, global_batch_size=4, seed=0, worker_count=0))
+    spec = tasks.get_task(c).batch_spec()
+    for key in ("sentence_index", "word_index"):
+        assert batch[key].dtype == np.int32 and batch[key].shape[1:] == (16,)
+        assert spec[key].shape[1:] == (c.preprocess.max_len,)
+    indexer = sentences.indexer_for_data(str(tiny_prepared_dir))
+    for k in range(4):
+        out = indexer(batch["input_ids"][k], batch["attention_mask"][k])
+        np.testing.assert_array_equal(batch["sentence_index"][k], out["sentence_index"])
+        np.testing.assert_array_equal(batch["word_index"][k], out["word_index"])
+        assert (batch["sentence_index"][k][batch["attention_mask"][k] > 0] >= 0).sum() == 2  # the two words
