@@ -200,3 +200,19 @@ def test_generate_reports_for_a_folder_skips_bad_inputs_and_resumes(tiny_model, 
     again = export.run_generate_reports(c, tmp_path, folder, out, progress=False)
     assert again["written"] == 0 and again["skipped_existing"] == 2
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_bootstrap_pieces_reproduce_the_library_figures():
+    """The per-report pieces the bootstrap resamples give, on the identity resample, exactly
+    the corpus figures pycocoevalcap computes (BLEU by its own aggregation; ROUGE-L and CIDEr
+    are means of the per-report scores): tolerance 1e-12."""
+    from test_report_labeler import synthetic_reports
+
+    from t3d_jax.evaluate.language_metrics import language_metrics
+
+    refs, _ = synthetic_reports(12, seed=5)
+    gens, _ = synthetic_reports(12, seed=6)
+    exact = language_metrics(refs, gens, meteor=False)
+    got = rg_eval._Resampled(refs, gens).figures(np.arange(12))
+    for name, value in got.items():
+        assert value == pytest.approx(exact[name], abs=1e-12), name

@@ -50,13 +50,40 @@ CE_FIGURES = ("precision_macro", "recall_macro", "f1_macro", "precision_micro", 
 BOOTSTRAPPED = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr") + tuple(f"CE_{k}" for k in CE_FIGURES)
 
 
-def _figures(references: Sequence[str], generated: Sequence[str], truth: np.ndarray, pred: np.ndarray,
-             *, meteor: bool) -> tuple[dict, dict]:
-    """(scalar figures, CE result with per-label entries) of one set of reports."""
-    ids = [str(i) for i in range(len(references))]
-    lang = lm.language_metrics(dict(zip(ids, references)), dict(zip(ids, generated)), meteor=meteor)
+class _Resampled:
+    """Per-report pieces of the language metrics, computed once, so that a bootstrap resample's
+    figures need no re-tokenising: BLEU through pycocoevalcap's own `BleuScorer` on the
+    resampled cooked (test, refs) pairs (its corpus aggregation: the point estimate is exactly
+    `Bleu(4)`'s), ROUGE-L and CIDEr as the mean of the per-report scores (their corpus figure
+    is that mean; CIDEr's document frequencies stay those of the whole evaluated set, as the
+    zero-shot bootstrap holds its thresholds fixed)."""
+
+    def __init__(self, references: Sequence[str], generated: Sequence[str]):
+        from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        ids = [str(i) for i in range(len(references))]
+        gts = {i: [lm.clean_report(r)] for i, r in zip(ids, references)}
+        res = {i: [lm.clean_report(g)] for i, g in zip(ids, generated)}
+        self.bleu = BleuScorer(n=4)
+        for i in ids:
+            self.bleu += (res[i][0], gts[i])
+        self.rouge = np.asarray(Rouge().compute_score(gts, res)[1], np.float64)
+        self.cider = np.asarray(Cider().compute_score(gts, res)[1], np.float64)
+
+    def figures(self, idx: np.ndarray) -> dict[str, float]:
+        sub = self.bleu.copy()
+        sub.crefs = [self.bleu.crefs[i] for i in idx]
+        sub.ctest = [self.bleu.ctest[i] for i in idx]
+        bleu, _ = sub.compute_score(option="closest", verbose=0)
+        return {**{f"BLEU_{n + 1}": float(b) for n, b in enumerate(bleu)},
+                "ROUGE_L": float(self.rouge[idx].mean()), "CIDEr": float(self.cider[idx].mean())}
+
+
+def _ce_figures(truth: np.ndarray, pred: np.ndarray) -> tuple[dict, dict]:
     ce = report_labeler.ce_scores(truth, pred)
-    return {**lang, **{f"CE_{k}": ce[k] for k in CE_FIGURES}}, ce
+    return {f"CE_{k}": ce[k] for k in CE_FIGURES}, ce
 
 
 def score_reports(references: Sequence[str], generated: Sequence[str], *, num_bootstrap: int = 0,
@@ -65,23 +92,26 @@ def score_reports(references: Sequence[str], generated: Sequence[str], *, num_bo
 
     Returns `{"figures": {name: value}, "intervals": {name: [low, high]}, "ce_per_label": {...},
     "num_reports": N}`; intervals are percentile intervals over `num_bootstrap` resamples of the
-    reports (none when 0).
+    reports (none when 0; see `_Resampled` for how the language figures are resampled).
     """
     references, generated = [str(r) for r in references], [str(g) for g in generated]
     if len(references) != len(generated) or not references:
         raise ValueError(f"score_reports: {len(generated)} generated reports for {len(references)} references")
     truth = report_labeler.label_reports(references)
     pred = report_labeler.label_reports(generated)
-    figures, ce = _figures(references, generated, truth, pred, meteor=meteor)
+    ids = [str(i) for i in range(len(references))]
+    figures = lm.language_metrics(dict(zip(ids, references)), dict(zip(ids, generated)), meteor=meteor)
+    ce_figs, ce = _ce_figures(truth, pred)
+    figures.update(ce_figs)
     intervals: dict[str, list[float]] = {}
     if num_bootstrap > 0:
+        resampled = _Resampled(references, generated)
         rng = np.random.default_rng(seed)
         n = len(references)
         samples = {k: [] for k in BOOTSTRAPPED}  # figure names as in `figures`
         for _ in range(int(num_bootstrap)):
             idx = rng.integers(0, n, n)
-            f, _ = _figures([references[i] for i in idx], [generated[i] for i in idx], truth[idx], pred[idx],
-                            meteor=False)
+            f = {**resampled.figures(idx), **_ce_figures(truth[idx], pred[idx])[0]}
             for name in samples:
                 samples[name].append(f[name])
         for name, values in samples.items():
