@@ -20,6 +20,8 @@ the configs/t3d.py:demo pretraining), it
    P/R/F1; percentile intervals over --num-bootstrap resamples of the held-out volumes).
 
 Prints the table and writes JSON (--out), with a few generated reports beside their references.
+With --workdir, an arm already trained there to the step budget is not trained again (the
+trainer resumes at its last step): rerunning only generates and scores.
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ def run(args, log=print) -> dict:
         trained = train_and_evaluate(c, workdir)
         train_s = time.perf_counter() - t0
         losses = [h["loss"] for h in trained.history if "loss" in h]
+        if not losses and (workdir / "metrics.jsonl").is_file():  # an arm trained before: its own log
+            import json
+
+            losses = [r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r]
         mesh = mesh_lib.make_mesh(c.mesh)
         model, _ = params_lib.restore_model(c, workdir / "checkpoints", None, mesh=mesh)
         t0 = time.perf_counter()
