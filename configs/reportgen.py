@@ -68,6 +68,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         "top_p": 0.9,
         "temperature": 1.0,
         "max_new_tokens": 0,  # 0 = preprocess.max_len - 1
+        "no_repeat_ngram_size": 3,  # never repeat a trigram (R2Gen's beam search blocks them); 0 = off
         "batch_size": 16,
     })
     c.init_from.checkpoint_params = ("image_encoder",)

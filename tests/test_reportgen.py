@@ -216,3 +216,39 @@ def test_bootstrap_pieces_reproduce_the_library_figures():
     got = rg_eval._Resampled(refs, gens).figures(np.arange(12))
     for name, value in got.items():
         assert value == pytest.approx(exact[name], abs=1e-12), name
+
+
+def test_no_repeat_ngram_ban_matches_brute_force_and_decoding_never_repeats(tiny_model):
+    """`ban_repeated_ngrams` bans exactly the tokens a brute-force scan of the known prefix
+    finds; greedy decoding with `no_repeat_ngram_size=3` emits no trigram twice, while the
+    same random model without the ban does repeat (so the check can fail)."""
+    import dataclasses
+
+    from t3d_jax.models.decoding import DecodeConfig, ban_repeated_ngrams
+
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, 4, (5, 12)).astype(np.int32)
+    for n in (2, 3):
+        for pos in range(12):
+            got = np.asarray(ban_repeated_ngrams(jax.numpy.zeros((5, 4)), tokens, pos, n)) < -1e29
+            want = np.zeros((5, 4), bool)
+            for r in range(5):
+                if pos + 1 >= n - 1:
+                    last = tuple(tokens[r, pos - n + 2:pos + 1])
+                    for j in range(0, pos - n + 2):
+                        if tuple(tokens[r, j:j + n - 1]) == last:
+                            want[r, tokens[r, j + n - 1]] = True
+            np.testing.assert_array_equal(got, want, err_msg=f"n={n} pos={pos}")
+
+    volume = np.random.default_rng(8).normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
+    plain = DecodeConfig(method="greedy", max_new_tokens=24, bos_id=101, eos_id=102, pad_id=0)
+
+    def trigrams(row):
+        return [tuple(row[i:i + 3]) for i in range(len(row) - 2)]
+
+    free = rg_eval.generate_ids(tiny_model, volume, plain)
+    assert any(len(set(trigrams(r))) < len(trigrams(r)) for r in free.tolist())
+    blocked = rg_eval.generate_ids(tiny_model, volume, dataclasses.replace(plain, no_repeat_ngram_size=3))
+    for row in blocked.tolist():
+        row = row[:row.index(102)] if 102 in row else row
+        assert len(set(trigrams(row))) == len(trigrams(row)), row

@@ -62,6 +62,9 @@ class DecodeConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     use_cache: bool = True
+    # > 0: a token that would repeat an n-gram of this size already in the sequence gets
+    # probability 0 (transformers' no_repeat_ngram_size; R2Gen's beam search blocks trigrams).
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -71,6 +74,25 @@ class DecodeConfig:
                              f"{self.num_beams}")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
             raise ValueError(f"top_p must be in (0, 1] and temperature > 0, got {self.top_p}, {self.temperature}")
+        if self.no_repeat_ngram_size < 0 or self.no_repeat_ngram_size == 1:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or >= 2, got {self.no_repeat_ngram_size}")
+
+
+def ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, pos, n: int) -> jax.Array:
+    """`logits` [R, V] of position pos + 1 with every token that would complete an n-gram already
+    present in `tokens[:, :pos + 1]` [R, T] set to NEG_INF (fixed shapes: all windows are
+    compared, those not yet complete masked out)."""
+    rows, length = tokens.shape
+    if length < n:
+        return logits
+    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(pos - (n - 2), 0), n - 1, axis=1)  # [R, n-1]
+    starts = jnp.arange(length - n + 1)
+    windows = jnp.stack([tokens[:, k:length - n + 1 + k] for k in range(n - 1)], -1)  # [R, W, n-1]
+    following = tokens[:, n - 1:]  # [R, W]: the token after each window
+    seen = (starts + n - 1 <= pos)[None] & (pos >= n - 2)
+    match = jnp.all(windows == last[:, None, :], -1) & seen
+    banned = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(rows)[:, None], following].max(match.astype(jnp.int32))
+    return jnp.where(banned > 0, NEG_INF, logits)
 
 
 # ------------------------------------------------------------------------------- steppers
@@ -81,9 +103,11 @@ class _Stepper:
     are those of position ``pos + 1``. ``reorder(state, rows)`` follows a beam permutation.
     """
 
-    def __init__(self, model, context, context_mask, *, rows_per_example: int, length: int, use_cache: bool):
+    def __init__(self, model, context, context_mask, *, rows_per_example: int, length: int, use_cache: bool,
+                 no_repeat_ngram_size: int = 0):
         self.text = model.text
         self.use_cache = use_cache
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
         rep = lambda x: None if x is None else jnp.repeat(x, rows_per_example, axis=0)  # noqa: E731
         if use_cache:
             # Cross K/V computed once per image, then repeated for its beams (a no-op for 1 row).
@@ -94,6 +118,12 @@ class _Stepper:
             self.init_state = {"context": rep(context), "context_mask": rep(context_mask)}
 
     def step(self, state, tokens, pos):
+        logits, state = self._step(state, tokens, pos)
+        if self.no_repeat_ngram_size:
+            logits = ban_repeated_ngrams(logits, tokens, pos, self.no_repeat_ngram_size)
+        return logits, state
+
+    def _step(self, state, tokens, pos):
         if self.use_cache:
             token = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
             return self.text.decode_step(token, pos, state)
@@ -234,7 +264,7 @@ def decode(model, visual: jax.Array, visual_mask: jax.Array | None = None, *, co
     batch = context.shape[0]
     rows = config.num_beams if config.method == "beam" else 1
     stepper = _Stepper(model, context, cmask, rows_per_example=rows, length=config.max_new_tokens + 1,
-                       use_cache=config.use_cache)
+                       use_cache=config.use_cache, no_repeat_ngram_size=config.no_repeat_ngram_size)
     if config.method == "beam":
         return _beam(stepper, batch, config)
     keys = _example_keys(rng, batch) if config.method == "sample" else None

@@ -146,7 +146,8 @@ def decode_config(config, tokenizer) -> DecodeConfig:
                         bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
                         num_beams=int(cfg_get(g, "num_beams", 4)),
                         length_penalty=float(cfg_get(g, "length_penalty", 1.0)),
-                        top_p=float(cfg_get(g, "top_p", 0.9)), temperature=float(cfg_get(g, "temperature", 1.0)))
+                        top_p=float(cfg_get(g, "top_p", 0.9)), temperature=float(cfg_get(g, "temperature", 1.0)),
+                        no_repeat_ngram_size=int(cfg_get(g, "no_repeat_ngram_size", 0)))
 
 
 def ids_to_text(tokenizer, rows: np.ndarray) -> list[str]:
