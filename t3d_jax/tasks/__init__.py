@@ -12,6 +12,7 @@ Registered tasks (one module each):
     segmentation  per-voxel classes: the image encoder + UNETR / U-Net decoder, Dice + CE (tasks/segmentation.py)
     mg3d  MG-3D: text-gated masked volume reconstruction, image-gated masked report modelling, CML/DCL/SSM (tasks/mg3d.py)
     reportgen  report generation: a GPT-2 decoder cross-attending to the image encoder's tokens (tasks/reportgen.py)
+    msvlm  clip + masked slice-embedding modelling on the MS-VLM image encoder (tasks/msvlm.py)
 
 To add a method, write `t3d_jax/tasks/<name>.py` with a `Task` subclass and add one line to
 `TASKS` below; the train loop, step, checkpointing and AOT compile need no change.
@@ -19,7 +20,7 @@ To add a method, write `t3d_jax/tasks/<name>.py` with a `Task` subclass and add 
 
 from __future__ import annotations
 
-from t3d_jax.tasks import clip, mg3d, reportgen, segmentation, supervised, t3d
+from t3d_jax.tasks import clip, mg3d, msvlm, reportgen, segmentation, supervised, t3d
 from t3d_jax.tasks.base import Task
 from t3d_jax.utils import UserValueError
 
@@ -30,6 +31,7 @@ TASKS: dict[str, type[Task]] = {
     "segmentation": segmentation.SegmentationTask,
     "reportgen": reportgen.ReportGenTask,
     "mg3d": mg3d.MG3DTask,
+    "msvlm": msvlm.MSVLMTask,
 }
 
 
