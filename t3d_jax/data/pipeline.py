@@ -277,7 +277,7 @@ class EvalExample(grain.transforms.Map):
             "labels": record["labels"].astype(np.float32),
             "id": np.asarray(record["id"], dtype=np.str_),
             # The raw report (not its possibly truncated ids): the reference text of report generation.
-            "report": np.asarray(record["report"], dtype=np.str_),
+            "report": np.asarray(record.get("report", ""), dtype=np.str_),
             "valid": np.asarray(True),
         }
         if self.features is not None:
