@@ -57,3 +57,26 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_hf_config(config_json, model_type: str, kind: str) -> tuple[Any, dict]:
+    """(path, contents) of a Hugging Face ``config.json`` (the file or the folder holding it),
+    refusing a missing file, invalid JSON or another ``model_type`` (absent counts as
+    `model_type`; `kind` names it in the error): the shared front of the BERT, GPT-2 and ViT
+    importers."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(config_json)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no Hugging Face config.json here")
+    try:
+        contents = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    found = contents.get("model_type", model_type)
+    if found != model_type:
+        raise ValueError(f"{path}: model_type {found!r} is not a {kind} checkpoint")
+    return path, contents

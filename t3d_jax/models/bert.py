@@ -19,8 +19,6 @@ a leading layer axis (the converters stack into that layout; see ``convert.match
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from typing import Any
 
 import jax
@@ -29,6 +27,7 @@ from flax import nnx
 
 from t3d_jax.models import attention as attention_lib
 from t3d_jax.models import layers
+from t3d_jax.utils import read_hf_config
 
 # hidden, layers, heads, intermediate
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -80,18 +79,7 @@ class BertConfig:
     @classmethod
     def from_hf(cls, config_json, **overrides) -> "BertConfig":
         """Reads a Hugging Face ``config.json`` (file or the directory holding it)."""
-        path = pathlib.Path(config_json)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no Hugging Face config.json here")
-        try:
-            c = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        model_type = c.get("model_type", "bert")
-        if model_type not in ("bert",):
-            raise ValueError(f"{path}: model_type {model_type!r} is not a BERT checkpoint")
+        path, c = read_hf_config(config_json, "bert", "BERT")
         pet = c.get("position_embedding_type", "absolute")
         if pet != "absolute":
             raise ValueError(f"{path}: position_embedding_type {pet!r} not supported (only 'absolute')")

@@ -55,6 +55,7 @@ from flax import nnx
 from t3d_jax.models import attention as attention_lib
 from t3d_jax.models import layers
 from t3d_jax.models.vit3d import Block, ViT3DConfig
+from t3d_jax.utils import read_hf_config
 
 # width, slice-ViT depth, heads, mlp, Z-former depth ('base': ViT-B/16 and a 12-layer Z-former)
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -250,22 +251,6 @@ class SliceViT(nnx.Module):
         return {"hidden": hidden, "cls": hidden[:, 0]}
 
 
-class ZBlock(nnx.Module):
-    """Pre-LN block with a mask: x + Attn(LN(x), mask), then x + MLP(LN(x))."""
-
-    def __init__(self, cfg: MSVLMConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.norm1 = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
-        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias,
-                                              attention=cfg.attention, **kw)
-        self.norm2 = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
-        self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, **kw)
-
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), mask=mask)
-        return x + self.mlp(self.norm2(x))
-
-
 class MSVLM(nnx.Module):
     """Slice encoder + Z-former; see the module docstring for inputs, layout and outputs."""
 
@@ -279,7 +264,7 @@ class MSVLM(nnx.Module):
         self.position_embed = layers.param(rngs, init, (cfg.max_slices, cfg.width), (None, "embed"), pdt)
         self.global_tokens = (layers.param(rngs, init, (cfg.num_global, cfg.width), (None, "embed"), pdt)
                               if cfg.num_global else nnx.data(None))
-        self.z_blocks = layers.make_layer_stack(lambda r: ZBlock(cfg, rngs=r), cfg.z_depth, rngs,
+        self.z_blocks = layers.make_layer_stack(lambda r: Block(cfg, rngs=r), cfg.z_depth, rngs,
                                                 scanned=cfg.scan_layers)
         self.z_norm = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdt, rngs=rngs)
         # MEM prediction head (t3d_jax/losses/mem.py): Z-former output -> the slice token.
@@ -394,15 +379,7 @@ _V5_NAMES = [  # transformers >= 5 in-memory names -> the checkpoint names save_
 
 def hf_vit_config(config_json, **overrides) -> MSVLMConfig:
     """The slice-encoder fields of a Hugging Face ViT ``config.json`` (file or folder)."""
-    import json
-
-    path = pathlib.Path(config_json)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Hugging Face config.json here")
-    c = json.loads(path.read_text())
-    if c.get("model_type", "vit") != "vit":
-        raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not a ViT checkpoint")
+    path, c = read_hf_config(config_json, "vit", "ViT")
     if c.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: hidden_act {c.get('hidden_act')!r} not supported (only exact 'gelu')")
     kw = dict(width=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],

@@ -35,9 +35,7 @@ Parameter paths of :class:`TextDecoder` (what the GPT-2 importer maps onto):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import pathlib
 from typing import Any
 
 import jax
@@ -46,6 +44,7 @@ from flax import nnx
 
 from t3d_jax.models import attention as attention_lib
 from t3d_jax.models import layers
+from t3d_jax.utils import read_hf_config
 
 # hidden, layers, heads (MLP width 4 x hidden, as GPT-2)
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -103,17 +102,7 @@ class ReportDecoderConfig:
     @classmethod
     def from_hf(cls, config_json, **overrides) -> "ReportDecoderConfig":
         """Reads a Hugging Face GPT-2 ``config.json`` (file or the directory holding it)."""
-        path = pathlib.Path(config_json)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no Hugging Face config.json here")
-        try:
-            c = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if c.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not a GPT-2 checkpoint")
+        path, c = read_hf_config(config_json, "gpt2", "GPT-2")
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in c]
         if missing:
             raise ValueError(f"{path}: missing keys {missing}")

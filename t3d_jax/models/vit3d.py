@@ -154,7 +154,8 @@ def resize_pos_embed(table: jax.Array, src_grid, dst_grid) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x), mask), then x + MLP(LN(x)). `mask`: an optional
+    boolean key mask for the attention (MS-VLM's Z-former passes its padding / local pattern)."""
 
     def __init__(self, cfg: ViT3DConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -164,8 +165,8 @@ class Block(nnx.Module):
         self.norm2 = layers.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
         self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.norm1(x), mask=mask)
         return x + self.mlp(self.norm2(x))
 
 
