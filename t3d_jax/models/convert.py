@@ -394,6 +394,18 @@ def load_hf_gpt2(path, *, visual_width: int | None = None, dtype="float32", para
 _MONAI_IGNORED = re.compile(r"(^|\.)(norm_cross_attn|cross_attn)\.|^classification_head\.|causal_mask$")
 
 
+def _check_given(given: Mapping[str, Any], found: Mapping[str, Any], where: str) -> None:
+    """Each size the caller gave (None = not given; an int patch size means all three axes)
+    must be what the checkpoint's weights say (`found`)."""
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k == "patch_size" and isinstance(v, int):
+            v = (v,) * 3
+        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
+            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+
+
 def _monai_prefix(sd: Mapping[str, np.ndarray], where: str) -> str:
     for marker in ("patch_embedding.patch_embeddings.weight", "patch_embedding.patch_embeddings.1.weight"):
         hits = [k for k in sd if k.endswith(marker)]
@@ -439,13 +451,7 @@ def monai_vit_config(sd: Mapping[str, np.ndarray], *, img_size, num_heads: int =
                  classification="cls_token" in sd)
     given = dict(hidden_size=hidden_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
                  mlp_dim=mlp_dim, qkv_bias=qkv_bias, classification=classification)
-    for k, v in given.items():
-        if v is None:
-            continue
-        if k == "patch_size" and isinstance(v, int):
-            v = (v,) * 3
-        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
-            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+    _check_given(given, found, where)
     return ViT3DConfig(width=width, depth=depth, num_heads=num_heads, mlp_dim=found["mlp_dim"], image_size=img,
                        patch_size=found_patch, in_channels=found_c, pos_embed="learned",
                        pool="cls" if found["classification"] else "mean", qkv_bias=found["qkv_bias"],
@@ -749,13 +755,7 @@ def monai_swin_config(sd: Mapping[str, np.ndarray], *, window_size=None, downsam
     given = dict(embed_dim=embed_dim if embed_dim is not None else feature_size, depths=depths,
                  num_heads=num_heads, patch_size=patch_size, in_chans=in_chans if in_chans is not None else in_channels,
                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, patch_norm=patch_norm)
-    for k, v in given.items():
-        if v is None:
-            continue
-        if k == "patch_size" and isinstance(v, int):
-            v = (v,) * 3
-        if (tuple(v) if isinstance(v, (list, tuple)) else v) != found[k]:
-            raise ValueError(f"{where}: {k}={v} given, but the weights say {found[k]}")
+    _check_given(given, found, where)
     rows = int(tables[0].shape[0])
     if window_size is None:
         side = round(rows ** (1 / 3))
