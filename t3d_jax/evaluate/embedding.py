@@ -37,6 +37,16 @@ def _apply(graphdef, method: str, out_sharding, state, *inputs):
     return jax.lax.with_sharding_constraint(out, out_sharding)
 
 
+def pad_and_place(x: np.ndarray, multiple: int, sharding) -> tuple[jax.Array, int]:
+    """(`x` padded with zero rows to a multiple of `multiple` and placed with `sharding` by
+    ``make_array_from_callback``, so every process can hold the full batch; its real row count)."""
+    n = x.shape[0]
+    padded = -(-n // multiple) * multiple
+    if padded != n:
+        x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), n
+
+
 class Embedder:
     """Jitted volume / text embedding of an nnx model, batch split over the data axes.
 
@@ -57,12 +67,7 @@ class Embedder:
         self._grids: dict[tuple, tuple[int, int, int] | None] = {}
 
     def _place(self, x: np.ndarray) -> tuple[jax.Array, int]:
-        n = x.shape[0]
-        padded = -(-n // self.multiple) * self.multiple
-        if padded != n:
-            x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
-        arr = jax.make_array_from_callback(x.shape, self.sharding, lambda idx: x[idx])
-        return arr, n
+        return pad_and_place(x, self.multiple, self.sharding)
 
     def _run(self, method: str, *arrays: np.ndarray) -> np.ndarray:
         placed = [self._place(a) for a in arrays]

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from t3d_jax.evaluate import language_metrics as lm
 from t3d_jax.evaluate import report_labeler
+from t3d_jax.evaluate.embedding import pad_and_place
 from t3d_jax.evaluate.registry import EvalContext, register_evaluator
 from t3d_jax.models.decoding import DecodeConfig, decode
 from t3d_jax.train import mesh as mesh_lib
@@ -154,18 +155,15 @@ def generate_ids(model, volume: np.ndarray, dcfg: DecodeConfig, *, mesh=None, ru
     """
     graphdef, state = nnx.split(model)
     volume = np.asarray(volume, np.float32)
-    n = volume.shape[0]
-    # Sampling: row i draws from fold_in(key(seed), i), so padding never changes a row's draws.
-    rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
     if mesh is None:
-        return np.asarray(_generate(graphdef, dcfg, state, jnp.asarray(volume), rng))
-    multiple = max(1, mesh_lib.data_parallel_size(mesh, rules))
-    padded = -(-n // multiple) * multiple
-    if padded != n:
-        volume = np.concatenate([volume, np.zeros((padded - n, *volume.shape[1:]), volume.dtype)])
-        rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(padded))
-    placed = jax.make_array_from_callback(volume.shape, mesh_lib.batch_sharding(mesh, rules, 1),
-                                          lambda idx: volume[idx])
+        placed, n = jnp.asarray(volume), volume.shape[0]
+    else:
+        placed, n = pad_and_place(volume, max(1, mesh_lib.data_parallel_size(mesh, rules)),
+                                  mesh_lib.batch_sharding(mesh, rules, 1))
+    # Sampling: row i draws from fold_in(key(seed), i), so padding never changes a row's draws.
+    rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(placed.shape[0]))
+    if mesh is None:
+        return np.asarray(_generate(graphdef, dcfg, state, placed, rng))
     with jax.set_mesh(mesh):
         ids = _generate(graphdef, dcfg, state, placed, rng)
     ids = multihost_utils.process_allgather(ids, tiled=True) if jax.process_count() > 1 else ids
