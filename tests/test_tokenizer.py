@@ -89,9 +89,12 @@ def synthetic_reports():
     return out
 
 
-@pytest.mark.parametrize("max_len", [128, 16])
-def test_parity_with_hf_tokenizers_bert_uncased_vocab(bert_tok, bert_vocab, max_len):
-    tok = bert_tok if max_len == 128 else WordPieceTokenizer(bert_vocab, lowercase=True, max_len=max_len)
+@pytest.mark.parametrize("max_len,backend", [(128, "tensorflow"), (16, "tensorflow"), (128, "tokenizers")])
+def test_parity_with_hf_tokenizers_bert_uncased_vocab(bert_tok, bert_vocab, max_len, backend):
+    """Both backends against the reference pipeline (the tokenizers backend normalizes with
+    bert_normalize and runs no HF normalizer, so this also checks the two normalizations agree)."""
+    tok = (bert_tok if (max_len, backend) == (128, "tensorflow")
+           else WordPieceTokenizer(bert_vocab, lowercase=True, max_len=max_len, backend=backend))
     ids, mask = tok.encode(CORPUS)
     ref_ids, ref_mask = hf_encode(hf_reference(bert_vocab, True, max_len), CORPUS)
     for i, text in enumerate(CORPUS):
@@ -134,6 +137,8 @@ def test_build_vocab_and_parity(tmp_path, synthetic_reports, lowercase):
     ref_ids, ref_mask = hf_encode(hf_reference(path, lowercase, 64), corpus)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(mask, ref_mask)
+    hf_ids, _ = WordPieceTokenizer(path, lowercase=lowercase, max_len=64, backend="tokenizers").encode(corpus)
+    np.testing.assert_array_equal(hf_ids, ref_ids)  # the other backend, cased and uncased
     unk = tokens.index("[UNK]")
     assert (ids[:40] == unk).sum() == 0  # reports seen in training need no [UNK]
 
@@ -198,3 +203,16 @@ def test_impression_first_moves_the_section_and_nothing_else(bert_vocab):
     assert tok.decode(tok.encode([report])[0][0]) == "impression : cardiomegaly"
     plain = WordPieceTokenizer(str(bert_vocab), max_len=8)
     assert "cardiomegaly" not in plain.decode(plain.encode([report])[0][0])
+
+
+def test_auto_backend_falls_back_to_tokenizers_without_tensorflow_text(bert_vocab, monkeypatch):
+    from t3d_jax.data import tokenizer as tokenizer_lib
+
+    monkeypatch.setattr(tokenizer_lib, "_tensorflow_text_available", lambda: False)
+    tok = WordPieceTokenizer(bert_vocab, lowercase=True, max_len=32)
+    ids, _ = tok.encode(CORPUS[:5])
+    assert tok._tf is None  # TensorFlow was never imported for this tokenizer
+    ref_ids, _ = hf_encode(hf_reference(bert_vocab, True, 32), CORPUS[:5])
+    np.testing.assert_array_equal(ids, ref_ids)
+    with pytest.raises(ValueError, match="backend"):
+        WordPieceTokenizer(bert_vocab, backend="sentencepiece")

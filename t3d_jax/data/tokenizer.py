@@ -1,10 +1,17 @@
-"""WordPiece tokenization of reports (tensorflow-text), and building a vocab.txt.
+"""WordPiece tokenization of reports (tensorflow-text or Hugging Face ``tokenizers``), and
+building a vocab.txt.
 
 Reports are tokenized once, at preprocessing time (launch/prepare_data.py), so
 TensorFlow never enters the training loop or Grain workers. TensorFlow is imported
 lazily, the first time :meth:`WordPieceTokenizer.encode` runs, with GPUs hidden from it
 (``tf.config.set_visible_devices([], "GPU")``) so it never claims accelerator memory
 that JAX needs; importing this module costs nothing.
+
+Two backends give the same ids (tests/test_tokenizer.py runs the corpus through both):
+``tensorflow`` (tensorflow-text's FastBertTokenizer, the default where it is installed) and
+``tokenizers`` (Hugging Face's WordPiece, a pinned dependency anyway, for machines where
+TensorFlow is not installed: GPU images often lack it). ``backend="auto"`` takes the first
+that imports.
 
 Token ids match Hugging Face ``tokenizers`` (BertNormalizer + BertPreTokenizer +
 WordPiece, [CLS] ... [SEP], truncation to ``max_len`` keeping [SEP]) on the same
@@ -116,6 +123,15 @@ def order_sections(text: str, order: str = "as_written") -> str:
     return " ".join(p.strip() for p in pieces if p.strip())
 
 
+BACKENDS = ("auto", "tensorflow", "tokenizers")
+
+
+def _tensorflow_text_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow_text") is not None
+
+
 class WordPieceTokenizer:
     """BERT WordPiece tokenizer over a standard ``vocab.txt``.
 
@@ -127,8 +143,12 @@ class WordPieceTokenizer:
     for training and for export agree; prompts have no section header and are unchanged.
     """
 
-    def __init__(self, vocab_path, lowercase: bool = True, max_len: int = 128, report_order: str = "as_written"):
+    def __init__(self, vocab_path, lowercase: bool = True, max_len: int = 128, report_order: str = "as_written",
+                 backend: str = "auto"):
         order_sections("", report_order)  # checks the name
+        if backend not in BACKENDS:
+            raise ValueError(f"tokenizer backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.report_order = str(report_order)
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
@@ -148,6 +168,27 @@ class WordPieceTokenizer:
         return len(self.vocab)
 
     def _build(self):
+        backend = self.backend
+        if backend == "auto":
+            backend = "tensorflow" if _tensorflow_text_available() else "tokenizers"
+        if backend == "tokenizers":
+            self._build_hf()
+        else:
+            self._build_tf()
+
+    def _build_hf(self):
+        """Hugging Face WordPiece on the text `bert_normalize` already normalized (no normalizer
+        of its own): BERT's pre-tokenizer, words over 100 characters -> [UNK], as BERT."""
+        from tokenizers import Tokenizer, pre_tokenizers
+        from tokenizers.models import WordPiece
+
+        model = WordPiece({t: i for i, t in enumerate(self.vocab)}, unk_token="[UNK]",
+                          max_input_chars_per_word=MAX_CHARS_PER_WORD)
+        tok = Tokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tokenizer = tok
+
+    def _build_tf(self):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
         import tensorflow_text as tf_text
@@ -170,6 +211,8 @@ class WordPieceTokenizer:
         if self._tokenizer is None:
             self._build()
         normalized = [bert_normalize(order_sections(t, self.report_order), self.lowercase) for t in texts]
+        if self._tf is None:  # the tokenizers backend
+            return [e.ids for e in self._tokenizer.encode_batch(normalized, add_special_tokens=False)]
         ragged, starts, ends = self._tokenizer.tokenize_with_offsets(
             self._tf.constant(normalized, dtype=self._tf.string))
         splits = ragged.row_splits.numpy()
