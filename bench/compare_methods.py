@@ -14,6 +14,12 @@ JSON (with per-run wall times and final losses) and a plot of the per-label diff
 to it (.png). With the demo variant and no prepared data, the embedded synthetic data set is
 made first (configs/common.py `data.synthetic_if_missing`).
 
+Runs go seed by seed (every task's seed 0, then every task's seed 1, ...), so a harness stopped
+early holds whole seeds. Each run leaves `<workdir>/<task>_seed<k>/predictions.npz` and
+`facts.json`; a run whose files are already there is read back, not trained again, so a
+harness killed part-way resumes with `--workdir` (and runs made on another machine can be
+copied in and compared).
+
 Adding a method: a task module (t3d_jax/tasks/) and its config file; then name it in --tasks.
 """
 
@@ -120,6 +126,23 @@ def train_and_predict(config, workdir: pathlib.Path) -> tuple[dict, dict]:
     return pred, facts
 
 
+def save_run(run_dir: pathlib.Path, pred: dict, fact: dict) -> None:
+    """A finished run's predictions and facts, written so that a later harness can reuse them
+    (facts.json last: it marks the run complete)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / "predictions.npz", **{k: np.asarray(v) for k, v in pred.items()})
+    write_json(run_dir / "facts.json", fact)
+
+
+def load_run(run_dir: pathlib.Path) -> tuple[dict, dict] | None:
+    """(predictions, facts) of a run `save_run` completed in `run_dir`, else None."""
+    if not (run_dir / "facts.json").is_file() or not (run_dir / "predictions.npz").is_file():
+        return None
+    with np.load(run_dir / "predictions.npz", allow_pickle=False) as z:
+        pred = {k: z[k] for k in z.files}
+    return pred, json.loads((run_dir / "facts.json").read_text())
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -169,21 +192,30 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {t: [] for t in tasks}
     facts: dict[str, list[dict]] = {t: [] for t in tasks}
     label_names = None
-    for task in tasks:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):
+        for task in tasks:
             config = load_config(task, args.variant, overrides + [f"train.seed={seed}", "train.progress_bar=False"])
-            make_synthetic_if_missing(config)
-            check_data_config(config)
-            print(f"== {task} seed {seed}: {config.train.num_steps} steps on {config.data.dir}", flush=True)
-            pred, fact = train_and_predict(config, root / f"{task}_seed{seed}")
+            run_dir = root / f"{task}_seed{seed}"
+            done = load_run(run_dir)
+            if done is not None:
+                print(f"== {task} seed {seed}: read back from {run_dir}", flush=True)
+                pred, fact = done
+            else:
+                make_synthetic_if_missing(config)
+                check_data_config(config)
+                print(f"== {task} seed {seed}: {config.train.num_steps} steps on {config.data.dir}", flush=True)
+                pred, fact = train_and_predict(config, run_dir)
+                save_run(run_dir, pred, fact)
+                print(f"   trained in {fact['train_s']} s, final loss {fact['final_loss']}", flush=True)
             runs[task].append(pred)
             facts[task].append(fact)
-            print(f"   trained in {fact['train_s']} s, final loss {fact['final_loss']}", flush=True)
             from t3d_jax.data.pipeline import read_dataset_info
             label_names = tuple(read_dataset_info(config.data.dir).get("label_names") or config.data.label_names)
     result = compare.compare(runs, label_names, baseline=tasks[0], num_bootstrap=args.num_bootstrap)
+    import jax
+
     result.update(variant=args.variant, seeds=args.seeds, overrides=overrides, runs=facts,
-                  load_average=os.getloadavg())
+                  load_average=os.getloadavg(), device=jax.devices()[0].device_kind)
     print(compare.format_comparison(result))
     out = write_json(args.out, result)
     plot(result, out.with_suffix(".png"))

@@ -64,3 +64,23 @@ def test_a_better_method_has_an_interval_above_zero_and_a_table():
     with pytest.raises(ValueError, match="same volumes"):
         other = dict(better, id=better["id"][::-1])
         compare.compare({"clip": [base], "t3d": [other]}, LABELS, baseline="clip", num_bootstrap=2)
+
+
+def test_harness_saves_a_run_and_reads_it_back_whole(tmp_path):
+    """bench/compare_methods.py's resume: a saved run's predictions come back equal (ids are
+    text, not pickled objects); a run without facts.json (killed before the end) is not reused."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_compare_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = _run(np.random.default_rng(1))
+    bench.save_run(tmp_path / "clip_seed0", run, {"train_s": 1.5, "steps": 3})
+    pred, facts = bench.load_run(tmp_path / "clip_seed0")
+    assert set(pred) == set(run) and facts == {"train_s": 1.5, "steps": 3}
+    for k in run:
+        np.testing.assert_array_equal(pred[k], run[k])
+    (tmp_path / "clip_seed0" / "facts.json").unlink()
+    assert bench.load_run(tmp_path / "clip_seed0") is None
