@@ -12,10 +12,16 @@ modelling); the image encoder t3d_jax/models/msvlm.py (`model.image.name = 'msvl
 `model.image.size` picks its SIZES row, `model.image.msvlm.*` overrides any MSVLMConfig
 field); docs/msvlm.md describes both.
 
-The slice size is `data.view_size[:2]` and the slice count `data.view_size[2]`: the data
-pipeline still makes fixed-size views, so every volume of a run has the same number of
-slices and one series. The encoder's variable slice counts (length buckets) and several
-series per example are not fed by the pipeline yet (docs/msvlm.md, "Not done here").
+The slice size is `data.view_size[:2]`. Two kinds of data (docs/msvlm.md, "Data"):
+
+* fixed views (default): the slice count is `data.view_size[2]`, one series per example.
+* `,slices` (e.g. `configs/msvlm.py:demo,slices`): every slice of every series at the preset's
+  z spacing (`preprocess.keep_slices`, `data.slices.enabled`), padded to one of the encoder's
+  length buckets (`data.slices.length`; 0 = the smallest holding the data's longest example,
+  chosen once at start). The `demo,slices` data is its own folder (demo_out/prepared_slices),
+  made once from synthetic chests with a second series of another slice thickness
+  (`data.synthetic_series = 2`); other data: prepare it with
+  `launch/prepare_data.py --config=configs/msvlm.py:VARIANT,slices` (or `--keep-slices`).
 
   tiny  -- tests: 16^3 views, MS-VLM 'tiny' (width 64, 2 + 2 layers), 8x8 slice patches.
   demo  -- the synthetic demo data at 32^3 (as configs/t3d.py:demo), MS-VLM 'demo'
@@ -28,12 +34,18 @@ series per example are not fed by the pipeline yet (docs/msvlm.md, "Not done her
 import ml_collections
 
 from configs import clip
+from t3d_jax.utils import UserValueError
 
 MSVLM_SIZE = {"tiny": "tiny", "demo": "demo", "small": "small", "base": "base"}
+OPTIONS = ("", "slices")
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    c = clip.get_config(arg)
+    variant, _, option = (arg or "demo").partition(",")
+    if option not in OPTIONS:
+        raise UserValueError(f"configs/msvlm.py: unknown option {option!r}; use VARIANT or VARIANT,slices "
+                             "(e.g. --config=configs/msvlm.py:demo,slices)")
+    c = clip.get_config(variant)
     c.task = "msvlm"
     c.model.name = "clip"  # the two towers; the MEM head lives in the image encoder
     c.model.image.name = "msvlm"
@@ -52,6 +64,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # --- MEM (t3d_jax/losses/mem.py) -------------------------------------------------------
     c.loss.mem_weight = 1.0  # loss = loss_clip + mem_weight * loss_mem
     c.loss.mem_rate = 0.3  # probability a valid slice token is zero-filled (MS-VLM's 0.3)
+
+    # --- Slice sequences (t3d_jax/data/slices.py; the `,slices` option turns them on) ----------
+    c.preprocess.keep_slices = False  # prepare: keep every slice at the preset's z spacing, several series
+    c.data.slices = ml_collections.ConfigDict()
+    c.data.slices.enabled = False  # the pipeline yields padded slice sequences instead of views
+    c.data.slices.length = 0  # padded slots L, one of m.buckets; 0 = smallest bucket >= the data's longest
+    c.data.slices.max_series = 0  # series per example; 0 = the encoder's num_series
+    c.data.synthetic_series = 1  # series per synthetic example (data.synthetic_if_missing)
+    if option == "slices":
+        c.preprocess.keep_slices = True
+        c.data.slices.enabled = True
+        if c.variant == "demo":
+            c.data.dir = "demo_out/prepared_slices"
+            c.data.synthetic_series = 2  # a second series of another slice thickness
 
     if c.variant == "tiny":
         m.slice_chunk = 8

@@ -3,9 +3,11 @@ r"""Manifest (CSV/JSONL) of CT volumes + reports -> ArrayRecord shards for train
   python launch/prepare_data.py --manifest data/manifest.csv --out data/prepared --preset demo
   python launch/prepare_data.py --manifest M --out DIR --config=configs/t3d.py:base \
       [--vocab vocab.txt] [--lowercase | --cased] [--max-len 128] [--workers 8] [--shard-size 64]
-      [--compression zstd:3] [--mask-classes classes.json]
+      [--compression zstd:3] [--mask-classes classes.json] [--keep-slices]
 
-Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len, report_order;
+Explicit flags win over the config (``config.preprocess``: preset, vocab, lowercase, max_len, report_order,
+keep_slices (--keep-slices: every slice at the preset's z spacing, several series per row; the msvlm
+encoder, ``configs/msvlm.py:VARIANT,slices`` sets it);
 ``config.data.label_names`` selects and orders the label columns). Without --config the
 defaults of ``configs/t3d.py:demo`` apply. See docs/data.md.
 """
@@ -62,6 +64,10 @@ def main(argv=None) -> int:
                         help="comma-separated label columns to keep, in order (default: config, else all)")
     parser.add_argument("--mask-classes", default=None,
                         help="class table of the manifest's masks (default: classes.json beside the manifest)")
+    parser.add_argument("--keep-slices", action="store_true", default=None,
+                        help="keep every slice at the preset's z spacing (no z crop/pad) and allow several "
+                             "';'-separated series per row: slice sequences for the msvlm encoder "
+                             "(default: config.preprocess.keep_slices)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     lowercase = pre.lowercase if args.lowercase is None else args.lowercase
     max_len = args.max_len or pre.max_len
     report_order = args.report_order or pre.get("report_order", "as_written")
+    keep_slices = bool(pre.get("keep_slices", False)) if args.keep_slices is None else True
     if args.label_names is not None:
         label_names = [n.strip() for n in args.label_names.split(",") if n.strip()]
     elif explicit_config and "label_names" in config.data:
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
                              max_len=max_len, report_order=report_order, workers=args.workers,
                              shard_size=args.shard_size,
                              compression=args.compression, mask_classes=args.mask_classes,
-                             label_names=label_names, progress=not args.no_progress)
+                             label_names=label_names, progress=not args.no_progress, keep_slices=keep_slices)
     if result.rejected:
         print(f"rejected inputs and reasons: {pathlib.Path(args.out) / 'errors.jsonl'}", file=sys.stderr)
     print(result.summary(), flush=True)

@@ -4,7 +4,13 @@ Columns / keys:
 
 * ``id`` (required): unique name of the example.
 * ``volume`` (required): a NIfTI or NRRD file or a DICOM series folder; relative paths are resolved
-  against the manifest's own folder, so a dataset folder can be moved as a whole.
+  against the manifest's own folder, so a dataset folder can be moved as a whole. Several series
+  of one example (planes, contrast phases, slice thicknesses; the ``msvlm`` encoder reads them as
+  one sequence): their paths separated by ``;`` in that order (in JSONL also a list of strings),
+  e.g. ``volumes/a_axial.nii.gz;volumes/a_venous.nii.gz``. The order is kept: the first is series
+  0 (the one every fixed-view task reads), the second series 1, ... A listed series file that does
+  not exist, or an empty entry, rejects the row with a reason naming the manifest, its line and
+  the entry. Several series need ``preprocess.keep_slices`` (t3d_jax/data/prepare.py).
 * ``report`` (required): the report text (findings + impression).
 * ``split`` (optional): e.g. train / valid / test; empty or absent means ``train``.
 * ``mask`` (optional): a NIfTI or NRRD label map on the volume's grid (segmentation); relative paths are
@@ -52,6 +58,7 @@ class ManifestRow:
     labels: dict[str, float]
     error: str | None = None
     mask: str | None = None  # absolute path of the label map, if the row has one
+    series: tuple[str, ...] = ()  # absolute paths of every series, in manifest order (series[0] == volume)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -71,7 +78,30 @@ def _to_label(value) -> float:
     return float(text)  # ValueError for non-numbers, caught by the caller
 
 
-def _make_row(line: int, raw: dict, base: pathlib.Path) -> ManifestRow:
+SERIES_SEPARATOR = ";"
+
+
+def _series_paths(value, base: pathlib.Path, where: str) -> tuple[list[str], str | None]:
+    """(absolute paths of a ``volume`` entry's series, error or None); ``where`` names the row."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(SERIES_SEPARATOR)
+    items = [str(v).strip() for v in items]
+    if len(items) > 1 and not all(items):
+        return [], (f"{where}: the volume list {SERIES_SEPARATOR.join(items)!r} has an empty entry "
+                    f"(series {items.index('') + 1} of {len(items)})")
+    paths = []
+    for item in items:
+        if _has_surrogates(item):
+            return [], "volume path is not valid UTF-8"
+        path = pathlib.Path(os.path.expanduser(item))
+        paths.append(str(path if path.is_absolute() else (base / path)))
+    if len(paths) > 1:
+        for k, path in enumerate(paths):
+            if not os.path.exists(path):
+                return [], f"{where}: series {k + 1} of {len(paths)} ({items[k]}): {path}: file not found"
+    return paths, None
+
+
+def _make_row(line: int, raw: dict, base: pathlib.Path, name: str = "manifest") -> ManifestRow:
     row = ManifestRow(line=line, id=None, volume=None, report=None, split="train", labels={})
     ident = raw.get("id")
     row.id = None if ident is None else str(ident).strip()
@@ -84,17 +114,19 @@ def _make_row(line: int, raw: dict, base: pathlib.Path) -> ManifestRow:
         row.error = "missing id"
         return row
     volume = raw.get("volume")
-    if volume is None or not str(volume).strip():
+    if volume is None or not (volume if isinstance(volume, (list, tuple)) else str(volume).strip()):
         row.error = "missing volume path"
         return row
-    volume = str(volume).strip()
-    if _has_surrogates(volume):
-        row.error = "volume path is not valid UTF-8"
+    paths, error = _series_paths(volume, base, f"{name} line {line} (id {row.id!r})")
+    if error:
+        row.error = error
         return row
-    path = pathlib.Path(os.path.expanduser(volume))
-    row.volume = str(path if path.is_absolute() else (base / path))
+    row.volume, row.series = paths[0], tuple(paths)
     mask = raw.get("mask")
     mask = "" if mask is None else str(mask).strip()
+    if mask and len(paths) > 1:
+        row.error = f"{name} line {line}: a mask with {len(paths)} series (masks are for one-series rows)"
+        return row
     if mask:
         if _has_surrogates(mask):
             row.error = "mask path is not valid UTF-8"
@@ -156,7 +188,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[ManifestRow], list[str]
         for raw in reader:
             line = reader.line_num
             raw = {k: v for k, v in raw.items() if k is not None}
-            rows.append(_make_row(line, raw, base))
+            rows.append(_make_row(line, raw, base, path.name))
     elif suffix in (".jsonl", ".json", ".ndjson"):
         for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
@@ -169,7 +201,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[ManifestRow], list[str]
                 bad = ManifestRow(line_no, None, None, None, "train", {}, f"line is not a JSON object: {err}")
                 rows.append(bad)
                 continue
-            row = _make_row(line_no, raw, base)
+            row = _make_row(line_no, raw, base, path.name)
             rows.append(row)
             for name in [k for k in raw if k not in RESERVED] + list(
                     raw["labels"] if isinstance(raw.get("labels"), dict) else []):

@@ -53,6 +53,13 @@ source (before the shuffle), so the row follows the record whatever the shuffle,
 or processes; the ``.npy`` is memory-mapped in each worker. A missing or stale cache is a
 UserError naming ``launch/cache_text_features.py``.
 
+Slice sequences (``data.slices.enabled``, the `msvlm` task; t3d_jax/data/slices.py): the map
+makes no views; each example is the record's series concatenated along z, resampled in-plane
+to ``view_size[:2]`` and padded to ``data.slices.length`` slots, with ``slice_valid``,
+``series_id`` and ``slice_position`` per slot (random in-plane crop, jitter and noise from the
+same (seed, index) generator). Order, slicing and iterator state are unchanged. Fixed-view
+paths (training views, evaluation) read series 0 of a multi-series record.
+
 Sentences (``data.sentences``, the `mg3d` task): training examples also carry
 ``sentence_index`` and ``word_index`` [L] int32, computed from the (augmented) token ids by
 `t3d_jax.data.sentences` (at most ``data.max_sentences`` sentences).
@@ -71,6 +78,7 @@ import grain
 import numpy as np
 
 from t3d_jax.data import shards
+from t3d_jax.data import slices as slices_lib
 from t3d_jax.data import text_features as text_features_lib
 from t3d_jax.data.records import decode_record
 from t3d_jax.data.report_augment import ReportAugment, augment_report
@@ -199,8 +207,12 @@ class TrainExample(grain.transforms.MapWithIndex):
 
     def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None,
                  views_on: str = "host", stored_shape: tuple[int, int, int] | None = None, masks: bool = False,
-                 sentences=None):
+                 sentences=None, slice_options: slices_lib.SliceOptions | None = None):
         self.options = options
+        self.slice_options = slice_options  # data.slices.enabled: a slice sequence, no views
+        if slice_options is not None and (masks or views_on != "host"):
+            raise ValueError("data.slices.enabled makes slice sequences on the host: it takes neither data.masks "
+                             "nor data.views_on='device'")
         self.sentences = sentences  # data.sentences: a t3d_jax.data.sentences.SentenceIndexer
         self.masks = bool(masks)  # data.masks: add each view's labels (`masks`), cut like the view
         if self.masks and views_on != "host":
@@ -221,7 +233,9 @@ class TrainExample(grain.transforms.MapWithIndex):
         # A fresh generator keyed by (seed, global index): independent of who computes it.
         rng = np.random.default_rng((self.seed, int(index)))
         scale, offset = float(record["intensity_scale"]), float(record["intensity_offset"])
-        if self.views_on == "host" and self.masks:
+        if self.slice_options is not None:
+            example = slices_lib.slice_sequence(record, self.slice_options, rng)
+        elif self.views_on == "host" and self.masks:
             if "mask" not in record:
                 raise ValueError(f"training element {index} (record {record.get('id', '?')!r}) has no mask, but "
                                  "data.masks is on (a segmentation task): give every training row of the "
@@ -229,10 +243,10 @@ class TrainExample(grain.transforms.MapWithIndex):
             views, boxes, masks = make_views(record["volume"], scale, offset, rng, self.options, mask=record["mask"])
             example = {"views": views, "boxes": boxes, "masks": masks}
         elif self.views_on == "host":
-            views, boxes = make_views(record["volume"], scale, offset, rng, self.options)
+            views, boxes = make_views(slices_lib.primary_volume(record), scale, offset, rng, self.options)
             example = {"views": views, "boxes": boxes}
         else:  # the accelerator makes the views (t3d_jax.data.device_views)
-            volume = record["volume"]
+            volume = slices_lib.primary_volume(record)
             if self.stored_shape is not None and tuple(volume.shape) != self.stored_shape:
                 raise ValueError(
                     f"training element {index} (record {record.get('id', '?')!r}) has a stored volume of "
@@ -267,8 +281,8 @@ class EvalExample(grain.transforms.Map):
         if self.features is not None:
             position, data = data
         record = _decode(data, "evaluation record")
-        volume = eval_view(
-            record["volume"], float(record["intensity_scale"]), float(record["intensity_offset"]),
+        volume = eval_view(  # series 0 of a multi-series record
+            slices_lib.primary_volume(record), float(record["intensity_scale"]), float(record["intensity_offset"]),
             self.view_size)
         example = {
             "volume": volume,
@@ -420,8 +434,10 @@ def train_dataset(
         from t3d_jax.data.sentences import indexer_for_data
 
         sentences = indexer_for_data(_data_dir(data_config), int(cfg_get(data_config, "max_sentences", 32)))
+    slice_options = slices_lib.SliceOptions.from_config(data_config) if slices_lib.enabled(data_config) else None
     ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape,
-                                        masks=bool(cfg_get(data_config, "masks", False)), sentences=sentences))
+                                        masks=bool(cfg_get(data_config, "masks", False)), sentences=sentences,
+                                        slice_options=slice_options))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

@@ -21,6 +21,17 @@ Masks (segmentation label maps, the manifest's optional ``mask`` column) go thro
 volume's steps with nearest-neighbour sampling (:mod:`t3d_jax.data.masks`) and are stored in the
 record as ``mask``; a mask that does not fit its volume rejects the row like a bad volume.
 The job ends with ``read N, written M, rejected K`` (N = M + K).
+
+Slice sequences (``keep_slices``, ``--keep-slices``, ``config.preprocess.keep_slices``; the
+``msvlm`` encoder): x and y as the preset says, every slice kept at the preset's z spacing (no
+z crop or pad), so a record's Z is the scan's own extent. A manifest row may then list several
+series (``volume`` = paths separated by ``;``, t3d_jax/data/manifest.py): each is preprocessed
+the same way and the record's ``volume`` holds them concatenated along z in manifest order, with
+``series_slices`` (slices per series) and ``source`` (the files, ``;``-separated). A bad series
+rejects its row like a bad volume (the reason names the series). ``dataset.json`` then has a
+``slices`` summary (longest example, its files, the most series per example): the ``msvlm``
+task picks its padded sequence length from it once, before training. Without ``keep_slices``
+a row with several series stops the job before any work (a fixed grid holds one series).
 """
 
 from __future__ import annotations
@@ -45,9 +56,9 @@ import tqdm
 
 from t3d_jax.data import masks as masks_lib
 from t3d_jax.data import preprocess, shards
-from t3d_jax.data.manifest import ManifestRow, read_manifest
-from t3d_jax.data.records import encode_record
-from t3d_jax.utils import sha256_file
+from t3d_jax.data.manifest import SERIES_SEPARATOR, ManifestError, ManifestRow, read_manifest
+from t3d_jax.data.records import decode_record, encode_record
+from t3d_jax.utils import UserValueError, sha256_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +108,37 @@ class _MaskSpec:
     dtype: str  # stored dtype of every mask of the dataset
 
 
-def _process(task: _Task, preset: preprocess.Preset,
-             mask_spec: _MaskSpec | None = None) -> tuple[int, bytes | None, str | None]:
-    """Loads and preprocesses one volume (and its mask); returns (index, encoded record or None, reason)."""
+def _series(row: ManifestRow, volume: preprocess.Volume, stored: np.ndarray, scale: float, offset: float,
+            preset: preprocess.Preset) -> tuple[np.ndarray, np.ndarray]:
+    """(every series of ``row`` concatenated along z in manifest order, slices per series): series
+    1, 2, ... are loaded and preprocessed like series 0 (``keep_slices``), on its in-plane grid."""
+    parts, counts = [stored], [stored.shape[2]]
+    for k, path in enumerate(row.series[1:], start=1):
+        try:
+            other = preprocess.load_volume(path)
+            grid, s, o = preprocess.preprocess_volume(other, preset, keep_slices=True)
+        except preprocess.VolumeError as err:
+            raise preprocess.VolumeError(f"series {k + 1} of {len(row.series)}: {err}") from err
+        if (s, o) != (scale, offset):  # a fixed window gives every series the same map
+            raise preprocess.VolumeError(f"{path}: series {k + 1} has intensity map ({s}, {o}), series 1 "
+                                         f"({scale}, {offset}); the preset's window must be fixed")
+        parts.append(grid)
+        counts.append(grid.shape[2])
+        del other
+    return (np.concatenate(parts, axis=2) if len(parts) > 1 else stored), np.asarray(counts, np.int32)
+
+
+def _process(task: _Task, preset: preprocess.Preset, mask_spec: _MaskSpec | None = None,
+             keep_slices: bool = False) -> tuple[int, bytes | None, str | None]:
+    """Loads and preprocesses one volume (every series of the row with ``keep_slices``) and its
+    mask; returns (index, encoded record or None, reason)."""
     row = task.row
     try:
         volume = preprocess.load_volume(row.volume)
-        stored, scale, offset = preprocess.preprocess_volume(volume, preset)
+        stored, scale, offset = preprocess.preprocess_volume(volume, preset, keep_slices=keep_slices)
+        series_slices = None
+        if keep_slices:
+            stored, series_slices = _series(row, volume, stored, scale, offset, preset)
         mask = None
         if row.mask is not None:
             spec = mask_spec or _MaskSpec(None, "int16")
@@ -127,6 +162,9 @@ def _process(task: _Task, preset: preprocess.Preset,
         }
         if mask is not None:
             record["mask"] = mask
+        if series_slices is not None:  # keep_slices: the series along z, and where they came from
+            record["series_slices"] = series_slices
+            record["source"] = SERIES_SEPARATOR.join(row.series or (row.volume,))
         return task.index, encode_record(record), None
     except preprocess.VolumeError as err:
         return task.index, None, str(err)
@@ -136,9 +174,11 @@ def _process(task: _Task, preset: preprocess.Preset,
         return task.index, None, f"{row.volume}: unexpected {type(err).__name__}: {err}"
 
 
-def _run_ordered(tasks: Sequence[_Task], preset, workers: int, mask_spec: _MaskSpec | None = None):
+def _run_ordered(tasks: Sequence[_Task], preset, workers: int, mask_spec: _MaskSpec | None = None,
+                 keep_slices: bool = False):
     """Yields _process results in task order; at most 2 x workers tasks in flight."""
-    extra = () if mask_spec is None else (mask_spec,)  # a manifest without masks: _process(task, preset)
+    # a manifest without masks, fixed grid: _process(task, preset)
+    extra = (mask_spec, True) if keep_slices else (() if mask_spec is None else (mask_spec,))
     if workers <= 0:
         for task in tasks:
             yield _process(task, preset, *extra)
@@ -214,13 +254,32 @@ def _report_length_summary(lengths: Sequence[int], max_len: int) -> dict:
             "mean": round(float(arr.mean()), 1), "p95": int(np.percentile(arr, 95))}
 
 
+def _slices_summary(counts: Sequence[tuple[str, list[int], str]], preset: preprocess.Preset) -> dict:
+    """dataset.json ``slices`` of a keep_slices folder: the z spacing, the slice counts (all
+    series of an example together), the most series of one example, and the longest example."""
+    totals = [sum(c) for _, c, _ in counts]
+    out = {"keep": True, "spacing_z": float(preset.spacing[2]), "inplane_size": list(preset.size[:2]),
+           "max": max(totals, default=0), "min": min(totals, default=0),
+           "mean": round(float(np.mean(totals)), 1) if totals else 0.0,
+           "max_series": max((len(c) for _, c, _ in counts), default=0),
+           "num_multi_series": sum(len(c) > 1 for _, c, _ in counts), "longest": None}
+    if totals:
+        ident, series, source = counts[int(np.argmax(totals))]
+        out["longest"] = {"id": ident, "slices": series, "source": source}
+    return out
+
+
 def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, preset: str | preprocess.Preset = "demo",
                     vocab: str | os.PathLike | None = None, lowercase: bool = True, max_len: int = 128,
                     report_order: str = "as_written", workers: int | None = None, shard_size: int = 64,
                     label_names: Sequence[str] | None = None, progress: bool = True,
                     compression: str = shards.DEFAULT_COMPRESSION,
-                    mask_classes: str | os.PathLike | None = None) -> PrepareResult:
+                    mask_classes: str | os.PathLike | None = None, keep_slices: bool = False) -> PrepareResult:
     """Runs the whole job; see the module docstring. Returns the counts.
+
+    ``keep_slices`` (``preprocess.keep_slices``): keep every slice at the preset's z spacing
+    (no z crop/pad; ``preprocess_volume``), and store each row's series concatenated along z
+    with ``series_slices`` and ``source`` (module docstring, "Slice sequences").
 
     ``mask_classes``: the masks' class table (``masks.read_class_table``); default
     ``classes.json`` beside the manifest when the manifest has masks and that file exists.
@@ -239,6 +298,14 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     tokenizer = WordPieceTokenizer(str(vocab_path), lowercase=lowercase, max_len=max_len, report_order=report_order)
 
     rows, manifest_labels = read_manifest(manifest)  # before creating anything: a bad manifest leaves no trace
+    multi = next((row for row in rows if len(row.series) > 1), None)
+    if multi is not None and not keep_slices:
+        raise ManifestError(f"{manifest}: line {multi.line} (id {multi.id!r}) lists {len(multi.series)} series; "
+                            "several series per example need keep_slices (--keep-slices, "
+                            "config.preprocess.keep_slices: the msvlm encoder's slice sequences)")
+    if keep_slices and preset.spacing is None:  # fails before any work
+        raise UserValueError(f"preset {preset.name}: keep_slices needs a preset with a target spacing "
+                             f"(this one resizes every volume to {preset.size})")
     has_masks = any(row.mask is not None for row in rows)
     classes = None
     if mask_classes is None and has_masks:
@@ -291,19 +358,23 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
     _clean_stale_tmp(out_dir)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out_dir))
     written_ids: list[str] = []
+    slice_counts: list[tuple[str, list[int], str]] = []  # keep_slices: (id, slices per series, source)
     num_masks = 0
     try:
         writers: dict[str, shards.RollingShardWriter] = {}
         bar = tqdm.tqdm(total=len(rows), initial=len(rows) - len(usable), desc="prepare", unit="vol",
                         disable=not progress, dynamic_ncols=True)
         with bar:
-            for index, record, reason in _run_ordered(tasks, preset, workers, mask_spec):
+            for index, record, reason in _run_ordered(tasks, preset, workers, mask_spec, keep_slices):
                 row = tasks[index].row
                 if record is None:
                     reject(row, reason)
                 else:
                     written_ids.append(row.id)
                     num_masks += row.mask is not None
+                    if keep_slices:
+                        slice_counts.append((row.id, decode_record(record)["series_slices"].tolist(),
+                                             SERIES_SEPARATOR.join(row.series)))
                     if row.split not in writers:
                         writers[row.split] = shards.RollingShardWriter(tmp, row.split, shard_size, compression)
                     writers[row.split].write(record)
@@ -342,6 +413,8 @@ def prepare_dataset(manifest: str | os.PathLike, out_dir: str | os.PathLike, pre
                 "num_records": num_masks, "dtype": mask_spec.dtype,
                 "classes": None if classes is None else masks_lib.class_table_json(classes)["classes"],
                 "class_table": None if mask_classes is None else str(pathlib.Path(mask_classes).resolve())},
+            # keep_slices: the slice counts the msvlm task picks its padded length from (null otherwise)
+            "slices": _slices_summary(slice_counts, preset) if keep_slices else None,
             "records": {"writer_options": shards.writer_options(compression)},
             "manifest": str(pathlib.Path(manifest).resolve()),
             # Identifies the source data wherever the folder is (prepared.data_fingerprint):

@@ -53,18 +53,22 @@ def make_synthetic_if_missing(config, *, progress: bool = True) -> bool:
     from t3d_jax.data import prepare, synthetic
 
     out = pathlib.Path(data_dir)
-    raw = out.parent / "raw"
+    # data.synthetic_series = 2 (configs/msvlm.py:demo,slices): a second series per chest, in
+    # its own raw folder (the one-series raw/ of the other demos stays as it is).
+    series = int(config.data.get("synthetic_series", 1) or 1)
+    raw = out.parent / ("raw" if series == 1 else f"raw_series{series}")
     seed = int(config.data.get("synthetic_seed", 0))
     print(f"{out}: no prepared data; making the embedded synthetic data set once: {num} chest CTs "
-          f"(seed {seed}) in {raw}, prepared into {out}", flush=True)
+          f"(seed {seed}, {series} series each) in {raw}, prepared into {out}", flush=True)
     manifest = raw / "manifest.csv"
     if not manifest.is_file():
-        synthetic.write_dataset(raw, num, seed, size="demo", progress=progress)
+        synthetic.write_dataset(raw, num, seed, size="demo", progress=progress, series=series)
     result = prepare.prepare_dataset(manifest, out, preset=config.preprocess.preset,
                                      vocab=config.preprocess.get("vocab", "") or None,
                                      lowercase=bool(config.preprocess.get("lowercase", True)),
                                      max_len=int(config.preprocess.max_len),
                                      report_order=str(config.preprocess.get("report_order", "as_written")),
+                                     keep_slices=bool(config.preprocess.get("keep_slices", False)),
                                      progress=progress)
     print(f"{out}: {result.summary()}", flush=True)
     return True

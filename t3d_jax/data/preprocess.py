@@ -404,12 +404,22 @@ def target_spacing(volume: Volume, preset: str | Preset) -> tuple[float, float, 
     return tuple(float(s) * n / m for s, n, m in zip(volume.spacing, volume.data.shape, preset.size))
 
 
-def preprocess_volume(volume: Volume, preset: str | Preset) -> tuple[np.ndarray, float, float]:
+def preprocess_volume(volume: Volume, preset: str | Preset,
+                      keep_slices: bool = False) -> tuple[np.ndarray, float, float]:
     """Resample, window, crop/pad; returns (int16 HU [X, Y, Z], intensity_scale, intensity_offset).
 
     The model input is ``volume * intensity_scale + intensity_offset`` (float32).
+
+    ``keep_slices`` (``preprocess.keep_slices``, for the per-slice ``msvlm`` encoder): x and y as
+    the preset says (its spacing, centre-cropped/padded to its size), z resampled to the preset's
+    z spacing but neither cropped nor padded, so every slice of the scan's extent is kept and Z
+    varies with the scan (``round(Z_in * spacing_in / spacing_z)``). Needs a preset with a
+    spacing (a resize preset has no z spacing to keep).
     """
     preset = get_preset(preset)
+    if keep_slices and preset.spacing is None:
+        raise ValueError(f"preset {preset.name}: keep_slices needs a preset with a target spacing "
+                         f"(this one resizes the whole volume to {preset.size})")
     data = volume.data
     if preset.window is None:
         lo, hi = float(data.min()), float(data.max())
@@ -419,7 +429,8 @@ def preprocess_volume(volume: Volume, preset: str | Preset) -> tuple[np.ndarray,
     if not hi > lo:
         raise VolumeError(f"{volume.path}: constant intensity {lo}; nothing to learn from")
     fill = float(np.clip(AIR_HU, lo, hi))
-    grid = resample(data, volume.spacing, target_spacing(volume, preset), preset.size, fill=fill)
+    size = (*preset.size[:2], None) if keep_slices else preset.size
+    grid = resample(data, volume.spacing, target_spacing(volume, preset), size, fill=fill)
     np.clip(grid, lo, hi, out=grid)
     stored = np.rint(grid).astype(np.int16)
     if preset.scaling == "hu/1000":

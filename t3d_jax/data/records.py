@@ -22,6 +22,11 @@ key                    dtype     meaning
 ``mask``               uint8 or  [X, Y, Z] class indices on ``volume``'s grid; only in
                        int16     records whose manifest row has a mask (dataset.json
                                  ``masks``: dtype, class table)
+``series_slices``      int32     [S] slices of each series in ``volume``, which then
+                                 holds the S series concatenated along z; only in
+                                 records prepared with ``keep_slices``
+``source``             str       scalar, the series' files, ``;``-separated (with
+                                 ``series_slices``)
 =====================  ========  ===============================================
 
 The names of the label columns and the preset live once per dataset in
@@ -39,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-STRING_KEYS = ("id", "split", "report", "source_orientation")
+STRING_KEYS = ("id", "split", "report", "source_orientation", "source")
 
 # np.load parses each member's header with `ast`, which CPython 3.11 does not make safe to
 # run from several threads at once (seen as "SystemError: AST constructor recursion depth

@@ -933,6 +933,26 @@ def make_example(seed: int, index: int, size: str = "demo", difficulty: str | No
             "slope": scaling[0], "inter": scaling[1], "origin": origin}
 
 
+SERIES_MAX = 2  # series per example write_dataset can make
+
+
+def second_series(phantom: Phantom, size: str = "demo") -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Series 1 of an example (``series=2``): the same chest reconstructed at another slice
+    thickness, (HU [X, Y, Z'], spacing). The z spacing is the next larger of the grid size's
+    ``slice_spacings`` (the largest wraps to the smallest): a thick-slice series beside a thinner
+    one, as scanners export them. Linear resampling along z with Gaussian anti-aliasing where it
+    thickens (``preprocess.resample``), on the same centre; no random draws, so series 0, the
+    labels and the report are those of a one-series data set."""
+    from t3d_jax.data import preprocess
+
+    spacings = sorted(SIZES[size].slice_spacings)
+    sz = float(phantom.spacing[2])
+    new_sz = next((s for s in spacings if s > sz + 1e-6), spacings[0])
+    target = (phantom.spacing[0], phantom.spacing[1], float(new_sz))
+    hu = preprocess.resample(phantom.hu, phantom.spacing, target, fill=HU_RANGE[0])
+    return np.clip(hu, *HU_RANGE), target
+
+
 def _write_gz(path: pathlib.Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
@@ -940,12 +960,22 @@ def _write_gz(path: pathlib.Path, data: bytes) -> None:
 
 
 def _write_one(args):
-    out, seed, index, size, difficulty, masks = args
+    out, seed, index, size, difficulty, masks, series = args
     ex = make_example(seed, index, size, difficulty, masks=masks)
     ph = ex["phantom"]
     data = nifti_bytes(ph.hu, ph.spacing, ph.orientation, ex["slope"], ex["inter"], ex["origin"])
     rel = f"volumes/{ex['id']}.nii.gz"
     _write_gz(pathlib.Path(out) / rel, data)
+    extra = {}
+    if series > 1:  # the manifest's `volume` lists both, ';'-separated (t3d_jax/data/manifest.py)
+        hu2, spacing2 = second_series(ph, size)
+        origin2 = tuple(-(n - 1) / 2.0 * s for n, s in zip(hu2.shape, spacing2))
+        rel2 = f"volumes/{ex['id']}_s1.nii.gz"
+        _write_gz(pathlib.Path(out) / rel2, nifti_bytes(hu2, spacing2, ph.orientation, ex["slope"], ex["inter"],
+                                                        origin2))
+        rel = f"{rel};{rel2}"
+        extra = {"series": [{"spacing": list(ph.spacing), "shape": list(ph.hu.shape)},
+                            {"spacing": list(spacing2), "shape": list(hu2.shape)}]}
     row = {"id": ex["id"], "volume": rel, "report": ex["report"], "split": split_of(ex["id"])}
     if masks:  # the volume's geometry (orientation, spacing, origin), uint8 class indices
         row["mask"] = f"masks/{ex['id']}.nii.gz"
@@ -953,11 +983,12 @@ def _write_one(args):
                   nifti_bytes(ph.labels, ph.spacing, ph.orientation, 1.0, 0.0, ex["origin"], dtype=np.uint8))
     return {**row, **ex["labels"]}, {"id": ex["id"], "difficulty": difficulty, "orientation": ph.orientation,
                               "spacing": list(ph.spacing), "shape": list(ph.hu.shape),
-                              "slope": ex["slope"], "inter": ex["inter"], "findings": ph.findings}
+                              "slope": ex["slope"], "inter": ex["inter"], "findings": ph.findings, **extra}
 
 
 def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | None = None,
-                  progress: bool = False, difficulty: str | None = None, masks: bool = False) -> pathlib.Path:
+                  progress: bool = False, difficulty: str | None = None, masks: bool = False,
+                  series: int = 1) -> pathlib.Path:
     """Writes ``num`` volumes under ``out/volumes/`` and ``out/manifest.csv``.
 
     The manifest's ``volume`` paths are relative to the manifest's folder. A side file
@@ -967,10 +998,18 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     ``default_difficulty(size)`` ('demo' for the demo grid size). ``masks=True`` also writes a
     label map per volume, ``out/masks/<id>.nii.gz`` (uint8 ``MASK_CLASSES`` indices on the volume's
     grid and affine), a ``mask`` manifest column and the class table ``out/classes.json``; the
-    volumes, reports and other files are byte-identical to ``masks=False``. Returns the manifest path.
+    volumes, reports and other files are byte-identical to ``masks=False``. ``series=2`` also
+    writes each example's second series, ``out/volumes/<id>_s1.nii.gz`` (:func:`second_series`:
+    another slice thickness), listed after the first in the manifest's ``volume`` column
+    (``a;b``); series 0, the reports and the labels stay those of ``series=1``. Returns the
+    manifest path.
     """
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    if not 1 <= int(series) <= SERIES_MAX:
+        raise ValueError(f"--series must be 1 or {SERIES_MAX}, got {series}")
+    if series > 1 and masks:
+        raise ValueError("--series 2 with --masks: masks are for one-series examples")
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {sorted(SIZES)}")
     difficulty = _check_difficulty(default_difficulty(size) if difficulty is None else difficulty)
@@ -978,7 +1017,7 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     if masks:
         (out / "masks").mkdir(exist_ok=True)
-    jobs = [(str(out), seed, i, size, difficulty, bool(masks)) for i in range(num)]
+    jobs = [(str(out), seed, i, size, difficulty, bool(masks), int(series)) for i in range(num)]
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         workers = min(cpus or 1, 8)
@@ -1011,6 +1050,8 @@ def write_dataset(out, num: int, seed: int, size: str = "demo", workers: int | N
             f.write(json.dumps(d, sort_keys=True) + "\n")
     settings = {"generator": "t3d_jax.data.synthetic", "seed": int(seed), "num": int(num), "size": size,
                 "difficulty": difficulty, "render": RENDER[difficulty]}
+    if series > 1:
+        settings["series"] = int(series)
     if masks:
         settings["masks"] = True
         (out / "classes.json").write_text(json.dumps(

@@ -28,7 +28,10 @@ Pieces (submodule names are part of the contract: optimizer freeze regexes match
 * the sequence of several series: series 0's slots in z order (its slices, then its
   padding), then series 1's, ... (:func:`series_layout`). Series ``s`` gets the series
   embedding of ``series[s]`` (a type id: default its index; e.g. 0 axial, 1 coronal, or a
-  contrast phase) and positions 0..Z_s-1.
+  contrast phase) and positions 0..Z_s-1. Or one sequence already concatenated by the data
+  pipeline (every series' slices, then the padding; t3d_jax/data/slices.py) with a series id
+  and a position per slot and per example (``series_ids`` / ``positions`` [B, L]), so the
+  examples of one batch may split their length differently between series.
 * any slice count: lengths are padded on the host to a bucket of ``buckets`` (chosen once;
   :func:`pad_to_bucket`), so a jitted step compiles once per bucket, not per length; the
   ``valid`` mask keeps padding out of every result (tested).
@@ -197,14 +200,20 @@ def series_layout(lengths: Sequence[int], series: Sequence[int]) -> tuple[np.nda
     return ids, pos
 
 
-def zformer_mask(valid: jax.Array, series_ids: np.ndarray, positions: np.ndarray, *, pattern: str,
+def zformer_mask(valid: jax.Array, series_ids, positions, *, pattern: str,
                  window: int, num_global: int) -> jax.Array:
     """Attention mask of the Z-former (True = attend) for ``num_global`` global tokens followed by
-    the slice slots: 'dense' -> key padding [B, G+L]; 'local' -> [B, 1, G+L, G+L]."""
+    the slice slots: 'dense' -> key padding [B, G+L]; 'local' -> [B, 1, G+L, G+L]. ``series_ids``
+    and ``positions``: one layout for the batch ([L], NumPy) or one per example ([B, L])."""
     b = valid.shape[0]
     keys = jnp.concatenate([jnp.ones((b, num_global), bool), jnp.asarray(valid, bool)], axis=1)
     if pattern == "dense":
         return keys
+    if np.ndim(series_ids) == 2:  # per-example layouts (the slice-sequence batches of the data pipeline)
+        ids, pos = jnp.asarray(series_ids), jnp.asarray(positions)
+        near = (ids[:, :, None] == ids[:, None, :]) & (jnp.abs(pos[:, :, None] - pos[:, None, :]) <= window // 2)
+        near = jnp.pad(near, ((0, 0), (num_global, 0), (num_global, 0)), constant_values=True)
+        return jnp.logical_and(near[:, None], keys[:, None, None, :])
     n = len(series_ids) + num_global
     near = np.zeros((n, n), bool)
     same = series_ids[:, None] == series_ids[None, :]
@@ -312,11 +321,12 @@ class MSVLM(nnx.Module):
 
     def zformer(self, tokens: jax.Array, valid: jax.Array, series_ids: np.ndarray,
                 positions: np.ndarray) -> jax.Array:
-        """Z-former outputs [B, L, width] at the slice slots, for slice tokens [B, L, width]."""
+        """Z-former outputs [B, L, width] at the slice slots, for slice tokens [B, L, width];
+        ``series_ids`` / ``positions``: [L] (one layout) or [B, L] (one per example)."""
         cfg = self.cfg
         b = tokens.shape[0]
-        x = (tokens.astype(self.dtype) + self.series_embed[...][series_ids].astype(self.dtype)[None]
-             + self.position_embed[...][positions].astype(self.dtype)[None])
+        extra = (self.series_embed[...][jnp.asarray(series_ids)] + self.position_embed[...][jnp.asarray(positions)])
+        x = tokens.astype(self.dtype) + (extra if extra.ndim == 3 else extra[None]).astype(self.dtype)
         if cfg.num_global:
             g = jnp.broadcast_to(self.global_tokens[...].astype(self.dtype), (b, cfg.num_global, cfg.width))
             x = jnp.concatenate([g, x], axis=1)
@@ -330,11 +340,27 @@ class MSVLM(nnx.Module):
         return self.mem_head(self.zformer(filled, valid, series_ids, positions))
 
     # ------------------------------------------------------------------ the tower
-    def gather(self, volume=None, *, valid=None, slice_tokens=None, series=None):
+    def gather(self, volume=None, *, valid=None, slice_tokens=None, series=None, series_ids=None, positions=None):
         """(slice tokens [B, L, width], valid [B, L], series ids [L], positions [L]) of one volume
-        or a list of series (volumes, or cached ``slice_tokens``), concatenated in order."""
+        or a list of series (volumes, or cached ``slice_tokens``), concatenated in order.
+
+        With ``series_ids`` and ``positions`` ([B, L] int, one layout per example: the
+        slice-sequence batches of t3d_jax/data/slices.py) the one volume / token array is an
+        already concatenated sequence and they are returned as given (``series`` unused)."""
         if (volume is None) == (slice_tokens is None):
             raise ValueError("MS-VLM: give volume(s) or slice_tokens, not both / neither")
+        if (series_ids is None) != (positions is None):
+            raise ValueError("MS-VLM: give series_ids and positions together")
+        if series_ids is not None:
+            parts = slice_tokens if volume is None else volume
+            if isinstance(parts, (list, tuple)) or series is not None:
+                raise ValueError("MS-VLM: per-example series_ids take one concatenated sequence, not a list / series")
+            toks = self.slice_tokens(parts) if volume is not None else jnp.asarray(parts)
+            if np.shape(series_ids) != toks.shape[:2] or np.shape(positions) != toks.shape[:2]:
+                raise ValueError(f"series_ids {np.shape(series_ids)} / positions {np.shape(positions)} must be the "
+                                 f"sequence's [B, L] = {toks.shape[:2]}")
+            v = jnp.ones(toks.shape[:2], bool) if valid is None else jnp.asarray(valid, bool)
+            return toks, v, jnp.asarray(series_ids, jnp.int32), jnp.asarray(positions, jnp.int32)
         parts = slice_tokens if volume is None else volume
         multi = isinstance(parts, (list, tuple))
         parts = list(parts) if multi else [parts]
@@ -350,12 +376,14 @@ class MSVLM(nnx.Module):
         ids, pos = self._layout(lengths, series)
         return jnp.concatenate(toks, axis=1), jnp.concatenate(valids, axis=1), ids, pos
 
-    def __call__(self, volume=None, *, valid=None, slice_tokens=None, series=None, deterministic: bool = True,
-                 rngs=None) -> dict:
+    def __call__(self, volume=None, *, valid=None, slice_tokens=None, series=None, series_ids=None, positions=None,
+                 deterministic: bool = True, rngs=None) -> dict:
         """Image-tower outputs (module docstring) for ``volume`` [B, X, Y, Z, C] or a list of
-        series; ``valid`` bool [B, Z] per series (None: all valid); ``series``: type ids."""
+        series; ``valid`` bool [B, Z] per series (None: all valid); ``series``: type ids; or one
+        concatenated sequence with per-slot ``series_ids`` / ``positions`` [B, L] (``gather``)."""
         del deterministic, rngs  # no dropout in this encoder
-        tokens, valid, ids, pos = self.gather(volume, valid=valid, slice_tokens=slice_tokens, series=series)
+        tokens, valid, ids, pos = self.gather(volume, valid=valid, slice_tokens=slice_tokens, series=series,
+                                              series_ids=series_ids, positions=positions)
         out = self.zformer(tokens, valid, ids, pos)
         w = valid.astype(jnp.float32)[..., None]
         pooled = (jnp.sum(out.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0))
