@@ -48,9 +48,9 @@ if [ -d "$WHEELS" ] && ! "$PY" -c "import grain, array_record, ml_collections, n
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-nvidia-smi > "$DEST/nvidia-smi.txt" 2>&1 || true
 "$PY" -c "import jax, flax, grain, optax, orbax.checkpoint; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   2>&1 | tee "$DEST/log.txt"
+nvidia-smi >> "$DEST/log.txt" 2>&1 || true
 WORK=${WORK:-/tmp/gpu_compare}
 mkdir -p "$WORK"
 # Data first, in parallel over the machine's cores (the harness would make it in-process).
@@ -67,5 +67,9 @@ echo "harness stopped after $(( $(date +%s) - START )) s" | tee -a "$DEST/log.tx
 for run in clip_seed0 msvlm_seed0; do
   last=$(ls "$WORK/runs/$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
   [ -n "$last" ] && (cd "$WORK/runs" && tar czf "$DEST/${run}_ckpt.tgz" "$run/config.json" "$run/checkpoints/$last")
+  # Pieces of at most 15 MB (what the device tool returns per file); `cat X.tgz.part-* > X.tgz`.
+  if [ -f "$DEST/${run}_ckpt.tgz" ] && [ "$(stat -c %s "$DEST/${run}_ckpt.tgz")" -gt 15000000 ]; then
+    split -b 15000000 "$DEST/${run}_ckpt.tgz" "$DEST/${run}_ckpt.tgz.part-" && rm "$DEST/${run}_ckpt.tgz"
+  fi
 done
 ls -la "$DEST"
