@@ -75,9 +75,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if option == "slices":
         c.preprocess.keep_slices = True
         c.data.slices.enabled = True
+        # view_size[2] is then only the evaluators' slice count: they embed series 0 resampled
+        # to view_size (t3d_jax/data/slices.py); the demo's ~56 slices of 5 mm per series.
         if c.variant == "demo":
             c.data.dir = "demo_out/prepared_slices"
             c.data.synthetic_series = 2  # a second series of another slice thickness
+            c.data.view_size = (32, 32, 56)
 
     if c.variant == "tiny":
         m.slice_chunk = 8
