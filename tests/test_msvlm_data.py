@@ -145,6 +145,21 @@ def test_length_chosen_once_from_the_buckets_and_bad_configs(prepared, tmp_path,
     assert not (tmp_path / "fixed").exists()
 
 
+def test_local_mask_of_per_example_layouts_is_each_examples_own():
+    """The 'local' Z-former mask with a layout per example ([B, L]) is, row by row, the mask of
+    that example's layout given alone ([L]; the encoder's original, tested form)."""
+    from t3d_jax.models.msvlm import zformer_mask
+
+    ids = np.array([[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.int32)
+    pos = np.array([[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], bool)
+    both = np.asarray(zformer_mask(valid, ids, pos, pattern="local", window=2, num_global=1))
+    for i in range(2):
+        alone = np.asarray(zformer_mask(valid[i:i + 1], ids[i], pos[i], pattern="local", window=2, num_global=1))
+        np.testing.assert_array_equal(both[i:i + 1], alone)
+    assert both.shape == (2, 1, 7, 7) and not both[0, 0, 1, 4]  # series 0 slice 0 does not see series 1
+
+
 def test_synthetic_second_series_is_another_slice_thickness(tmp_path):
     one = synthetic.write_dataset(tmp_path / "one", 1, 3, workers=0)
     two = synthetic.write_dataset(tmp_path / "two", 1, 3, workers=0, series=2)
@@ -232,5 +247,6 @@ def test_task_trains_on_slice_batches_one_trace_per_bucket(prepared):
     # The per-example layout is the model's own list-of-series call: `two` alone, as [s0, s1].
     i = _rows_by_id(b16)["two"]
     s = jnp.asarray(b16["slices"][i:i + 1])
-    alone = nnx.jit(lambda m, a, b: m.image_encoder([a, b], series=(0, 1))["pooled"])(model, s[:, :, :, :6], s[:, :, :, 6:10])
+    alone = nnx.jit(lambda m, a, b: m.image_encoder([a, b], series=(0, 1))["pooled"])(
+        model, s[:, :, :, :6], s[:, :, :, 6:10])
     np.testing.assert_allclose(np.asarray(pooled16)[i], np.asarray(alone)[0], atol=PAD_TOL)

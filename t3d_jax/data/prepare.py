@@ -108,7 +108,7 @@ class _MaskSpec:
     dtype: str  # stored dtype of every mask of the dataset
 
 
-def _series(row: ManifestRow, volume: preprocess.Volume, stored: np.ndarray, scale: float, offset: float,
+def _series(row: ManifestRow, stored: np.ndarray, scale: float, offset: float,
             preset: preprocess.Preset) -> tuple[np.ndarray, np.ndarray]:
     """(every series of ``row`` concatenated along z in manifest order, slices per series): series
     1, 2, ... are loaded and preprocessed like series 0 (``keep_slices``), on its in-plane grid."""
@@ -138,7 +138,7 @@ def _process(task: _Task, preset: preprocess.Preset, mask_spec: _MaskSpec | None
         stored, scale, offset = preprocess.preprocess_volume(volume, preset, keep_slices=keep_slices)
         series_slices = None
         if keep_slices:
-            stored, series_slices = _series(row, volume, stored, scale, offset, preset)
+            stored, series_slices = _series(row, stored, scale, offset, preset)
         mask = None
         if row.mask is not None:
             spec = mask_spec or _MaskSpec(None, "int16")

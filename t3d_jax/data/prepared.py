@@ -59,7 +59,8 @@ def make_synthetic_if_missing(config, *, progress: bool = True) -> bool:
     raw = out.parent / ("raw" if series == 1 else f"raw_series{series}")
     seed = int(config.data.get("synthetic_seed", 0))
     print(f"{out}: no prepared data; making the embedded synthetic data set once: {num} chest CTs "
-          f"(seed {seed}, {series} series each) in {raw}, prepared into {out}", flush=True)
+          f"(seed {seed}{'' if series == 1 else f', {series} series each'}) in {raw}, prepared into {out}",
+          flush=True)
     manifest = raw / "manifest.csv"
     if not manifest.is_file():
         synthetic.write_dataset(raw, num, seed, size="demo", progress=progress, series=series)

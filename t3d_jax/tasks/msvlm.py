@@ -80,9 +80,10 @@ class MSVLMTask(ClipTask):
 
         enc = self.encoder_config(config)
         sl = config.data.slices
+        info = read_dataset_info(config.data.dir)
         try:
-            length = slices_lib.resolve_length(read_dataset_info(config.data.dir), enc.buckets,
-                                               int(sl.get("length", 0) or 0), where=str(config.data.dir))
+            length = slices_lib.resolve_length(info, enc.buckets, int(sl.get("length", 0) or 0),
+                                               where=str(config.data.dir))
         except ValueError as e:
             raise UserValueError(str(e)) from None
         if length > enc.max_slices:
@@ -92,7 +93,7 @@ class MSVLMTask(ClipTask):
         if max_series > enc.num_series:
             raise UserValueError(f"data.slices.max_series={max_series} exceeds model.image.msvlm.num_series="
                                  f"{enc.num_series}")
-        summary = read_dataset_info(config.data.dir)["slices"]
+        summary = info["slices"]
         if summary.get("max_series", 1) > max_series:
             raise UserValueError(f"{config.data.dir}: examples have up to {summary['max_series']} series, "
                                  f"data.slices.max_series={max_series}")
