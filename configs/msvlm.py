@@ -64,6 +64,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # --- MEM (t3d_jax/losses/mem.py) -------------------------------------------------------
     c.loss.mem_weight = 1.0  # loss = loss_clip + mem_weight * loss_mem
     c.loss.mem_rate = 0.3  # probability a valid slice token is zero-filled (MS-VLM's 0.3)
+    # MEM trains the Z-former only (slice tokens under stop_gradient): let through, it collapsed
+    # the demo's trainable slice encoder (CLIP at chance after 1,200 steps; docs/msvlm.md).
+    c.loss.mem_trains_slice_encoder = False
 
     # --- Slice sequences (t3d_jax/data/slices.py; the `,slices` option turns them on) ----------
     c.preprocess.keep_slices = False  # prepare: keep every slice at the preset's z spacing, several series

@@ -75,6 +75,8 @@ def test_msvlm_loss_is_clip_plus_weighted_mem_and_trains():
             return task.loss(m, batch, step=jnp.int32(STEP), deterministic=True)
 
         (loss, metrics), grads = nnx.value_and_grad(total, has_aux=True)(model)
+        clip_grads = nnx.grad(lambda m: task.loss(m, batch, step=jnp.int32(STEP), deterministic=True)[1]
+                              ["loss_clip"])(model)
         # The reference, piece by piece from one encoder pass: the clip task's contrastive loss
         # of the pooled embeddings, and MEM done by hand with the key fold_in(key(seed), step).
         views = batch["views"]
@@ -86,9 +88,9 @@ def test_msvlm_loss_is_clip_plus_weighted_mem_and_trains():
         n = image["slice_tokens"].shape[1]
         pred = model.image_encoder.mem_predict(mem.zero_fill(image["slice_tokens"], masked), image["mask"],
                                                np.zeros(n, np.int32), np.arange(n, dtype=np.int32))
-        return loss, metrics, grads, clip_loss, masked, pred, image["slice_tokens"]
+        return loss, metrics, grads, clip_loss, masked, pred, image["slice_tokens"], clip_grads
 
-    loss, metrics, grads, clip_loss, masked, pred, target = run(model, batch)
+    loss, metrics, grads, clip_loss, masked, pred, target, clip_grads = run(model, batch)
     masked = np.asarray(masked)
     assert 0 < masked.sum() < masked.size  # 32 slices at rate 0.3: some masked, not all
     # MEM in float64 NumPy: mean |pred - target| over the masked slots' features.
@@ -108,6 +110,15 @@ def test_msvlm_loss_is_clip_plus_weighted_mem_and_trains():
     for prefix in ("image_encoder/mem_head/", "image_proj/", "text_proj/", "image_encoder/slice_encoder/",
                    "image_encoder/z_blocks/"):
         assert any(k.startswith(prefix) and v > 0 for k, v in norms.items()), prefix
+    # MEM reaches the Z-former, never the slice encoder (loss.mem_trains_slice_encoder=False):
+    # the slice encoder's gradient is CLIP's alone, the Z-former's is not.
+    cg = dict(nnx.to_flat_state(clip_grads))
+    for k, v in g:
+        name = "/".join(map(str, k))
+        if name.startswith("image_encoder/slice_encoder/"):
+            np.testing.assert_allclose(np.asarray(v[...]), np.asarray(cg[k][...]), rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(np.asarray(v[...]), np.asarray(cg[k][...]), rtol=1e-3)
+               for k, v in g if "/".join(map(str, k)).startswith("image_encoder/z_blocks/"))
 
 
 def test_msvlm_task_needs_the_msvlm_encoder_and_a_sane_mem_config():

@@ -7,14 +7,17 @@ Loss = loss_clip + `loss.mem_weight` x loss_mem:
 * loss_mem: MS-VLM's Z-former pre-training (t3d_jax/losses/mem.py, `mem_objective`) on the
   same forward pass's slice tokens: each valid slice token is zero-filled with probability
   `loss.mem_rate` (0.3), the Z-former plus `mem_head` (`MSVLM.mem_predict`) predict it back,
-  L1 on the masked slots only, the target under `stop_gradient`.
+  L1 on the masked slots only, the target under `stop_gradient`. MEM trains the Z-former and
+  its head only: the slice tokens enter it under `stop_gradient` too (MS-VLM's slice encoder
+  is frozen while the Z-former learns MEM; with ours trainable for CLIP, MEM's gradient would
+  let it collapse the tokens). `loss.mem_trains_slice_encoder = True` lets it through.
 
 Why one slice-encoder pass serves both terms: the slice tokens do not depend on the mask (the
 mask acts on the tokens, after the slice encoder), so the MEM branch reuses
 `image['slice_tokens']` from the CLIP forward pass and only runs the Z-former a second time,
 on the zero-filled sequence. Gradients of loss_mem reach the slice encoder through the
-unmasked tokens the Z-former reads (not through the target); `model.image.msvlm.
-freeze_slice_encoder` stops both.
+unmasked tokens the Z-former reads only with `loss.mem_trains_slice_encoder`; `model.image.
+msvlm.freeze_slice_encoder` stops CLIP's too.
 
 The mask's PRNG key is `fold_in(key(config.seed), step)`: a pure function of the step, so a
 resumed run draws the same masks as an uninterrupted one, without a key in the model state.
@@ -62,6 +65,7 @@ class MSVLMTask(ClipTask):
             raise UserValueError(f"config.loss.mem_weight must be >= 0 and loss.mem_rate in [0, 1], got "
                                  f"{self.mem_weight}, {self.mem_rate}")
         self.seed = int(config.get("seed", 0))
+        self.mem_trains_slice_encoder = bool(config.loss.get("mem_trains_slice_encoder", False))
         self.slices = slices_lib.enabled(config.data)
 
     def encoder_config(self, config=None):
@@ -143,6 +147,12 @@ class MSVLMTask(ClipTask):
         """MEM on the encoder output `image` (slice tokens and mask [B*V, L]) with `key`."""
         encoder = model.image_encoder
         tokens, valid = image["slice_tokens"], image["mask"]
+        if not self.mem_trains_slice_encoder:
+            # MEM is the Z-former's objective: its input and its target are the slice encoder's
+            # tokens, so a trainable slice encoder can make MEM trivial by making every slice
+            # token alike, which also erases what CLIP needs (measured on the demo: CLIP stuck at
+            # ln(batch) for 1,200 steps with the gradient let through).
+            tokens = jax.lax.stop_gradient(tokens)
         if "series_id" in image:  # slice sequences: each example's own layout
             series_ids, positions = image["series_id"], image["slice_position"]
         else:
