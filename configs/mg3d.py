@@ -33,6 +33,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     m.gate_layers = 2  # stacked gating layers per side and in the DCL aggregation
     m.mask_ratio = 0.5  # fraction of patch tokens masked for L_MIM
     m.mlm_prob = 0.15  # whole-word masking probability for L_senMLM
+    # K: the most tokens masked (and predicted) per report; the MLM head's vocabulary logits
+    # are computed at these K positions only (BERT's max_predictions_per_seq). 32 = a quarter of
+    # max_len 128: a full 126-token report expects 0.15 x 126 = 19 masked tokens; on the demo
+    # data (85 tokens, 56 words per report) 12.8 +- 5.9, and 0.16% of reports would pick more
+    # than 32 (their last-drawn words stay unmasked, docs/method.md). Capped at max_len.
+    m.max_predictions = 32
     m.mask_token_id = 103  # [MASK] of bert-base-uncased; the trainer takes the data vocab's (prepare_config)
     m.sentence_dim = 8  # the 8-d sentence projections of L_senMLM
     m.sentence_weight = 0.1  # L_senMLM = CE + 0.1 * mean(1 - cos)

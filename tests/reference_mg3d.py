@@ -128,3 +128,89 @@ def ssm_loss(e, v, valid, *, groups=1, high=0.9, low=0.6):
                     total += abs(p * (sim + dis) - g * sim)
             losses.append(total / (len(sk) * len(sl)))
     return float(np.mean(losses)) if losses else 0.0
+
+
+def choose_words(draws, word_index, prob, max_tokens=None):
+    """[B, L] bool: word w chosen when draws[k, w] < prob; with max_tokens, an example's chosen
+    words go in increasing order of their draws until the first one that would pass max_tokens
+    tokens, which and all after it stay unchosen."""
+    b, length = word_index.shape
+    chosen = np.zeros((b, length), bool)
+    for k in range(b):
+        words = sorted({int(w) for w in word_index[k] if w >= 0 and draws[k, w] < prob}, key=lambda w: draws[k, w])
+        total = 0
+        for w in words:
+            size = int(np.sum(word_index[k] == w))
+            if max_tokens is not None and total + size > max_tokens:
+                break
+            total += size
+            chosen[k] = chosen[k] | (word_index[k] == w)
+    return chosen
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def layer_norm(x, scale, bias, eps):
+    mean = np.mean(x, axis=-1, keepdims=True)
+    var = np.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def mlm_head(x, p):
+    """BERT's prediction head on one state vector (or a stack): dense, GELU (erf), LayerNorm
+    (eps 1e-12), vocabulary logits."""
+    h = gelu(np.asarray(x, np.float64) @ p["w1"] + p["b1"])
+    return layer_norm(h, p["scale"], p["shift"], 1e-12) @ p["w2"] + p["b2"]
+
+
+def mlm_term(states, targets, chosen, p):
+    """L_senMLM's token term on the full [B, L, H] states: mean over the chosen tokens, token by
+    token, of the cross-entropy of the head's logits (every position considered, no gathering)."""
+    total, count = 0.0, 0
+    for k in range(states.shape[0]):
+        for i in range(states.shape[1]):
+            if chosen[k, i]:
+                z = mlm_head(states[k, i], p)
+                total += float(np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[targets[k, i]])
+                count += 1
+    return total / max(count, 1)
+
+
+def upsample2(x, axis):
+    """x2 linear upsampling of one axis, half-pixel centres, edges clamped (np.interp per line)."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    n = x.shape[-1]
+    src = np.clip((np.arange(2 * n) + 0.5) / 2.0 - 0.5, 0, n - 1)
+    out = np.apply_along_axis(lambda line: np.interp(src, np.arange(n), line), -1, x)
+    return np.moveaxis(out, -1, axis)
+
+
+def conv3d_same(x, kernel, bias):
+    """[X, Y, Z, Ci] with a [k, k, k, Ci, Co] kernel, zero padding k // 2, stride 1."""
+    k = kernel.shape[0]
+    r = k // 2
+    xp = np.pad(x, [(r, r)] * 3 + [(0, 0)])
+    sx, sy, sz, _ = x.shape
+    out = np.zeros((sx, sy, sz, kernel.shape[-1])) + bias
+    for dx in range(k):
+        for dy in range(k):
+            for dz in range(k):
+                out += xp[dx:dx + sx, dy:dy + sy, dz:dz + sz] @ kernel[dx, dy, dz]
+    return out
+
+
+def upsample_head(grid_tokens, convs, out, plan):
+    """MG-3D's decoder on one example [gx, gy, gz, H], in the code's order: per block conv,
+    InstanceNorm (no affine, eps 1e-5), LeakyReLU(0.01), x2 linear upsampling of the plan's
+    axes; then the 1^3 conv at full resolution."""
+    x = np.asarray(grid_tokens, np.float64)
+    for (w, b), factor in zip(convs, plan):
+        x = conv3d_same(x, w, b)
+        x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+        x = np.where(x >= 0, x, 0.01 * x)
+        for axis, f in enumerate(factor):
+            if f == 2:
+                x = upsample2(x, axis)
+    return conv3d_same(x, *out)

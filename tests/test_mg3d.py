@@ -27,6 +27,7 @@ from t3d_jax.data.labels import CT_RATE_LABELS
 from t3d_jax.data.tokenizer import WordPieceTokenizer
 from t3d_jax.losses import mg3d as L
 from t3d_jax.models import mg3d as M
+from t3d_jax.models.swin3d import Swin3D, Swin3DConfig
 from t3d_jax.models.vit3d import ViT3D, ViT3DConfig
 from t3d_jax.train import mesh as mesh_lib
 from t3d_jax.train import step as step_lib
@@ -43,6 +44,15 @@ def _grad(fn):
 
 def _vgrad(fn):
     return jax.jit(jax.value_and_grad(fn))
+
+
+def _numpy_init(build, seed, std=0.3):
+    """The module ``build()`` makes, with its parameters drawn by NumPy (normal, ``std``) instead
+    of its initialisers: no per-shape XLA init kernels to compile (seconds for a Swin)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
 
 
 def _dense(d):
@@ -188,6 +198,128 @@ def test_whole_word_masking_masks_words_together_at_the_rate():
     m = chosen.sum()
     assert abs(as_mask - 0.8) < 4 * math.sqrt(0.16 / m) and abs(kept - 0.1) < 4 * math.sqrt(0.09 / m) + 1e-3
 
+    # the cap (model.mg3d.max_predictions): at most K tokens, whole words, the same draws
+    k = 6
+    capped_ids, capped = L.whole_word_mask(jax.random.key(1), jnp.asarray(ids), jnp.asarray(word), prob=0.15,
+                                           mask_id=103, vocab_size=30522, max_predictions=k)
+    capped = np.asarray(capped)
+    counts = chosen.sum(axis=1)
+    assert (capped.sum(axis=1) <= k).all() and (counts > k).sum() >= 8, "the cap binds in many rows"
+    assert not (capped & ~chosen).any(), "the cap only leaves chosen words out"
+    np.testing.assert_array_equal(capped[counts <= k], chosen[counts <= k])  # no cap needed: unchanged
+    np.testing.assert_array_equal(np.asarray(capped_ids)[~capped], ids[~capped])
+    draws = rng.random((b, length))
+    for cap in (None, k):
+        got = np.asarray(L.choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.15, cap))
+        np.testing.assert_array_equal(got, ref.choose_words(draws.astype(np.float32), word, 0.15, cap))
+    positions, weights = L.masked_positions(jnp.asarray(capped), k)
+    for row in range(b):  # the K positions hold every chosen token, each once
+        got = sorted(np.asarray(positions)[row][np.asarray(weights)[row]].tolist())
+        assert got == np.flatnonzero(capped[row]).tolist()
+
+
+def test_mlm_term_at_the_masked_positions_matches_the_all_positions_reference():
+    """L_senMLM's token term as the task computes it (capped whole-word choice, the head and the
+    cross-entropy on the K gathered positions only) equals the float64 oracle that runs the
+    head at every one of the L positions and averages over the chosen ones: values, and
+    gradients w.r.t. the [B, L, H] states (zero at the unchosen positions)."""
+    rng = np.random.default_rng(11)
+    b, length, h, vocab, k = 3, 9, 4, 11, 4
+    head = M.MLMHead(h, vocab, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    head.norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, h), jnp.float32)
+    head.norm.bias[...] = jnp.asarray(rng.normal(size=h), jnp.float32)
+    (w1, b1), (w2, b2) = _dense(head.transform), _dense(head.decoder)
+    p = dict(w1=w1, b1=b1, w2=w2, b2=b2, scale=np.asarray(head.norm.scale[...], np.float64),
+             shift=np.asarray(head.norm.bias[...], np.float64))
+    word = np.array([[-1, 0, 0, 1, 2, 2, 2, 3, -1], [-1, 0, 1, 1, 2, 3, 3, -1, -1], [-1, 0, 1, 2, 3, 4, 5, 6, -1]])
+    draws = rng.random((b, length))
+    chosen = np.asarray(L.choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.6, k))
+    np.testing.assert_array_equal(chosen, ref.choose_words(draws.astype(np.float32), word, 0.6, k))
+    assert chosen.sum() >= 6 and (chosen.sum(axis=1) <= k).all()
+    positions, weights = L.masked_positions(jnp.asarray(chosen), k)
+    states, targets = rng.normal(size=(b, length, h)), rng.integers(0, vocab, (b, length))
+
+    def term(x):
+        return L.mlm_loss(head(L.gather_positions(x, positions)), L.gather_positions(jnp.asarray(targets), positions),
+                          weights)
+
+    val, grad = _vgrad(term)(jnp.float32(states))
+    assert_close(val, ref.mlm_term(states, targets, chosen, p), VALUE_RTOL, "MLM term at the K masked positions")
+    fd = finite_difference(lambda x: ref.mlm_term(x, targets, chosen, p), states)
+    assert_close(grad, fd, GRAD_RTOL, "MLM term gradient w.r.t. the report states")
+    assert np.all(np.asarray(grad)[~chosen] == 0), "unchosen positions must not be scored"
+
+
+def test_mim_decoder_matches_the_float64_reference_in_the_codes_order():
+    """UpsampleHead (x2 upsampling by a two-tap stencil, its 1^3 conv before the last
+    upsampling) equals the oracle with np.interp upsampling and the 1^3 conv at full
+    resolution (MG-3D's order); values and input gradients."""
+    rng = np.random.default_rng(13)
+    plan = M.upsample_plan((4, 4, 2))  # [(2, 2, 2), (2, 2, 1)]
+    head = M.UpsampleHead(6, 1, plan, min_channels=2, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    convs = [_dense(c) for c in head.convs]
+    out = _dense(head.out)
+    x = rng.normal(size=(2, 2, 2, 1, 6))
+    r = rng.normal(size=(2, 8, 8, 2, 1))
+    recon = jax.jit(head)(jnp.float32(x))
+    assert recon.shape == (2, 8, 8, 2, 1)
+    for k in range(2):
+        assert_close(recon[k], ref.upsample_head(x[k], convs, out, plan), VALUE_RTOL, "decoder output")
+    grad = _grad(lambda t: jnp.sum(head(t) * r[:1]))(jnp.float32(x[:1]))
+    fd = finite_difference(lambda t: np.sum(ref.upsample_head(t[0], convs, out, plan) * r[0]), x[:1])
+    assert_close(grad, fd, GRAD_RTOL, "decoder gradient w.r.t. the gated tokens")
+
+
+def test_swin_masked_encoding_hides_the_masked_voxels_and_mim_scores_only_them():
+    """The task's masked encoding (`swin_encode_masked`, what MG3D.encode_masked runs for a
+    Swin3D) on a tiny Swin3D, SimMIM-style: every patch embedding under a masked token is the
+    mask token, the others the plain embedding; nothing under a masked token reaches the tokens
+    or the decoded volume; with every token kept it is the plain forward; the MIM loss of the
+    decoded volume is the MSE over the masked voxels only (float64 oracle)."""
+    cfg = Swin3DConfig(embed_dim=4, depths=(2, 1, 1, 1), num_heads_per_stage=(1, 1, 2, 2), window_size=(4, 4, 4),
+                       patch_size=(1, 1, 1), input_mean=0.5, input_std=2.0)
+    enc = _numpy_init(lambda: Swin3D(cfg, rngs=nnx.Rngs(0)), seed=0)
+    stride, mask_dim = M.token_stride(enc)
+    assert (stride, mask_dim) == ((16, 16, 16), 4)  # tokens every 16 patches, the mask token replaces embeddings
+    head = _numpy_init(lambda: M.UpsampleHead(cfg.width, 1, M.upsample_plan(stride), min_channels=4,
+                                              dtype=jnp.float32, rngs=nnx.Rngs(1)), seed=1)
+    rng = np.random.default_rng(12)
+    mask_token = jnp.asarray(rng.normal(size=(mask_dim,)), jnp.float32)
+    vol = rng.normal(size=(2, 32, 32, 16, 1)).astype(np.float32)  # a 2 x 2 x 1 token grid
+    grid = (2, 2, 1)
+    keep, mask = L.draw_token_mask(jax.random.key(3), 2, 4, 0.5)
+    mask = np.asarray(mask)
+    vmask = ref.voxel_mask(mask, grid, stride)
+    np.testing.assert_array_equal(L.token_mask_to_voxels(jnp.asarray(mask), grid, stride), vmask)
+
+    everything = jnp.broadcast_to(jnp.arange(4), (2, 4))
+
+    @jax.jit  # one compile for every check
+    def forward(v, k):
+        tokens = M.swin_encode_masked(enc, v, k, mask_token, stride)
+        return {"x0": enc.embed_patches(v), "x0_masked": M.swin_masked_patches(enc, v, k, mask_token, stride),
+                "tokens": tokens, "recon": head(tokens.reshape(2, *grid, -1)), "plain": enc(v)["tokens"],
+                "nothing_masked": M.swin_encode_masked(enc, v, everything, mask_token, stride)}
+
+    out = forward(vol, keep)
+    # what the stages see (patch 1: one patch-embedding cell per voxel)
+    x0, x0m = np.asarray(out["x0"]), np.asarray(out["x0_masked"])
+    np.testing.assert_array_equal(x0m[vmask], np.broadcast_to(np.asarray(mask_token), x0m[vmask].shape))
+    np.testing.assert_array_equal(x0m[~vmask], x0[~vmask])
+    assert_close(out["nothing_masked"], out["plain"], 1e-6, "nothing masked = the plain forward")
+    noisy = forward(vol + 100.0 * rng.normal(size=vol.shape).astype(np.float32) * vmask[..., None], keep)
+    np.testing.assert_array_equal(noisy["tokens"], out["tokens"])  # the masked voxels never reach the encoder ...
+    np.testing.assert_array_equal(noisy["recon"], out["recon"])  # ... nor the reconstruction
+    moved = forward(vol + (~vmask)[..., None].astype(np.float32), keep)
+    assert not np.allclose(moved["tokens"], out["tokens"], atol=1e-3), "the kept voxels are seen"
+
+    target = (vol.astype(np.float64) - 0.5) / 2.0  # the encoder's standardised input (mean 0.5, std 2)
+    loss, grad = _vgrad(L.mim_loss)(out["recon"], jnp.asarray(target, jnp.float32), jnp.asarray(vmask))
+    r_loss, r_grad = ref.mim_loss(np.asarray(out["recon"], np.float64), target, vmask)
+    assert_close(loss, r_loss, VALUE_RTOL, "Swin masked-voxel MSE")
+    assert_close(grad, r_grad, GRAD_RTOL, "Swin masked-voxel MSE gradient")
+    assert np.all(np.asarray(grad)[~vmask] == 0), "unmasked voxels must not be scored"
+
 
 def _ssm_inputs(b=8, s=3, seed=6):
     rng = np.random.default_rng(seed)
@@ -314,10 +446,13 @@ def test_upsampling_plan_follows_the_token_stride():
 
 
 def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
+    """The trainer's program for task 'mg3d' (init and step compiled once each, with XLA's
+    backend optimisations off as tests/test_swin3d.py: the compile is this test's cost, the
+    computation is the same): six steps on one batch lower the loss, and the frozen BERT stays."""
     c = mg3d_config.get_config("tiny")
-    c.data.view_size = (8, 8, 8)  # patch 4: a 2^3 token grid, 2 upsampling blocks (a short compile)
-    c.model.image.patch_size = (4, 4, 4)
-    c.model.text.vocab_size = 2048
+    c.data.view_size = (4, 4, 4)  # patch 2: a 2^3 token grid, one upsampling block (a short compile)
+    c.model.image.patch_size = (2, 2, 2)
+    c.model.text.vocab_size = 128  # ids from ten words: the MLM term falls fast, not buried in ln(vocab)
     c.data.max_sentences = 4
     c.train.nonfinite_guard = "cond"  # the faster guard on XLA:CPU for tiny models (t3d_jax/train/step.py)
     c.preprocess.max_len = 12
@@ -325,6 +460,7 @@ def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.optim.lr = 3e-3
+    c.optim.flatten = "on"  # fewer optimizer kernels to compile
     c.mesh.shape = (1, 1)
     task = tasks.get_task(c)
     assert isinstance(task, tasks.TASKS["mg3d"])
@@ -332,19 +468,21 @@ def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
     assert set(spec) == {"views", "input_ids", "attention_mask", "sentence_index", "word_index"}
     rng = np.random.default_rng(10)
     batch = {"views": rng.normal(size=spec["views"].shape).astype(np.float32),
-             "input_ids": rng.integers(1000, 2000, (4, 12)).astype(np.int32),
+             "input_ids": rng.integers(110, 120, (4, 12)).astype(np.int32),
              "attention_mask": np.ones((4, 12), np.int32),
              "sentence_index": np.repeat(np.arange(3), 4)[None].repeat(4, 0).astype(np.int32),
              "word_index": (np.arange(12)[None] // 2).repeat(4, 0).astype(np.int32)}
     mesh = mesh_lib.make_mesh(c.mesh, devices=jax.devices()[:1])
+    fast = {"xla_backend_optimization_level": 0}
     with jax.set_mesh(mesh):
         program = step_lib.make_train_program(c, mesh)
-        state = program.init()
+        state = program.init.lower().compile(fast)()
         frozen_before = jax.tree.map(np.asarray, state["params"]["text_encoder"])
         gbatch = step_lib.global_batch(batch, program.batch_shardings)
+        step = program.step.lower(state, gbatch).compile(fast)
         history = []
         for _ in range(6):
-            state, out = program.step(state, gbatch)
+            state, out = step(state, gbatch)
             history.append({k: float(v) for k, v in out.items()})
     assert program.trace_count[0] == 1
     hash(program.graphdef)  # static argument of the evaluators' jitted embedding (t3d_jax/evaluate/embedding.py)

@@ -4,11 +4,17 @@
   tokens). The released code zeroes the unmasked voxels, takes the mean over *all* voxels and
   divides by the mask ratio: the same number when exactly that fraction is masked; here the
   exact masked mean.
-* ``whole_word_mask`` + ``mlm_loss`` + ``sentence_cosine_term``: L_senMLM. Each word (a token
-  and its '##' continuations, `t3d_jax.data.sentences`) is chosen with probability
-  ``prob`` (0.15); a chosen word's tokens become [MASK] (80%), a random token (10%) or stay
-  (10%), BERT's recipe per token. Cross-entropy on the chosen tokens, mean over them in the
-  global batch; plus ``weight * mean(1 - cos)`` over the valid sentences of the global batch.
+* ``whole_word_mask`` + ``masked_positions`` + ``mlm_loss`` + ``sentence_cosine_term``:
+  L_senMLM. Each word (a token and its '##' continuations, `t3d_jax.data.sentences`) is chosen
+  with probability ``prob`` (0.15), but never more than ``max_predictions`` (K) tokens per
+  report (`choose_words`: the chosen words in a random order, up to the first that would pass
+  K). A chosen word's tokens become [MASK] (80%), a random token (10%) or stay (10%), BERT's
+  recipe per token. The MLM head then runs at the K positions of ``masked_positions`` only
+  (BERT's ``max_predictions_per_seq``), not at all L: the vocabulary logits are most of a
+  step's FLOPs otherwise, and since the cap is applied when choosing, every chosen token is
+  among the K (none is silently dropped from the loss). Cross-entropy on the chosen tokens,
+  mean over them in the global batch; plus ``weight * mean(1 - cos)`` over the valid
+  sentences of the global batch.
 * ``info_nce``: symmetric InfoNCE at the fixed temperature 0.1 (L_CML, L_DCL): the project's
   global-batch `contrastive.clip_loss` with a fixed log-scale log(10) (negatives from the whole
   global batch; ``chunked`` never holds B x B on one device).
@@ -57,14 +63,35 @@ def mim_loss(pred: jax.Array, target: jax.Array, voxel_mask: jax.Array) -> jax.A
 
 
 # ------------------------------------------------------------------------------------ MLM
+def choose_words(draws: jax.Array, word_index: jax.Array, prob: float, max_tokens: int | None = None) -> jax.Array:
+    """chosen [B, L] bool: the tokens of the chosen words. Word number w of an example is chosen
+    when ``draws[:, w] < prob`` (``draws`` [B, L] uniform, one per word number; ``word_index``
+    [B, L], -1 = never). With ``max_tokens`` K, an example's chosen words are taken in the order
+    of their draws (a uniformly random order) up to the first whose tokens would bring the
+    total past K; it and the rest are left unmasked, so at most K tokens are chosen."""
+    valid = word_index >= 0
+    word = jnp.maximum(word_index, 0)
+    pick = draws < prob
+    if max_tokens is not None:
+        b, length = word_index.shape
+        sizes = jnp.sum((word[..., None] == jnp.arange(length)) & valid[..., None], axis=1)  # [B, W] tokens
+        order = jnp.argsort(jnp.where(pick, draws, 2.0), axis=1)  # picked words first, by draw
+        total = jnp.cumsum(jnp.take_along_axis(jnp.where(pick, sizes, 0), order, axis=1), axis=1)
+        fits = jnp.zeros_like(pick).at[jnp.arange(b)[:, None], order].set(total <= max_tokens)
+        pick = pick & fits
+    return valid & jnp.take_along_axis(pick, word, axis=1)
+
+
 def whole_word_mask(key: jax.Array, input_ids: jax.Array, word_index: jax.Array, *, prob: float,
-                    mask_id: int, vocab_size: int, replace_mask: float = 0.8, replace_random: float = 0.1):
-    """(masked ids [B, L], chosen [B, L] bool): whole words chosen with probability ``prob``
-    (``word_index`` -1 = never), then BERT's 80/10/10 per chosen token (module docstring)."""
+                    mask_id: int, vocab_size: int, max_predictions: int | None = None,
+                    replace_mask: float = 0.8, replace_random: float = 0.1):
+    """(masked ids [B, L], chosen [B, L] bool): whole words chosen with probability ``prob``, at
+    most ``max_predictions`` tokens per example (`choose_words`), then BERT's 80/10/10 per
+    chosen token (module docstring)."""
     k_word, k_how, k_tok = jax.random.split(key, 3)
     b, length = input_ids.shape
-    word_chosen = jax.random.uniform(k_word, (b, length)) < prob  # one draw per word number (< L words)
-    chosen = (word_index >= 0) & jnp.take_along_axis(word_chosen, jnp.maximum(word_index, 0), axis=1)
+    draws = jax.random.uniform(k_word, (b, length))  # one draw per word number (< L words)
+    chosen = choose_words(draws, word_index, prob, max_predictions)
     how = jax.random.uniform(k_how, (b, length))
     random_ids = jax.random.randint(k_tok, (b, length), 0, vocab_size, dtype=input_ids.dtype)
     ids = jnp.where(chosen & (how < replace_mask), jnp.asarray(mask_id, input_ids.dtype), input_ids)
@@ -72,9 +99,26 @@ def whole_word_mask(key: jax.Array, input_ids: jax.Array, word_index: jax.Array,
     return ids, chosen
 
 
+def masked_positions(chosen: jax.Array, k: int):
+    """(positions [B, K] int32, weights [B, K] bool): the positions of the chosen tokens in
+    order, then padding (position 0, weight False). ``chosen`` must have at most K per row
+    (`choose_words` with ``max_tokens`` <= K); more would be cut, so the task caps first."""
+    length = chosen.shape[1]
+    rank = jnp.where(chosen, 0, length) + jnp.arange(length)  # chosen first, in token order
+    order = jnp.argsort(rank, axis=1)[:, :k].astype(jnp.int32)
+    weights = jnp.take_along_axis(chosen, order, axis=1)
+    return jnp.where(weights, order, 0), weights
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, ...] at ``positions`` [B, K] -> [B, K, ...]."""
+    idx = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
 def mlm_loss(logits: jax.Array, targets: jax.Array, chosen: jax.Array) -> jax.Array:
-    """Cross-entropy of ``logits`` [B, L, V] against ``targets`` [B, L] on the chosen tokens, mean
-    over them (0 when none is chosen)."""
+    """Cross-entropy of ``logits`` [B, K, V] against ``targets`` [B, K] where ``chosen`` [B, K]
+    (the K = `masked_positions`, or all L), mean over them (0 when none is chosen)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     w = jnp.asarray(chosen, jnp.float32)

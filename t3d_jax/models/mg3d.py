@@ -143,10 +143,40 @@ def upsample_plan(patch_size) -> list[tuple[int, int, int]]:
     return [tuple(2 if i < n else 1 for n in steps) for i in range(max(steps))]
 
 
+def upsample2(x: jax.Array, axis: int) -> jax.Array:
+    """x2 linear upsampling along ``axis`` with half-pixel centres and clamped edges, the
+    values of ``jax.image.resize(..., 'linear')`` (PyTorch's ``align_corners=False``) by a
+    two-tap stencil: out[2i] = 3/4 x[i] + 1/4 x[i-1], out[2i+1] = 3/4 x[i] + 1/4 x[i+1]
+    (x[-1] = x[0], x[n] = x[n-1]). jax.image.resize contracts each axis with a dense n x 2n
+    weight matrix, n times the work: at the demo's 16^3 -> 32^3 that was most of the decoder's
+    FLOPs."""
+    n = x.shape[axis]
+    first, last = jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+    prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+    out = jnp.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+
+
+def upsample(x: jax.Array, factors) -> jax.Array:
+    """Trilinear upsampling of [B, X, Y, Z, C] by ``factors`` (each 1 or 2) per spatial axis."""
+    for axis, f in enumerate(factors):
+        if f not in (1, 2):
+            raise ValueError(f"upsample: factors must be 1 or 2 per axis, got {tuple(factors)}")
+        if f == 2:
+            x = upsample2(x, axis + 1)
+    return x
+
+
 class UpsampleHead(nnx.Module):
     """The MIM decoder: blocks of (3^3 conv + InstanceNorm + LeakyReLU + trilinear upsampling by
     the plan's factors), then a 1^3 conv to the input channels. Channels halve per block from
-    ``in_dim`` (at least ``min_channels``)."""
+    ``in_dim`` (at least ``min_channels``).
+
+    The 1^3 conv runs *before* the last block's upsampling: a per-voxel affine map commutes
+    with linear interpolation (its weights sum to 1), so the output is the same, but the
+    full-resolution upsampling moves ``out_channels`` (1) channels instead of the last block's
+    (16 or more)."""
 
     def __init__(self, in_dim: int, out_channels: int, plan, *, min_channels: int = 16, dtype, rngs):
         from t3d_jax.models.resnet3d import Conv3D
@@ -162,11 +192,14 @@ class UpsampleHead(nnx.Module):
 
     def __call__(self, grid_tokens: jax.Array) -> jax.Array:
         x = grid_tokens
-        for conv, factor in zip(self.convs, self.plan):
+        for i, (conv, factor) in enumerate(zip(self.convs, self.plan)):
             x = jax.nn.leaky_relu(instance_norm(conv(x)), 0.01).astype(x.dtype)
-            b, sx, sy, sz, c = x.shape
-            x = jax.image.resize(x, (b, sx * factor[0], sy * factor[1], sz * factor[2], c), method="trilinear")
-        return self.out(x).astype(jnp.float32)
+            if i == len(self.convs) - 1:
+                x = self.out(x)
+            x = upsample(x, factor)
+        if not self.convs:  # a stride-1 token grid: no blocks
+            x = self.out(x)
+        return x.astype(jnp.float32)
 
 
 class MLMHead(nnx.Module):
@@ -302,10 +335,11 @@ def vit_encode_masked(enc: ViT3D, volume: jax.Array, keep_index: jax.Array, mask
     return full.at[jnp.arange(b)[:, None], keep_index].set(kept)
 
 
-def swin_encode_masked(enc: Swin3D, volume: jax.Array, keep_index: jax.Array, mask_token: jax.Array,
-                       stride) -> jax.Array:
-    """A Swin3D's last-map tokens [B, N, width] when the patch embeddings under the tokens not in
-    ``keep_index`` are replaced by ``mask_token`` (SimMIM; the grid is kept, windows unchanged)."""
+def swin_masked_patches(enc: Swin3D, volume: jax.Array, keep_index: jax.Array, mask_token: jax.Array,
+                        stride) -> jax.Array:
+    """A Swin3D's patch embeddings [B, gx, gy, gz, embed_dim] of ``volume`` with every cell under
+    an image token (``stride`` voxels per axis) not in ``keep_index`` [B, K] replaced by
+    ``mask_token`` (SimMIM): what the stages see, so no masked voxel reaches the encoder."""
     x0 = enc.embed_patches(volume)
     b, gx, gy, gz, _ = x0.shape
     grid = tuple(s // t for s, t in zip(volume.shape[1:4], stride))
@@ -313,7 +347,14 @@ def swin_encode_masked(enc: Swin3D, volume: jax.Array, keep_index: jax.Array, ma
     kept = kept.reshape(b, *grid)
     for axis, f in enumerate(stride):  # token cells -> patch-embedding cells
         kept = jnp.repeat(kept, f // enc.cfg.patch_size[axis], axis=axis + 1)
-    x0 = jnp.where(kept[:, :gx, :gy, :gz, None], x0, mask_token.astype(x0.dtype))
+    return jnp.where(kept[:, :gx, :gy, :gz, None], x0, mask_token.astype(x0.dtype))
+
+
+def swin_encode_masked(enc: Swin3D, volume: jax.Array, keep_index: jax.Array, mask_token: jax.Array,
+                       stride) -> jax.Array:
+    """A Swin3D's last-map tokens [B, N, width] when the patch embeddings under the tokens not in
+    ``keep_index`` are replaced by ``mask_token`` (SimMIM; the grid is kept, windows unchanged)."""
+    x0 = swin_masked_patches(enc, volume, keep_index, mask_token, stride)
     return encoder_output(enc.stages(x0)[-1])["tokens"]
 
 

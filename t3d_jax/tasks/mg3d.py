@@ -17,8 +17,10 @@ weights ``model.mg3d.weights.{mim, mlm, cml, dcl, ssm, itc}`` (MG-3D: 1, 1, 0.1,
 5. L_MIM: a ``model.mg3d.mask_ratio`` of the patch tokens masked (`encode_masked`), the image
    tokens gated by f, decoded to voxels (`UpsampleHead`), MSE on the masked voxels of the
    encoder's standardised input;
-6. L_senMLM: whole-word masked report (``model.mg3d.mlm_prob``), its states gated by v,
-   MLM cross-entropy + ``sentence_weight`` * mean(1 - cos) of the 8-d projections of each
+6. L_senMLM: whole-word masked report (``model.mg3d.mlm_prob``, at most
+   ``model.mg3d.max_predictions`` K tokens per report), its states gated by v, MLM
+   cross-entropy at the K masked positions (the vocabulary logits of [B, K], not [B, L]:
+   `losses.mg3d.masked_positions`) + ``sentence_weight`` * mean(1 - cos) of the 8-d projections of each
    sentence's predicted states and of its unmasked input (word) embeddings (target side
    without gradient).
 
@@ -53,6 +55,10 @@ class MG3DTask(Task):
         self.sentence_weight = float(mg.get("sentence_weight", 0.1))
         self.ssm_pairs = str(mg.get("ssm_pairs", "global"))
         self.mask_token_id = int(mg.get("mask_token_id", -1))
+        self.max_predictions = int(mg.get("max_predictions", 32))
+        if self.max_predictions < 1:
+            raise UserValueError(f"config.model.mg3d.max_predictions={self.max_predictions}: at least 1 "
+                                 "(the most report tokens L_senMLM masks and predicts per report)")
         if self.ssm_pairs not in L.SSM_PAIRS:
             raise UserValueError(f"config.model.mg3d.ssm_pairs={self.ssm_pairs!r}: choose one of {L.SSM_PAIRS}")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -144,12 +150,15 @@ class MG3DTask(Task):
         loss_mim = L.mim_loss(recon, target, voxel_mask)
 
         # 6. senMLM
+        k = min(self.max_predictions, int(ids.shape[1]))
         masked_ids, chosen = L.whole_word_mask(key_txt, ids, word_index, prob=self.mlm_prob,
-                                               mask_id=self.mask_token_id,
+                                               mask_id=self.mask_token_id, max_predictions=k,
                                                vocab_size=model.text_encoder.cfg.vocab_size)
         _, t_masked = model.text_states(masked_ids, amask, deterministic=deterministic)
         predicted = model.text_gate(t_masked, v)
-        loss_tok = L.mlm_loss(model.mlm_head(predicted), ids, chosen)
+        positions, weights = L.masked_positions(chosen, k)  # the vocabulary logits at K positions only
+        loss_tok = L.mlm_loss(model.mlm_head(L.gather_positions(predicted, positions)),
+                              L.gather_positions(ids, positions), weights)
         pred_sent, _ = sentence_pool(predicted, sent_index, s)
         loss_sen = L.sentence_cosine_term(model.sen_pred_proj(pred_sent),
                                           jax.lax.stop_gradient(model.sen_input_proj(sent_input)), f_valid)
