@@ -36,6 +36,10 @@ from tests.reference_numpy import assert_close, clip_loss as ref_clip, finite_di
 
 VALUE_RTOL = 2e-5
 GRAD_RTOL = 2e-4
+# The larger programs here (a Swin, the train step) are compiled with XLA's backend (LLVM)
+# optimisations off, as tests/test_swin3d.py: the compile, not the run, is their cost, and the
+# HLO, hence the computation, is the same.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _grad(fn):
@@ -134,19 +138,24 @@ def test_mim_masks_tokens_and_scores_only_masked_voxels():
 def test_vit_masked_encoding_runs_the_encoder_on_the_kept_tokens_only():
     """The kept tokens equal the encoder run on exactly those tokens (token dropping, with their
     own position embeddings); the masked cells hold mask token + position embedding."""
-    enc = ViT3D(ViT3DConfig(image_size=(16, 16, 16)), rngs=nnx.Rngs(0))
+    enc = _numpy_init(lambda: ViT3D(ViT3DConfig(image_size=(16, 16, 16)), rngs=nnx.Rngs(0)), seed=4, std=0.1)
     vol = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 16, 1)), jnp.float32)
     mask_token = jnp.asarray(np.random.default_rng(4).normal(size=(64,)), jnp.float32)
     keep = jnp.asarray([[0, 3, 5, 6], [1, 2, 4, 7]])
-    out = np.asarray(jax.jit(lambda v, k: M.vit_encode_masked(enc, v, k, mask_token))(vol, keep))
-    tokens, grid = enc.patchify(vol)
-    table = np.asarray(enc.position_table(grid))
-    for k in range(2):
-        idx = np.asarray(keep[k])
-        alone = (tokens[k, idx] + table[idx])[None]
+
+    @jax.jit
+    def run(v, k):
+        tokens, grid = enc.patchify(v)
+        table = enc.position_table(grid)
+        alone = jnp.take_along_axis(tokens + table[None], k[..., None], axis=1)  # the kept tokens only
         for block in enc.blocks:
             alone = block(alone)
-        assert_close(out[k, idx], enc.norm(alone)[0], 1e-5, "kept tokens = the encoder on them alone")
+        return M.vit_encode_masked(enc, v, k, mask_token), enc.norm(alone), table
+
+    out, alone, table = (np.asarray(a) for a in run(vol, keep))
+    for k in range(2):
+        idx = np.asarray(keep[k])
+        assert_close(out[k, idx], alone[k], 1e-5, "kept tokens = the encoder on them alone")
         masked = np.setdiff1d(np.arange(8), idx)
         assert_close(out[k, masked], np.asarray(mask_token)[None] + table[masked], 1e-6, "masked cells")
 
@@ -287,19 +296,20 @@ def test_swin_masked_encoding_hides_the_masked_voxels_and_mim_scores_only_them()
     mask_token = jnp.asarray(rng.normal(size=(mask_dim,)), jnp.float32)
     vol = rng.normal(size=(2, 32, 32, 16, 1)).astype(np.float32)  # a 2 x 2 x 1 token grid
     grid = (2, 2, 1)
-    keep, mask = L.draw_token_mask(jax.random.key(3), 2, 4, 0.5)
+    keep, mask = jax.jit(L.draw_token_mask, static_argnums=(1, 2, 3))(jax.random.key(3), 2, 4, 0.5)
     mask = np.asarray(mask)
     vmask = ref.voxel_mask(mask, grid, stride)
     np.testing.assert_array_equal(L.token_mask_to_voxels(jnp.asarray(mask), grid, stride), vmask)
 
     everything = jnp.broadcast_to(jnp.arange(4), (2, 4))
 
-    @jax.jit  # one compile for every check
-    def forward(v, k):
+    def run(v, k):
         tokens = M.swin_encode_masked(enc, v, k, mask_token, stride)
         return {"x0": enc.embed_patches(v), "x0_masked": M.swin_masked_patches(enc, v, k, mask_token, stride),
                 "tokens": tokens, "recon": head(tokens.reshape(2, *grid, -1)), "plain": enc(v)["tokens"],
                 "nothing_masked": M.swin_encode_masked(enc, v, everything, mask_token, stride)}
+
+    forward = jax.jit(run).lower(vol, keep).compile(FAST_COMPILE)  # one compile for every check
 
     out = forward(vol, keep)
     # what the stages see (patch 1: one patch-embedding cell per voxel)
@@ -372,12 +382,12 @@ def test_global_batch_terms_sharded_over_8_devices_equal_one_device():
 
     both = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))
     args = (jnp.float32(x), jnp.float32(y), jnp.float32(v))
-    (_, single), single_grad = both(*args)
+    (_, single), single_grad = both.lower(*args).compile(FAST_COMPILE)(*args)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),  # as mesh_lib's
                          devices=jax.devices()[:8])
     with jax.set_mesh(mesh):
         sharded = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in args]
-        (_, multi), multi_grad = both(*sharded)
+        (_, multi), multi_grad = both.lower(*sharded).compile(FAST_COMPILE)(*sharded)
     r_nce = ref_clip(x[:, None], y, math.log(10.0), max_scale=None)[0]
     assert_close(single[0], r_nce, VALUE_RTOL, "InfoNCE tau 0.1, one device")
     assert_close(multi[0], r_nce, VALUE_RTOL, "InfoNCE tau 0.1, 8 devices")
@@ -395,7 +405,9 @@ def test_global_batch_terms_sharded_over_8_devices_equal_one_device():
 
 @pytest.fixture(scope="module")
 def tokenizer(bert_vocab):
-    return WordPieceTokenizer(bert_vocab, max_len=256)
+    # the Hugging Face backend: the same ids as TensorFlow's (tests/test_tokenizer.py) without
+    # importing TensorFlow for this file (seconds)
+    return WordPieceTokenizer(bert_vocab, max_len=256, backend="tokenizers")
 
 
 def test_sentence_and_word_indices_follow_split_sentences(tokenizer):
@@ -446,9 +458,8 @@ def test_upsampling_plan_follows_the_token_stride():
 
 
 def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
-    """The trainer's program for task 'mg3d' (init and step compiled once each, with XLA's
-    backend optimisations off as tests/test_swin3d.py: the compile is this test's cost, the
-    computation is the same): six steps on one batch lower the loss, and the frozen BERT stays."""
+    """The trainer's program for task 'mg3d' (init and step compiled once each, FAST_COMPILE):
+    six steps on one batch lower the loss, and the frozen BERT stays."""
     c = mg3d_config.get_config("tiny")
     c.data.view_size = (4, 4, 4)  # patch 2: a 2^3 token grid, one upsampling block (a short compile)
     c.model.image.patch_size = (2, 2, 2)
@@ -473,13 +484,12 @@ def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
              "sentence_index": np.repeat(np.arange(3), 4)[None].repeat(4, 0).astype(np.int32),
              "word_index": (np.arange(12)[None] // 2).repeat(4, 0).astype(np.int32)}
     mesh = mesh_lib.make_mesh(c.mesh, devices=jax.devices()[:1])
-    fast = {"xla_backend_optimization_level": 0}
     with jax.set_mesh(mesh):
         program = step_lib.make_train_program(c, mesh)
-        state = program.init.lower().compile(fast)()
+        state = program.init.lower().compile(FAST_COMPILE)()
         frozen_before = jax.tree.map(np.asarray, state["params"]["text_encoder"])
         gbatch = step_lib.global_batch(batch, program.batch_shardings)
-        step = program.step.lower(state, gbatch).compile(fast)
+        step = program.step.lower(state, gbatch).compile(FAST_COMPILE)
         history = []
         for _ in range(6):
             state, out = step(state, gbatch)
