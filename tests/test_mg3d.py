@@ -50,6 +50,12 @@ def _vgrad(fn):
     return jax.jit(jax.value_and_grad(fn))
 
 
+# the masking functions jitted once per shape (op by op, each jnp call would compile its own kernel)
+_whole_word_mask = jax.jit(L.whole_word_mask, static_argnames=("prob", "mask_id", "vocab_size", "max_predictions"))
+_choose_words = jax.jit(L.choose_words, static_argnums=(2, 3))
+_masked_positions = jax.jit(L.masked_positions, static_argnums=1)
+
+
 def _numpy_init(build, seed, std=0.3):
     """The module ``build()`` makes, with its parameters drawn by NumPy (normal, ``std``) instead
     of its initialisers: no per-shape XLA init kernels to compile (seconds for a Swin)."""
@@ -190,7 +196,7 @@ def test_whole_word_masking_masks_words_together_at_the_rate():
             word[k, i:min(i + n, length - 1)] = w
             i, w = i + n, w + 1
     ids = rng.integers(1000, 2000, (b, length))
-    masked, chosen = L.whole_word_mask(jax.random.key(1), jnp.asarray(ids), jnp.asarray(word), prob=0.15,
+    masked, chosen = _whole_word_mask(jax.random.key(1), jnp.asarray(ids), jnp.asarray(word), prob=0.15,
                                        mask_id=103, vocab_size=30522)
     masked, chosen = np.asarray(masked), np.asarray(chosen)
     assert not chosen[word < 0].any(), "special tokens and padding are never chosen"
@@ -209,7 +215,7 @@ def test_whole_word_masking_masks_words_together_at_the_rate():
 
     # the cap (model.mg3d.max_predictions): at most K tokens, whole words, the same draws
     k = 6
-    capped_ids, capped = L.whole_word_mask(jax.random.key(1), jnp.asarray(ids), jnp.asarray(word), prob=0.15,
+    capped_ids, capped = _whole_word_mask(jax.random.key(1), jnp.asarray(ids), jnp.asarray(word), prob=0.15,
                                            mask_id=103, vocab_size=30522, max_predictions=k)
     capped = np.asarray(capped)
     counts = chosen.sum(axis=1)
@@ -219,9 +225,9 @@ def test_whole_word_masking_masks_words_together_at_the_rate():
     np.testing.assert_array_equal(np.asarray(capped_ids)[~capped], ids[~capped])
     draws = rng.random((b, length))
     for cap in (None, k):
-        got = np.asarray(L.choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.15, cap))
+        got = np.asarray(_choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.15, cap))
         np.testing.assert_array_equal(got, ref.choose_words(draws.astype(np.float32), word, 0.15, cap))
-    positions, weights = L.masked_positions(jnp.asarray(capped), k)
+    positions, weights = _masked_positions(jnp.asarray(capped), k)
     for row in range(b):  # the K positions hold every chosen token, each once
         got = sorted(np.asarray(positions)[row][np.asarray(weights)[row]].tolist())
         assert got == np.flatnonzero(capped[row]).tolist()
@@ -234,18 +240,16 @@ def test_mlm_term_at_the_masked_positions_matches_the_all_positions_reference():
     gradients w.r.t. the [B, L, H] states (zero at the unchosen positions)."""
     rng = np.random.default_rng(11)
     b, length, h, vocab, k = 3, 9, 4, 11, 4
-    head = M.MLMHead(h, vocab, dtype=jnp.float32, rngs=nnx.Rngs(2))
-    head.norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, h), jnp.float32)
-    head.norm.bias[...] = jnp.asarray(rng.normal(size=h), jnp.float32)
+    head = _numpy_init(lambda: M.MLMHead(h, vocab, dtype=jnp.float32, rngs=nnx.Rngs(2)), seed=2, std=0.5)
     (w1, b1), (w2, b2) = _dense(head.transform), _dense(head.decoder)
     p = dict(w1=w1, b1=b1, w2=w2, b2=b2, scale=np.asarray(head.norm.scale[...], np.float64),
              shift=np.asarray(head.norm.bias[...], np.float64))
     word = np.array([[-1, 0, 0, 1, 2, 2, 2, 3, -1], [-1, 0, 1, 1, 2, 3, 3, -1, -1], [-1, 0, 1, 2, 3, 4, 5, 6, -1]])
     draws = rng.random((b, length))
-    chosen = np.asarray(L.choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.6, k))
+    chosen = np.asarray(_choose_words(jnp.asarray(draws, jnp.float32), jnp.asarray(word), 0.6, k))
     np.testing.assert_array_equal(chosen, ref.choose_words(draws.astype(np.float32), word, 0.6, k))
     assert chosen.sum() >= 6 and (chosen.sum(axis=1) <= k).all()
-    positions, weights = L.masked_positions(jnp.asarray(chosen), k)
+    positions, weights = _masked_positions(jnp.asarray(chosen), k)
     states, targets = rng.normal(size=(b, length, h)), rng.integers(0, vocab, (b, length))
 
     def term(x):
@@ -265,7 +269,7 @@ def test_mim_decoder_matches_the_float64_reference_in_the_codes_order():
     resolution (MG-3D's order); values and input gradients."""
     rng = np.random.default_rng(13)
     plan = M.upsample_plan((4, 4, 2))  # [(2, 2, 2), (2, 2, 1)]
-    head = M.UpsampleHead(6, 1, plan, min_channels=2, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    head = _numpy_init(lambda: M.UpsampleHead(6, 1, plan, min_channels=2, dtype=jnp.float32, rngs=nnx.Rngs(3)), seed=3)
     convs = [_dense(c) for c in head.convs]
     out = _dense(head.out)
     x = rng.normal(size=(2, 2, 2, 1, 6))
