@@ -1,0 +1,67 @@
+"""bench/reportgen_baselines.py's encoder arms: `--encoder NAME=CONFIG_FILE:VARIANT[@CHECKPOINT_DIR]`
+parsing and the merge of a pretraining's image encoder into the reportgen config (configs only,
+no training: the run itself is the bench's)."""
+
+import json
+
+import pytest
+
+from bench import reportgen_baselines as rb
+from bench.compare_methods import config_from_file
+from configs import reportgen as reportgen_config
+
+
+def _base():
+    return reportgen_config.get_config("demo")
+
+
+def test_parse_encoder_specs_and_errors(tmp_path):
+    arm = rb.parse_encoder(f"msvlm=configs/msvlm.py:demo@{tmp_path}")
+    assert arm == rb.EncoderArm("msvlm", "configs/msvlm.py", "demo", str(tmp_path))
+    # A variant may hold commas; a relative checkpoint folder becomes absolute; no '@' = random.
+    arm = rb.parse_encoder("s=configs/msvlm.py:demo,slices@rel/ckpt")
+    assert (arm.variant, arm.checkpoint) == ("demo,slices", str((rb.pathlib.Path("rel/ckpt")).absolute()))
+    assert rb.parse_encoder("random=configs/t3d.py:demo").checkpoint == ""
+    for bad in ("configs/clip.py:demo", "vit=configs/clip.py", "vit=:demo", "vit=configs/clip.py:demo@",
+                "v it=configs/clip.py:demo"):
+        with pytest.raises(SystemExit, match="--encoder"):
+            rb.parse_encoder(bad)
+
+
+def test_arm_config_takes_the_pretrainings_encoder_and_input_then_the_overrides():
+    base = _base()
+    before = base.to_dict()
+    c, pre = rb.arm_config(base, rb.EncoderArm("m", "configs/msvlm.py", "demo"),
+                           ["model.decoder.resampler_latents=32"])
+    msvlm = config_from_file("configs/msvlm.py", "demo")
+    assert c.model.image.name == "msvlm" and c.model.image.size == msvlm.model.image.size
+    assert c.model.image.msvlm.to_dict() == msvlm.model.image.msvlm.to_dict()
+    assert c.model.image.patch_dropout == 0.0
+    assert tuple(c.data.view_size) == tuple(msvlm.data.view_size)
+    assert c.model.decoder.resampler_latents == 32 and c.init_from.checkpoint == ""
+    # The reportgen side (decoder, data, schedule) is the base's; the base is left as it was.
+    for key in ("hidden_size", "num_heads", "size"):
+        assert c.model.decoder[key] == base.model.decoder[key]
+    assert (c.data.dir, c.preprocess.max_len, c.train.num_steps) == (base.data.dir, 224, base.train.num_steps)
+    assert base.to_dict() == before and pre.model.image.name == "msvlm"
+    # Today's default arms: the T3D demo encoder, which is the reportgen demo's own image setting.
+    t3d, random = rb.default_arms(rb.pathlib.Path("/nonexistent_demo"))
+    assert (t3d.name, random.name, random.checkpoint) == ("t3d", "random", "")
+    c, _ = rb.arm_config(base, random)
+    assert c.model.image.to_dict() == base.model.image.to_dict()
+
+
+def test_arm_config_checks_the_runs_config_json(tmp_path):
+    run = tmp_path / "clip_seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    clip = config_from_file("configs/clip.py", "demo")
+    (run / "config.json").write_text(json.dumps(clip.to_dict(), default=list))
+    c, _ = rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{run}/checkpoints"))
+    assert c.init_from.checkpoint == str(run / "checkpoints") and c.model.image.name == "vit3d"
+    with pytest.raises(SystemExit, match=r"config\.json does not match.*model\.image\.name: 'msvlm'"):
+        rb.arm_config(_base(), rb.parse_encoder(f"m=configs/msvlm.py:demo@{run}/checkpoints"))
+    with pytest.raises(SystemExit, match="no such checkpoint folder"):
+        rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{tmp_path}/missing"))
+    (run / "config.json").write_text("[]")
+    with pytest.raises(SystemExit, match="not a training run's config.json"):
+        rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{run}/checkpoints"))
