@@ -206,6 +206,47 @@ def image_embeddings(pretraining_config, checkpoints: str, data_config, split: s
     return np.concatenate(emb), reports, ids
 
 
+def paired_differences(references, generated_a, generated_b, *, num_bootstrap: int, seed: int = 0,
+                       alpha: float = 0.05) -> dict:
+    """Figures of B minus A on the same held-out volumes, with a paired percentile interval: each
+    resample draws one set of volumes and scores both arms on it (score_reports' resampling,
+    t3d_jax/evaluate/reportgen.py, with its seed, so the per-arm intervals came from the same
+    draws). `{"difference": {name: B - A}, "intervals": {name: [low, high]}}` over the
+    bootstrapped figures (not METEOR)."""
+    import numpy as np
+
+    from t3d_jax.evaluate import report_labeler
+    from t3d_jax.evaluate.reportgen import BOOTSTRAPPED, _ce_figures, _Resampled
+
+    references = [str(r) for r in references]
+    n = len(references)
+    truth = report_labeler.label_reports(references)
+    arms = []
+    for gen in (generated_a, generated_b):
+        gen = [str(g) for g in gen]
+        if len(gen) != n:
+            raise ValueError(f"paired_differences: {len(gen)} generated reports for {n} references")
+        arms.append((_Resampled(references, gen), report_labeler.label_reports(gen)))
+
+    def figures(idx):
+        return [{**res.figures(idx), **_ce_figures(truth[idx], pred[idx])[0]} for res, pred in arms]
+
+    fa, fb = figures(np.arange(n))
+    out = {"difference": {k: fb[k] - fa[k] for k in BOOTSTRAPPED}, "intervals": {}}
+    rng = np.random.default_rng(seed)
+    samples = {k: [] for k in BOOTSTRAPPED}
+    for _ in range(int(num_bootstrap)):
+        fa, fb = figures(rng.integers(0, n, n))
+        for k in samples:
+            samples[k].append(fb[k] - fa[k])
+    for k, values in samples.items():
+        v = np.asarray(values, np.float64)
+        v = v[np.isfinite(v)]
+        if v.size:
+            out["intervals"][k] = [float(np.percentile(v, 100 * alpha / 2)), float(np.percentile(v, 100 * (1 - alpha / 2)))]
+    return out
+
+
 def run(args, log=print) -> dict:
     import jax
 
@@ -287,6 +328,12 @@ def run(args, log=print) -> dict:
         result["arms"][name]["examples"] = [{"id": i, "reference": r, "generated": t}
                                             for i, r, t in list(zip(g["id"], g["reference"], g["generated"]))[:3]]
     result["num_reports"] = len(generated[arms[0].name]["id"])
+    # Every other trained arm against the first, paired on the same volumes.
+    ref_arm = arms[0].name
+    result["differences"] = {
+        f"{a.name} - {ref_arm}": paired_differences(generated[ref_arm]["reference"], generated[ref_arm]["generated"],
+                                                     generated[a.name]["generated"], num_bootstrap=args.num_bootstrap)
+        for a in arms[1:]}
     if args.workdir:
         for name, g in generated.items():
             with open(root / f"generated_{name}.csv", "w", newline="") as f:
@@ -308,6 +355,10 @@ def table(result: dict) -> str:
             cell = f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and math.isfinite(ci[0]) else "")
             row += f"{cell:<26}"
         lines.append(row)
+    for pair, d in result.get("differences", {}).items():
+        lines.append(f"{pair} (paired, same volumes and resamples): " + ", ".join(
+            f"{k} {d['difference'][k]:+.3f} [{d['intervals'][k][0]:+.3f}, {d['intervals'][k][1]:+.3f}]"
+            for k in SHOWN if k in d["intervals"]))
     return "\n".join(lines)
 
 

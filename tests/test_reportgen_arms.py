@@ -65,3 +65,36 @@ def test_arm_config_checks_the_runs_config_json(tmp_path):
     (run / "config.json").write_text("[]")
     with pytest.raises(SystemExit, match="not a training run's config.json"):
         rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{run}/checkpoints"))
+
+
+def test_paired_differences_match_the_per_arm_scores_and_an_independent_rouge_bootstrap():
+    import numpy as np
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from t3d_jax.evaluate import language_metrics as lm
+    from t3d_jax.evaluate.reportgen import BOOTSTRAPPED, score_reports
+
+    refs = ["there is cardiomegaly . no pleural effusion .", "small left pleural effusion . no cardiomegaly .",
+            "emphysema in both upper lobes . no lung nodule .", "no acute abnormality .",
+            "a lung nodule in the right lower lobe .", "atelectasis at the bases . mild emphysema ."] * 2
+    gen_a = ["no pleural effusion .", "no cardiomegaly .", "no lung nodule .", "no acute abnormality .",
+             "no lung nodule .", "no emphysema ."] * 2
+    gen_b = ["there is cardiomegaly .", "left pleural effusion .", "emphysema . no lung nodule .",
+             "no acute abnormality .", "lung nodule in the right lobe .", "atelectasis at the bases ."] * 2
+    d = rb.paired_differences(refs, gen_a, gen_b, num_bootstrap=12)
+    sa, sb = (score_reports(refs, g, meteor=False)["figures"] for g in (gen_a, gen_b))
+    for k in BOOTSTRAPPED:  # the point estimate is the per-arm scores' difference
+        assert d["difference"][k] == pytest.approx(sb[k] - sa[k], abs=1e-12), k
+    assert d["difference"]["CE_f1_macro"] > 0  # B names the findings, A only negates them
+    # ROUGE-L is the mean per-report score: its paired interval by hand, with the same draws.
+    ids = [str(i) for i in range(len(refs))]
+    gts = {i: [lm.clean_report(r)] for i, r in zip(ids, refs)}
+    per = [np.asarray(Rouge().compute_score(gts, {i: [lm.clean_report(g)] for i, g in zip(ids, gen)})[1])
+           for gen in (gen_a, gen_b)]
+    rng = np.random.default_rng(0)
+    diffs = [float((per[1] - per[0])[idx].mean()) for idx in (rng.integers(0, 12, 12) for _ in range(12))]
+    assert d["intervals"]["ROUGE_L"] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)],
+                                                      abs=1e-12)  # float64 sums in another order
+    same = rb.paired_differences(refs, gen_a, gen_a, num_bootstrap=3)
+    assert all(v == 0 for v in same["difference"].values())
+    assert all(lo == hi == 0 for lo, hi in same["intervals"].values())
