@@ -120,7 +120,8 @@ def train_and_predict(config, workdir: pathlib.Path) -> tuple[dict, dict]:
         pred = compare.predictions(cache)
     losses = [h for h in result.history if "loss" in h]
     facts = {"train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start - train_s, 1),
-             "steps": result.step, "final_loss": losses[-1]["loss"] if losses else None,
+             "steps": result.step, "device": f"{jax.devices()[0].device_kind} (jax {jax.__version__})",
+             "final_loss": losses[-1]["loss"] if losses else None,
              "final_metrics": {k: v for k, v in (losses[-1] if losses else {}).items()
                                if k.startswith(("loss", "tma_", "logit"))}}
     return pred, facts
@@ -212,10 +213,8 @@ def main(argv=None) -> int:
             from t3d_jax.data.pipeline import read_dataset_info
             label_names = tuple(read_dataset_info(config.data.dir).get("label_names") or config.data.label_names)
     result = compare.compare(runs, label_names, baseline=tasks[0], num_bootstrap=args.num_bootstrap)
-    import jax
-
     result.update(variant=args.variant, seeds=args.seeds, overrides=overrides, runs=facts,
-                  load_average=os.getloadavg(), device=jax.devices()[0].device_kind)
+                  load_average=os.getloadavg())
     print(compare.format_comparison(result))
     out = write_json(args.out, result)
     plot(result, out.with_suffix(".png"))
