@@ -8,8 +8,8 @@
 #       (the same path on this CPU at toy size, before spending device time)
 #
 # The GPU image has JAX but not grain, array_record, ml_collections, nibabel or tensorboardX:
-# where a folder .whl of Python 3.12 wheels sits in the repository root (pip download, see
-# docs/benchmarks.md) they are installed into /tmp/site first. TensorFlow is not needed there:
+# where a folder .whl of Python 3.12 wheels sits in the repository root (docs/evaluation.md, "On
+# one GPU", gives the pip download command) they are installed into /tmp/site first. TensorFlow is not needed there:
 # the tokenizer falls back to Hugging Face `tokenizers` (the same ids).
 #
 # Runs are written to /tmp/gpu_compare/runs; each finished run's predictions.npz + facts.json
