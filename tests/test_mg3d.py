@@ -286,9 +286,11 @@ def test_mim_decoder_matches_the_float64_reference_in_the_codes_order():
 def test_swin_masked_encoding_hides_the_masked_voxels_and_mim_scores_only_them():
     """The task's masked encoding (`swin_encode_masked`, what MG3D.encode_masked runs for a
     Swin3D) on a tiny Swin3D, SimMIM-style: every patch embedding under a masked token is the
-    mask token, the others the plain embedding; nothing under a masked token reaches the tokens
-    or the decoded volume; with every token kept it is the plain forward; the MIM loss of the
-    decoded volume is the MSE over the masked voxels only (float64 oracle)."""
+    mask token, the others (all of them when nothing is masked) the plain embedding; after the
+    first, unshifted block, whose windows lie inside one token's cells, the kept cells equal the
+    plain forward's (the shifted windows then mix them with masked cells); nothing under a
+    masked token reaches the tokens or the decoded volume; the MIM loss of the decoded volume
+    is the MSE over the masked voxels only (float64 oracle)."""
     cfg = Swin3DConfig(embed_dim=4, depths=(2, 1, 1, 1), num_heads_per_stage=(1, 1, 2, 2), window_size=(4, 4, 4),
                        patch_size=(1, 1, 1), input_mean=0.5, input_std=2.0)
     enc = _numpy_init(lambda: Swin3D(cfg, rngs=nnx.Rngs(0)), seed=0)
@@ -304,23 +306,25 @@ def test_swin_masked_encoding_hides_the_masked_voxels_and_mim_scores_only_them()
     mask = np.asarray(mask)
     vmask = ref.voxel_mask(mask, grid, stride)
     np.testing.assert_array_equal(L.token_mask_to_voxels(jnp.asarray(mask), grid, stride), vmask)
-
     everything = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    first_block = enc.layers1.blocks[0]  # windows of 4^3 patches, unshifted
 
     def run(v, k):
+        x0, x0m = enc.embed_patches(v), M.swin_masked_patches(enc, v, k, mask_token, stride)
         tokens = M.swin_encode_masked(enc, v, k, mask_token, stride)
-        return {"x0": enc.embed_patches(v), "x0_masked": M.swin_masked_patches(enc, v, k, mask_token, stride),
-                "tokens": tokens, "recon": head(tokens.reshape(2, *grid, -1)), "plain": enc(v)["tokens"],
-                "nothing_masked": M.swin_encode_masked(enc, v, everything, mask_token, stride)}
+        return {"x0": x0, "x0_masked": x0m, "x0_nothing_masked": M.swin_masked_patches(enc, v, everything, mask_token,
+                                                                                         stride),
+                "block0": first_block(x0), "block0_masked": first_block(x0m),
+                "tokens": tokens, "recon": head(tokens.reshape(2, *grid, -1))}
 
     forward = jax.jit(run).lower(vol, keep).compile(FAST_COMPILE)  # one compile for every check
-
-    out = forward(vol, keep)
+    out = {k: np.asarray(v) for k, v in forward(vol, keep).items()}
     # what the stages see (patch 1: one patch-embedding cell per voxel)
-    x0, x0m = np.asarray(out["x0"]), np.asarray(out["x0_masked"])
+    x0, x0m = out["x0"], out["x0_masked"]
     np.testing.assert_array_equal(x0m[vmask], np.broadcast_to(np.asarray(mask_token), x0m[vmask].shape))
     np.testing.assert_array_equal(x0m[~vmask], x0[~vmask])
-    assert_close(out["nothing_masked"], out["plain"], 1e-6, "nothing masked = the plain forward")
+    np.testing.assert_array_equal(out["x0_nothing_masked"], x0)
+    assert_close(out["block0_masked"][~vmask], out["block0"][~vmask], 1e-6, "kept cells after the first block")
     noisy = forward(vol + 100.0 * rng.normal(size=vol.shape).astype(np.float32) * vmask[..., None], keep)
     np.testing.assert_array_equal(noisy["tokens"], out["tokens"])  # the masked voxels never reach the encoder ...
     np.testing.assert_array_equal(noisy["recon"], out["recon"])  # ... nor the reconstruction
