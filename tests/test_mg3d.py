@@ -472,6 +472,7 @@ def test_tiny_mg3d_train_step_runs_and_the_loss_decreases():
     c.data.view_size = (4, 4, 4)  # patch 2: a 2^3 token grid, one upsampling block (a short compile)
     c.model.image.patch_size = (2, 2, 2)
     c.model.text.vocab_size = 128  # ids from ten words: the MLM term falls fast, not buried in ln(vocab)
+    c.model.text.attention_dropout = 0.0  # as the base variant: fewer random-bit kernels to compile
     c.data.max_sentences = 4
     c.train.nonfinite_guard = "cond"  # the faster guard on XLA:CPU for tiny models (t3d_jax/train/step.py)
     c.preprocess.max_len = 12
