@@ -325,6 +325,8 @@ def run(args, log=print) -> dict:
     for name, g in generated.items():
         scored = score_reports(g["reference"], g["generated"], num_bootstrap=args.num_bootstrap)
         result["arms"].setdefault(name, {}).update(scored)
+        # How many different reports the arm wrote: a decoder blind to the image writes one template.
+        result["arms"][name]["distinct_reports"] = len(set(g["generated"]))
         result["arms"][name]["examples"] = [{"id": i, "reference": r, "generated": t}
                                             for i, r, t in list(zip(g["id"], g["reference"], g["generated"]))[:3]]
     result["num_reports"] = len(generated[arms[0].name]["id"])
