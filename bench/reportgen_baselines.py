@@ -17,9 +17,10 @@ the configs/t3d.py:demo pretraining), it
    (`model.image.*`, patch dropout off: the decoder reads every token) and its input
    (`data.view_size`), CHECKPOINT_DIR its weights (`init_from.checkpoint`, the image encoder's
    parameters only); without `@` the encoder is randomly initialised. Where the run's
-   config.json sits beside CHECKPOINT_DIR (what launch/train.py writes), its `model.image` and
-   `data.view_size` must equal the merged ones: a checkpoint read under another encoder's
-   settings stops the script naming the key. Without --encoder the arms are today's two:
+   config.json sits beside CHECKPOINT_DIR (what launch/train.py writes), the `model.image` and
+   `data.view_size` keys it shares with the named config must hold the same values: a
+   checkpoint read under another encoder's settings stops the script naming the key (a key
+   the run's config.json lacks, added to the code after that run, is no conflict). Without --encoder the arms are today's two:
    `t3d`    `configs/t3d.py:demo@DEMO_DIR/run/checkpoints` (what the T3D pretraining gives a
             report decoder);
    `random` `configs/t3d.py:demo`, randomly initialised (what the image contributes at all:
@@ -114,6 +115,16 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _differences(ours, theirs, prefix: str) -> list[str]:
+    """Dotted keys that both configs hold with different values (nested dicts compared key by
+    key). A key only one side has is no conflict: a run written before a key was added holds
+    the default it did not know (`patch_dropout` is set by this script)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for k in sorted(set(ours) & set(theirs)) if k != "patch_dropout"
+                for d in _differences(ours[k], theirs[k], f"{prefix}.{k}")]
+    return [] if ours == theirs else [prefix]
+
+
 def arm_config(base, arm: EncoderArm, overrides=()):
     """(the reportgen config of `arm`, its pretraining config): `base` with the pretraining's
     `model.image` (patch dropout off) and `data.view_size`, the arm's checkpoint, then
@@ -144,17 +155,17 @@ def arm_config(base, arm: EncoderArm, overrides=()):
             except (ValueError, KeyError, TypeError) as e:
                 raise SystemExit(f"{saved}: not a training run's config.json ({e!r})")
             ours = {"model.image": _plain(pre.model.image.to_dict()), "data.view_size": _plain(c.data.view_size)}
+            bad = []
             for key in ours:
-                a, b = ours[key], ran[key]
-                if isinstance(a, dict):
-                    diff = sorted(k for k in set(a) | set(b) if k != "patch_dropout" and a.get(k) != b.get(k))
-                    bad = [f"{key}.{k}: {a.get(k)!r} in {arm.config_file}:{arm.variant}, {b.get(k)!r} in the run"
-                           for k in diff]
-                else:
-                    bad = [f"{key}: {a!r} in {arm.config_file}:{arm.variant}, {b!r} in the run"] if a != b else []
-                if bad:
-                    raise SystemExit(f"--encoder {arm.name}: {saved} does not match the config it names: "
-                                     + "; ".join(bad[:3]))
+                for k in _differences(ours[key], ran[key], key):
+                    a, b = ours, ran
+                    path = [key, *k[len(key) + 1:].split(".")] if k != key else [key]
+                    for part in path:
+                        a, b = a[part], b[part]
+                    bad.append(f"{k}: {a!r} in {arm.config_file}:{arm.variant}, {b!r} in the run")
+            if bad:
+                raise SystemExit(f"--encoder {arm.name}: {saved} does not match the config it names: "
+                                 + "; ".join(bad[:3]))
     return c, pre
 
 

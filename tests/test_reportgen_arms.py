@@ -54,12 +54,18 @@ def test_arm_config_takes_the_pretrainings_encoder_and_input_then_the_overrides(
 def test_arm_config_checks_the_runs_config_json(tmp_path):
     run = tmp_path / "clip_seed0"
     (run / "checkpoints").mkdir(parents=True)
-    clip = config_from_file("configs/clip.py", "demo")
-    (run / "config.json").write_text(json.dumps(clip.to_dict(), default=list))
+    clip = config_from_file("configs/clip.py", "demo").to_dict()
+    del clip["model"]["image"]["swin"]  # a run written before a key existed: no conflict
+    (run / "config.json").write_text(json.dumps(clip, default=list))
     c, _ = rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{run}/checkpoints"))
     assert c.init_from.checkpoint == str(run / "checkpoints") and c.model.image.name == "vit3d"
     with pytest.raises(SystemExit, match=r"config\.json does not match.*model\.image\.name: 'msvlm'"):
         rb.arm_config(_base(), rb.parse_encoder(f"m=configs/msvlm.py:demo@{run}/checkpoints"))
+    clip["model"]["image"]["resnet"]["arch"] = "resnet18"  # a nested key that differs
+    (run / "config.json").write_text(json.dumps(clip, default=list))
+    with pytest.raises(SystemExit, match=r"model\.image\.resnet\.arch: 'resnet50' in configs/clip.py:demo, "
+                                         r"'resnet18' in the run"):
+        rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{run}/checkpoints"))
     with pytest.raises(SystemExit, match="no such checkpoint folder"):
         rb.arm_config(_base(), rb.parse_encoder(f"vit=configs/clip.py:demo@{tmp_path}/missing"))
     (run / "config.json").write_text("[]")
