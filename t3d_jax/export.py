@@ -170,6 +170,18 @@ def prepare_volume(path: str, preset, view_size: Sequence[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------- export
 
 
+def prepare_or_record(item: InputItem, preset, view_size: Sequence[int], errors: list[dict]):
+    """`prepare_volume` of one input, or None with the failure appended to `errors` (and
+    logged): a bad volume never stops an export, and its reason names the file."""
+    try:
+        return prepare_volume(item.path, preset, view_size)
+    except Exception as err:  # VolumeError, or anything unforeseen: log it, keep going
+        reason = str(err) if str(err).startswith(str(item.path)) else f"{item.path}: {type(err).__name__}: {err}"
+        errors.append({"id": item.id, "path": item.path, "error": reason})
+        log.warning("skipping %s: %s", item.id, reason)
+        return None
+
+
 def _batches(seq: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
@@ -224,13 +236,10 @@ def export_embeddings(
 
     bar = tqdm(items, desc="export volumes", unit="vol", disable=not progress)
     for item in bar:
-        try:
-            pending.append((item, prepare_volume(item.path, preset, view_size)))
-        except Exception as err:  # VolumeError, or anything unforeseen: log it, keep going
-            reason = str(err) if str(err).startswith(str(item.path)) else f"{item.path}: {type(err).__name__}: {err}"
-            errors.append({"id": item.id, "path": item.path, "error": reason})
-            log.warning("skipping %s: %s", item.id, reason)
+        volume = prepare_or_record(item, preset, view_size, errors)
+        if volume is None:
             continue
+        pending.append((item, volume))
         if len(pending) == bs:
             flush()
     flush()
@@ -486,13 +495,10 @@ def run_generate_reports(config, workdir, input_path, output, *, step=None, spli
 
     with open(output, "a") as out_file:
         for item in tqdm(todo, desc="generate reports", unit="vol", disable=not progress):
-            try:
-                pending.append((item, prepare_volume(item.path, preset, config.data.view_size)))
-            except Exception as err:  # VolumeError, or anything unforeseen: log it, keep going
-                reason = str(err) if str(err).startswith(str(item.path)) else f"{item.path}: {type(err).__name__}: {err}"
-                errors.append({"id": item.id, "path": item.path, "error": reason})
-                log.warning("skipping %s: %s", item.id, reason)
+            volume = prepare_or_record(item, preset, config.data.view_size, errors)
+            if volume is None:
                 continue
+            pending.append((item, volume))
             if len(pending) == batch_size:
                 flush(out_file)
         flush(out_file)
