@@ -49,6 +49,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # this probability (at least one kept) and/or shuffle the kept sentences.
     c.data.report_sentence_drop = 0.0
     c.data.report_shuffle = False
+    # Each training example also carries its report's impression section alone
+    # (impression_ids / impression_mask), for loss.impression_weight (t3d_jax/tasks/clip.py).
+    c.data.impression_view = False
     # Where the training views are made: "host" (Grain workers, t3d_jax/data/views.py) or
     # "device" (the jitted step, t3d_jax/data/device_views.py: the batch carries the stored int16
     # volumes, the workers only read and decode; docs/scaling.md, "Views on the accelerator").
@@ -167,6 +170,9 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.loss.chunked = False  # never materialise B x B on one device
     c.loss.logit_scale_init = 2.659260036932778  # log(1/0.07)
     c.loss.logit_scale_max = 100.0
+    # Report-impression term of the clip / t3d / msvlm tasks: this weight x the contrastive loss
+    # of each report against its own impression section (needs data.impression_view).
+    c.loss.impression_weight = 0.0
     c.loss.siglip_logit_scale_init = 2.302585092994046  # log(10), SigLIP's init
     c.loss.siglip_logit_bias_init = -10.0
 

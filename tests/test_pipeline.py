@@ -261,3 +261,20 @@ def test_report_augmentation_leaves_views_alone_and_refuses_cached_text(data_dir
     with pytest.raises(ValueError, match="text_features"):
         pipeline.train_iterator(_config(data_dir, report_shuffle=True, text_features=True),
                                 global_batch_size=3, seed=5)
+
+
+def test_impression_view_is_taken_from_the_stored_report_before_augmentation(data_dir):
+    """data.impression_view adds impression_ids / impression_mask from the stored ids (the
+    fixture's one-token reports have no impression header, so they are the reports as stored,
+    even with sentences shuffled); the views are those of the plain pipeline; cached text
+    features are refused."""
+    plain = _take(pipeline.train_iterator(_config(data_dir), global_batch_size=3, seed=5), 2)
+    config = _config(data_dir, impression_view=True, report_sentence_drop=0.5, report_shuffle=True)
+    got = _take(pipeline.train_iterator(config, global_batch_size=3, seed=5), 2)
+    for a, b in zip(plain, got):
+        np.testing.assert_array_equal(a["views"], b["views"])
+        np.testing.assert_array_equal(b["impression_ids"], a["input_ids"])
+        np.testing.assert_array_equal(b["impression_mask"], a["attention_mask"])
+    with pytest.raises(ValueError, match="impression_view"):
+        pipeline.train_iterator(_config(data_dir, impression_view=True, text_features=True),
+                                global_batch_size=3, seed=5)

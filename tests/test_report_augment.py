@@ -70,3 +70,42 @@ def test_inactive_and_bad_settings():
         ReportAugment(drop=1.0)
     with pytest.raises(ValueError, match="end_id"):
         augment_report(ids, mask, np.random.default_rng(0), ReportAugment(drop=0.2))
+
+
+# -- The impression view (data.impression_view) ------------------------------------------------
+
+def _tokenizer(order):
+    from t3d_jax.data.prepare import default_vocab_path
+    from t3d_jax.data.tokenizer import WordPieceTokenizer
+
+    return WordPieceTokenizer(str(default_vocab_path()), lowercase=True, max_len=64, report_order=order,
+                              backend="tokenizers")
+
+
+@pytest.mark.parametrize("order", ["as_written", "impression_first"])
+def test_impression_span_is_the_impression_section_tokenized_alone(order):
+    """On the real WordPiece vocab: the span of a tokenized report equals the impression
+    tokenized on its own, whether the impression comes first or last; a report with no
+    impression header is left whole."""
+    from t3d_jax.data.report_augment import impression_span, impression_view_for_vocab
+
+    tok = _tokenizer(order)
+    view = impression_view_for_vocab(tok.vocab)
+    report = ("FINDINGS: No pleural effusion. The heart is enlarged. "
+              "IMPRESSION: Cardiomegaly, left pleural effusion. COMPARISON: None.")
+    ids, mask = (np.asarray(a)[0] for a in tok.encode([report]))
+    got_ids, got_mask = impression_span(ids, mask, view)
+    want_ids, want_mask = (np.asarray(a)[0] for a in tok.encode(["IMPRESSION: Cardiomegaly, left pleural effusion."]))
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_mask, want_mask)
+    plain_ids, plain_mask = (np.asarray(a)[0] for a in tok.encode(["No pleural effusion. Normal heart."]))
+    same = impression_span(plain_ids, plain_mask, view)
+    np.testing.assert_array_equal(same[0], plain_ids)
+    np.testing.assert_array_equal(same[1], plain_mask)
+
+
+def test_impression_view_needs_the_header_tokens():
+    from t3d_jax.data.report_augment import impression_view_for_vocab
+
+    with pytest.raises(ValueError, match="impression"):
+        impression_view_for_vocab(["[PAD]", "[CLS]", "[SEP]", "findings", "."])

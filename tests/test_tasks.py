@@ -84,3 +84,45 @@ def test_logit_scale_pushed_past_the_cap_comes_back():
     assert scales[0] <= cap + 1e-6, scales  # clamped after the first update
     assert scales[-1] < scales[0] - 1e-3, scales  # and moving back down, as the loss asks
     assert all(b < a for a, b in zip(scales, scales[1:])), scales
+
+
+@pytest.mark.parametrize("config_module", [clip_config, t3d_config])
+def test_report_impression_term_is_weighted_infonce_of_reports_and_impressions(config_module):
+    """loss.impression_weight w adds w x symmetric InfoNCE between each report's embedding and
+    its impression's, recomputed here in float64 NumPy from the model's own embeddings
+    (tolerance 1e-5: float32 logits of unit vectors at scale <= 100); w = 0 leaves the loss as
+    it was, and the weight without the view is refused."""
+    config = config_module.get_config("tiny")
+    config.preprocess.max_len = 8
+    rng = np.random.default_rng(0)
+    base_task = tasks.get_task(config)
+    config.data.impression_view = True
+    config.loss.impression_weight = 0.5
+    task = tasks.get_task(config)
+    spec = task.batch_spec()
+    assert {"impression_ids", "impression_mask"} <= set(spec)
+    batch = {k: (rng.integers(1, 100, v.shape) if v.dtype == jnp.int32 else rng.uniform(size=v.shape)).astype(v.dtype)
+             for k, v in spec.items()}
+    batch["attention_mask"][:] = 1
+    batch["impression_mask"][:] = 1
+    batch["impression_mask"][:, 5:] = 0
+    model = task.build_model(nnx.Rngs(0))
+    total, metrics = task.loss(model, batch, step=0, deterministic=True)
+    plain = {k: v for k, v in batch.items() if not k.startswith("impression")}
+    without, _ = base_task.loss(model, plain, step=0, deterministic=True)
+
+    _, t = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=True)
+    _, i = model.encode_text(batch["impression_ids"], batch["impression_mask"], deterministic=True)
+    t, i = np.asarray(t, np.float64), np.asarray(i, np.float64)
+    logits = math.exp(float(model.logit_scale[...])) * t @ i.T
+
+    def xent(z):
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - np.diag(z)))
+
+    want = 0.5 * (xent(logits) + xent(logits.T))
+    np.testing.assert_allclose(float(metrics["loss_impression"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(without) + 0.5 * want, rtol=1e-5)
+    config.data.impression_view = False
+    with pytest.raises(UserError, match="impression_view"):
+        tasks.get_task(config)

@@ -63,6 +63,11 @@ paths (training views, evaluation) read series 0 of a multi-series record.
 Sentences (``data.sentences``, the `mg3d` task): training examples also carry
 ``sentence_index`` and ``word_index`` [L] int32, computed from the (augmented) token ids by
 `t3d_jax.data.sentences` (at most ``data.max_sentences`` sentences).
+
+Impression view (``data.impression_view``, the `clip` and `t3d` tasks' report-impression term):
+training examples also carry ``impression_ids`` and ``impression_mask`` [L] int32, the stored
+report's impression section alone (before any sentence drop or shuffle;
+`t3d_jax.data.report_augment.impression_span`).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ from t3d_jax.data import shards
 from t3d_jax.data import slices as slices_lib
 from t3d_jax.data import text_features as text_features_lib
 from t3d_jax.data.records import decode_record
-from t3d_jax.data.report_augment import ReportAugment, augment_report
+from t3d_jax.data.report_augment import ImpressionView, ReportAugment, augment_report, impression_span
 from t3d_jax.data.views import VIEWS_ON, ViewOptions, device_view_params, eval_view, make_views
 from t3d_jax.utils import cfg_get
 
@@ -207,8 +212,10 @@ class TrainExample(grain.transforms.MapWithIndex):
 
     def __init__(self, options: ViewOptions, seed: int, features=None, report_aug: ReportAugment | None = None,
                  views_on: str = "host", stored_shape: tuple[int, int, int] | None = None, masks: bool = False,
-                 sentences=None, slice_options: slices_lib.SliceOptions | None = None):
+                 sentences=None, slice_options: slices_lib.SliceOptions | None = None,
+                 impression: ImpressionView | None = None):
         self.options = options
+        self.impression = impression  # data.impression_view: add the report's impression alone
         self.slice_options = slice_options  # data.slices.enabled: a slice sequence, no views
         if slice_options is not None and (masks or views_on != "host"):
             raise ValueError("data.slices.enabled makes slice sequences on the host: it takes neither data.masks "
@@ -255,6 +262,8 @@ class TrainExample(grain.transforms.MapWithIndex):
                     "the data, or use data.views_on='host')")
             example = device_view_params(volume, scale, offset, rng, self.options)
         ids, mask = record["input_ids"].astype(np.int32), record["attention_mask"].astype(np.int32)
+        if self.impression is not None:  # of the stored report, before any augmentation
+            example["impression_ids"], example["impression_mask"] = impression_span(ids, mask, self.impression)
         if self.report_aug.active:  # its own stream: views are the same with or without it
             ids, mask = augment_report(ids, mask, np.random.default_rng((self.seed, int(index), 1)),
                                        self.report_aug)
@@ -353,6 +362,22 @@ def _report_augment(data_config: Any, data_dir: str) -> ReportAugment:
     return dataclasses.replace(aug, end_id=vocab.index("."))
 
 
+def _impression_view(data_config: Any, data_dir: str) -> ImpressionView | None:
+    """``data.impression_view``: the header ids of the data's vocab, or None when off."""
+    if not cfg_get(data_config, "impression_view", False):
+        return None
+    if text_features_lib.mode(data_config):
+        raise ValueError("data.impression_view embeds each report's impression with the live text tower, "
+                         "but data.text_features feeds cached states (a locked tower): turn one off")
+    from t3d_jax.data.report_augment import impression_view_for_vocab
+    from t3d_jax.data.tokenizer import tokenizer_for_config
+
+    try:
+        return impression_view_for_vocab(tokenizer_for_config({"data": {"dir": data_dir}}).vocab)
+    except ValueError as e:
+        raise ValueError(f"{data_dir}: {e}") from None
+
+
 def _allow_unparsed_absl_flags() -> None:
     """Lets grain start worker processes from scripts that never parse absl flags.
 
@@ -419,6 +444,7 @@ def train_dataset(
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     options = ViewOptions.from_config(data_config)
     report_aug = _report_augment(data_config, _data_dir(data_config))
+    impression = _impression_view(data_config, _data_dir(data_config))
     split = cfg_get(data_config, "train_split", "train")
     source = open_split(_data_dir(data_config), split)
     features = _text_features(data_config, _data_dir(data_config), split)
@@ -437,7 +463,8 @@ def train_dataset(
     slice_options = slices_lib.SliceOptions.from_config(data_config) if slices_lib.enabled(data_config) else None
     ds = ds.map_with_index(TrainExample(options, seed, features, report_aug, views_on, stored_shape,
                                         masks=bool(cfg_get(data_config, "masks", False)), sentences=sentences,
-                                        slice_options=slice_options))
+                                        slice_options=slice_options,
+                                        impression=impression))
     # Blocks of G/P consecutive elements, block s*P + p to process p: each process holds a
     # contiguous slice of every global batch, the layout make_array_from_process_local_data
     # assembles, so the global batch (row order included) is the same for any process count.

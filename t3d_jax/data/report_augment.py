@@ -1,4 +1,5 @@
-"""Training-time augmentation of tokenized reports: drop and shuffle whole sentences.
+"""Training-time augmentation of tokenized reports: drop and shuffle whole sentences; and the
+report's impression section alone (`impression_span`, `data.impression_view`).
 
 Why: with a few thousand reports a from-scratch text tower memorises each report by its
 incidental details (filler sentences, phrasings, order) and embeds short texts, such as the
@@ -63,4 +64,52 @@ def augment_report(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.ra
     mask = np.zeros_like(attention_mask)
     ids[0], ids[1:1 + body.size], ids[1 + body.size] = input_ids[0], body, input_ids[n - 1]
     mask[:body.size + 2] = 1
+    return ids, mask
+
+
+# -- The impression view ---------------------------------------------------------------------
+# Section headers, as WordPiece tokens: a header word followed by ":" (t3d_jax.data.tokenizer's
+# order_sections and t3d_jax.data.reports' SECTION_HEADER name the same sections).
+IMPRESSION_WORDS = ("impression", "impressions", "conclusion", "conclusions")
+OTHER_HEADER_WORDS = ("findings", "finding", "comparison", "technique", "history", "indication")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImpressionView:
+    """Token ids of the header words and ":" in the data's vocab (``impression_view_for_vocab``)."""
+
+    start_ids: tuple[int, ...]  # "impression", "conclusion", ... (lower-cased vocab)
+    stop_ids: tuple[int, ...]  # "findings", "comparison", ...
+    colon_id: int
+
+
+def impression_view_for_vocab(vocab) -> ImpressionView:
+    """The header ids of a WordPiece vocab (a list of tokens); a clear error if it lacks them."""
+    index = {t: i for i, t in enumerate(vocab)}
+    if ":" not in index or not any(w in index for w in IMPRESSION_WORDS):
+        raise ValueError("data.impression_view needs ':' and 'impression' in the data's vocab (an uncased "
+                         "WordPiece vocab has both)")
+    return ImpressionView(tuple(index[w] for w in IMPRESSION_WORDS if w in index),
+                          tuple(index[w] for w in OTHER_HEADER_WORDS if w in index), index[":"])
+
+
+def impression_span(input_ids: np.ndarray, attention_mask: np.ndarray,
+                    view: ImpressionView) -> tuple[np.ndarray, np.ndarray]:
+    """The report's impression section alone, re-packed as [CLS] IMPRESSION : ... [SEP] at the
+    same length: from the first "impression:" (or "conclusion:") header to the next other
+    header ("findings:", ...) or the end. A report without one is returned unchanged (its
+    impression view is the whole report)."""
+    n = int(attention_mask.sum())
+    body = np.asarray(input_ids[1:n - 1])
+    header = np.flatnonzero(np.isin(body[:-1], view.start_ids) & (body[1:] == view.colon_id))
+    if header.size == 0:
+        return input_ids, attention_mask
+    start = int(header[0])
+    after = np.flatnonzero(np.isin(body[start + 2:-1], view.stop_ids) & (body[start + 3:] == view.colon_id))
+    stop = start + 2 + int(after[0]) if after.size else body.size
+    span = body[start:stop]
+    ids = np.zeros_like(input_ids)
+    mask = np.zeros_like(attention_mask)
+    ids[0], ids[1:1 + span.size], ids[1 + span.size] = input_ids[0], span, input_ids[n - 1]
+    mask[:span.size + 2] = 1
     return ids, mask

@@ -13,6 +13,17 @@ carried past it could never come back.
 Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_mask`
 [B, L] int32 (V = `data.num_views`, X, Y, Z = `data.view_size`, L = `preprocess.max_len`).
 
+Report-impression term (`data.impression_view`, weight `loss.impression_weight`; off by
+default): the same contrastive objective between each report's embedding (as trained:
+sentences dropped and shuffled) and the embedding of its impression section alone
+(`impression_ids`, `impression_mask` [B, L]), negatives from the whole batch. Why: the image
+side only teaches the text tower the findings the image encoder already tells apart, so a
+from-scratch tower leaves the others, and the negations around them, unread; the impression
+lists exactly the positive findings, so matching a report to its own impression among the
+batch's makes the report embedding carry every stated finding and ignore negated ones
+(docs/training.md, "The demo, measured"). Text only: it uses no labels, only the report's
+own sections.
+
 Locked text tower (`model.text.locked`, docs/training.md): the report states come from the
 cache of `launch/cache_text_features.py` (`data.text_features`) instead of the text encoder,
 which stays in the model (evaluation embeds prompts with it) but is frozen by the optimizer
@@ -33,6 +44,7 @@ from flax import nnx
 from t3d_jax.data import text_features
 from t3d_jax.losses import contrastive
 from t3d_jax.tasks.base import Task
+from t3d_jax.utils import UserValueError
 
 
 class ClipTask(Task):
@@ -41,6 +53,11 @@ class ClipTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.locked_text = text_features.locked_source(config)  # '' | 'tokens' | 'pooled'
+        self.impression_view = bool(config.data.get("impression_view", False))
+        self.impression_weight = float(config.loss.get("impression_weight", 0.0))
+        if self.impression_weight and not self.impression_view:
+            raise UserValueError(f"loss.impression_weight={self.impression_weight} needs the impression view: "
+                                 "set data.impression_view=True")
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from t3d_jax.models import build_model_from_config
@@ -55,6 +72,9 @@ class ClipTask(Task):
             "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
         }
+        if self.impression_view:
+            spec["impression_ids"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
+            spec["impression_mask"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
         if self.locked_text:  # cached report states replace the ids (module docstring)
             from t3d_jax.models.bert import BertConfig
 
@@ -103,6 +123,19 @@ class ClipTask(Task):
             metrics["logit_bias"] = jnp.asarray(bias, jnp.float32)
         return loss, metrics
 
+    def impression_term(self, model, batch: dict, text_emb, deterministic: bool) -> tuple[jax.Array, dict]:
+        """``loss.impression_weight`` x the contrastive loss of reports against their own
+        impressions (module docstring); (0, {}) when the weight is 0."""
+        if not self.impression_weight:
+            return jnp.zeros((), jnp.float32), {}
+        _, imp_emb = model.encode_text(batch["impression_ids"], batch["impression_mask"],
+                                       deterministic=deterministic)
+        bias = None if model.logit_bias is None else model.logit_bias[...]
+        loss = contrastive.contrastive_loss(
+            model.loss_kind, text_emb[:, None], imp_emb, model.logit_scale[...], bias, max_scale=None,
+            chunked=bool(self.config.loss.get("chunked", False)), batch_axes=self.batch_axes)
+        return self.impression_weight * loss, {"loss_impression": loss}
+
     def after_update(self, params: dict) -> dict:
         """Clamps the log-scale to log(loss.logit_scale_max) (see the module docstring)."""
         cap = self.config.loss.get("logit_scale_max", 100.0)
@@ -114,4 +147,6 @@ class ClipTask(Task):
         del step
         _, image_emb, _, text_emb = self.encode(model, batch, deterministic)
         loss, metrics = self.contrastive(model, image_emb, text_emb)
-        return loss, {"loss": loss, **metrics}
+        term, more = self.impression_term(model, batch, text_emb, deterministic)
+        loss = loss + term
+        return loss, {"loss": loss, **metrics, **more}

@@ -167,6 +167,7 @@ class MSVLMTask(ClipTask):
         image, image_emb, _, text_emb = self.encode(model, batch, deterministic)
         loss_clip, metrics = self.contrastive(model, image_emb, text_emb)
         loss_mem, mem_metrics = self.mem_loss(model, image, self.mem_key(step))
-        loss = loss_clip + self.mem_weight * loss_mem
-        return loss, {"loss": f32(loss), **metrics, "loss_mem": f32(loss_mem),
+        term, more = self.impression_term(model, batch, text_emb, deterministic)
+        loss = loss_clip + self.mem_weight * loss_mem + term
+        return loss, {"loss": f32(loss), **metrics, **more, "loss_mem": f32(loss_mem),
                       "mem_masked": f32(mem_metrics["mem_masked"])}

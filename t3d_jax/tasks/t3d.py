@@ -84,7 +84,9 @@ class T3DTask(ClipTask):
             image["grid"], image["token_index"].reshape(b, v, n), temperature=self.temperature,
             sinkhorn_epsilon=self.epsilon, sinkhorn_iters=self.iters, hist_weight=self.hist_weight,
             target_emb=target_emb)
-        loss = loss_clip + self.weight * out.loss
+        term, more = self.impression_term(model, batch, text_emb, deterministic)
+        loss = loss_clip + self.weight * out.loss + term
+        metrics.update(more)
         metrics.update(loss=loss, loss_tma=out.loss, loss_tma_tok=out.token_loss, loss_tma_hist=out.hist_loss,
                        tma_matched_fraction=out.matched_fraction, tma_target_entropy=out.target_entropy,
                        tma_prototype_perplexity=out.prototype_perplexity)
