@@ -5,7 +5,7 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python}
 OUT=${DEMO_DIR:-demo_out}
-NUM=${DEMO_NUM:-1600}  # = data.synthetic_if_missing of the demo variant; the ceiling below is of these
+NUM=${DEMO_NUM:-3200}  # = data.synthetic_if_missing of the demo variant; the ceiling below is of these
 mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}  # TF (tokenizer) stays off any GPU
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}  # the demo is sized for a CPU; libtpu (AOT extra) must not probe
@@ -21,6 +21,6 @@ echo "== 4/5 export embeddings of the held-out volumes and their reports"
 "$PYTHON" launch/export_embeddings.py "${CFG[@]}" --workdir "$OUT/run" \
     --input "$OUT/raw/manifest.csv" --split valid --output "$OUT/embeddings_valid.npz"
 echo "== 5/5 evaluate: zero-shot (CT-CLIP protocol), retrieval, linear probe, beside the supervised ceiling"
-# bench/results/ceiling_demo.json: bench/ceiling.py on these 1,600 volumes (seed 0); the table
+# bench/results/ceiling_demo.json: bench/ceiling.py on these 3,200 volumes (seed 0); the table
 # marks it as measured on other data if DEMO_NUM or the generator changed.
 "$PYTHON" launch/evaluate.py "${CFG[@]}" --workdir "$OUT/run" --config.eval.ceiling=bench/results/ceiling_demo.json
