@@ -100,6 +100,8 @@ def impression_span(input_ids: np.ndarray, attention_mask: np.ndarray,
     header ("findings:", ...) or the end. A report without one is returned unchanged (its
     impression view is the whole report)."""
     n = int(attention_mask.sum())
+    if n <= 2:
+        return input_ids, attention_mask
     body = np.asarray(input_ids[1:n - 1])
     header = np.flatnonzero(np.isin(body[:-1], view.start_ids) & (body[1:] == view.colon_id))
     if header.size == 0:
