@@ -98,6 +98,11 @@ def test_impression_span_is_the_impression_section_tokenized_alone(order):
     want_ids, want_mask = (np.asarray(a)[0] for a in tok.encode(["IMPRESSION: Cardiomegaly, left pleural effusion."]))
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_array_equal(got_mask, want_mask)
+    short_ids, short_mask = impression_span(ids, mask, view, length=int(want_mask.sum()))
+    np.testing.assert_array_equal(short_ids, want_ids[:int(want_mask.sum())])  # data.impression_len: padded there
+    assert short_mask.all()
+    with pytest.raises(ValueError, match="impression_len"):  # too long for it: an error, never cut
+        impression_span(ids, mask, view, length=int(want_mask.sum()) - 1)
     plain_ids, plain_mask = (np.asarray(a)[0] for a in tok.encode(["No pleural effusion. Normal heart."]))
     same = impression_span(plain_ids, plain_mask, view)
     np.testing.assert_array_equal(same[0], plain_ids)

@@ -65,7 +65,8 @@ Sentences (``data.sentences``, the `mg3d` task): training examples also carry
 `t3d_jax.data.sentences` (at most ``data.max_sentences`` sentences).
 
 Impression view (``data.impression_view``, the `clip` and `t3d` tasks' report-impression term):
-training examples also carry ``impression_ids`` and ``impression_mask`` [L] int32, the stored
+training examples also carry ``impression_ids`` and ``impression_mask`` [``data.impression_len``,
+0 = L] int32, the stored
 report's impression section alone (before any sentence drop or shuffle;
 `t3d_jax.data.report_augment.impression_span`).
 """
@@ -263,7 +264,11 @@ class TrainExample(grain.transforms.MapWithIndex):
             example = device_view_params(volume, scale, offset, rng, self.options)
         ids, mask = record["input_ids"].astype(np.int32), record["attention_mask"].astype(np.int32)
         if self.impression is not None:  # of the stored report, before any augmentation
-            example["impression_ids"], example["impression_mask"] = impression_span(ids, mask, self.impression)
+            try:
+                example["impression_ids"], example["impression_mask"] = impression_span(
+                    ids, mask, self.impression, self.impression.length)
+            except ValueError as e:
+                raise ValueError(f"training element {index} (record {record.get('id', '?')!r}): {e}") from None
         if self.report_aug.active:  # its own stream: views are the same with or without it
             ids, mask = augment_report(ids, mask, np.random.default_rng((self.seed, int(index), 1)),
                                        self.report_aug)
@@ -373,7 +378,8 @@ def _impression_view(data_config: Any, data_dir: str) -> ImpressionView | None:
     from t3d_jax.data.tokenizer import tokenizer_for_config
 
     try:
-        return impression_view_for_vocab(tokenizer_for_config({"data": {"dir": data_dir}}).vocab)
+        return impression_view_for_vocab(tokenizer_for_config({"data": {"dir": data_dir}}).vocab,
+                                         int(cfg_get(data_config, "impression_len", 0) or 0))
     except ValueError as e:
         raise ValueError(f"{data_dir}: {e}") from None
 

@@ -81,37 +81,38 @@ class ImpressionView:
     start_ids: tuple[int, ...]  # "impression", "conclusion", ... (lower-cased vocab)
     stop_ids: tuple[int, ...]  # "findings", "comparison", ...
     colon_id: int
+    length: int = 0  # data.impression_len: the view's padded length (0 = the reports' max_len)
 
 
-def impression_view_for_vocab(vocab) -> ImpressionView:
+def impression_view_for_vocab(vocab, length: int = 0) -> ImpressionView:
     """The header ids of a WordPiece vocab (a list of tokens); a clear error if it lacks them."""
     index = {t: i for i, t in enumerate(vocab)}
     if ":" not in index or not any(w in index for w in IMPRESSION_WORDS):
         raise ValueError("data.impression_view needs ':' and 'impression' in the data's vocab (an uncased "
                          "WordPiece vocab has both)")
     return ImpressionView(tuple(index[w] for w in IMPRESSION_WORDS if w in index),
-                          tuple(index[w] for w in OTHER_HEADER_WORDS if w in index), index[":"])
+                          tuple(index[w] for w in OTHER_HEADER_WORDS if w in index), index[":"], int(length))
 
 
-def impression_span(input_ids: np.ndarray, attention_mask: np.ndarray,
-                    view: ImpressionView) -> tuple[np.ndarray, np.ndarray]:
-    """The report's impression section alone, re-packed as [CLS] IMPRESSION : ... [SEP] at the
-    same length: from the first "impression:" (or "conclusion:") header to the next other
-    header ("findings:", ...) or the end. A report without one is returned unchanged (its
-    impression view is the whole report)."""
+def impression_span(input_ids: np.ndarray, attention_mask: np.ndarray, view: ImpressionView,
+                    length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The report's impression section alone, re-packed as [CLS] IMPRESSION : ... [SEP] padded
+    to ``length`` (0 = the report's length): from the first "impression:" (or "conclusion:")
+    header to the next other header ("findings:", ...) or the end. A report without one is its
+    own impression view. A view longer than ``length`` is an error, never cut."""
+    size = int(length) or input_ids.shape[-1]
     n = int(attention_mask.sum())
-    if n <= 2:
-        return input_ids, attention_mask
-    body = np.asarray(input_ids[1:n - 1])
+    body = np.asarray(input_ids[1:n - 1]) if n > 2 else np.zeros(0, input_ids.dtype)
     header = np.flatnonzero(np.isin(body[:-1], view.start_ids) & (body[1:] == view.colon_id))
-    if header.size == 0:
-        return input_ids, attention_mask
-    start = int(header[0])
-    after = np.flatnonzero(np.isin(body[start + 2:-1], view.stop_ids) & (body[start + 3:] == view.colon_id))
-    stop = start + 2 + int(after[0]) if after.size else body.size
-    span = body[start:stop]
-    ids = np.zeros_like(input_ids)
-    mask = np.zeros_like(attention_mask)
-    ids[0], ids[1:1 + span.size], ids[1 + span.size] = input_ids[0], span, input_ids[n - 1]
-    mask[:span.size + 2] = 1
+    if header.size:
+        start = int(header[0])
+        after = np.flatnonzero(np.isin(body[start + 2:-1], view.stop_ids) & (body[start + 3:] == view.colon_id))
+        body = body[start:start + 2 + int(after[0]) if after.size else body.size]
+    if n < 2 or body.size + 2 > size:
+        raise ValueError(f"an impression view of {body.size + 2} tokens does not fit data.impression_len={size}: "
+                         "raise it (0 = the reports' max_len always fits)")
+    ids = np.zeros(size, input_ids.dtype)
+    mask = np.zeros(size, attention_mask.dtype)
+    ids[0], ids[1:1 + body.size], ids[1 + body.size] = input_ids[0], body, input_ids[n - 1]
+    mask[:body.size + 2] = 1
     return ids, mask

@@ -16,7 +16,7 @@ Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_m
 Report-impression term (`data.impression_view`, weight `loss.impression_weight`; off by
 default): the same contrastive objective between each report's embedding (as trained:
 sentences dropped and shuffled) and the embedding of its impression section alone
-(`impression_ids`, `impression_mask` [B, L]), negatives from the whole batch. Why: the image
+(`impression_ids`, `impression_mask` [B, `data.impression_len` or L]), negatives from the whole batch. Why: the image
 side only teaches the text tower the findings the image encoder already tells apart, so a
 from-scratch tower leaves the others, and the negations around them, unread; the impression
 lists exactly the positive findings, so matching a report to its own impression among the
@@ -73,8 +73,9 @@ class ClipTask(Task):
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
         }
         if self.impression_view:
-            spec["impression_ids"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
-            spec["impression_mask"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
+            imp_len = int(c.data.get("impression_len", 0) or 0) or length
+            spec["impression_ids"] = jax.ShapeDtypeStruct((b, imp_len), jnp.int32)
+            spec["impression_mask"] = jax.ShapeDtypeStruct((b, imp_len), jnp.int32)
         if self.locked_text:  # cached report states replace the ids (module docstring)
             from t3d_jax.models.bert import BertConfig
 
