@@ -49,11 +49,12 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     # this probability (at least one kept) and/or shuffle the kept sentences.
     c.data.report_sentence_drop = 0.0
     c.data.report_shuffle = False
-    # Each training example also carries its report's impression section alone
-    # (impression_ids / impression_mask), for loss.impression_weight (t3d_jax/tasks/clip.py).
+    # Each training example also carries its report's impression section alone (impression_ids /
+    # impression_mask): set by the clip / t3d / msvlm tasks when loss.impression_weight > 0
+    # (ClipTask.prepare_config), not a setting of its own.
     c.data.impression_view = False
-    # Its padded length (0 = preprocess.max_len): impressions are short, and the extra text
-    # forward costs in proportion. A longer impression stops training with an error naming it.
+    # The impression view's padded length (0 = preprocess.max_len): impressions are short, and the
+    # extra text forward costs in proportion. A longer one stops training with an error naming it.
     c.data.impression_len = 0
     # Where the training views are made: "host" (Grain workers, t3d_jax/data/views.py) or
     # "device" (the jitted step, t3d_jax/data/device_views.py: the batch carries the stored int16
@@ -174,7 +175,7 @@ def get_config(arg: str = "demo", *, config_file: str = "configs/common.py") -> 
     c.loss.logit_scale_init = 2.659260036932778  # log(1/0.07)
     c.loss.logit_scale_max = 100.0
     # Report-impression term of the clip / t3d / msvlm tasks: this weight x the contrastive loss
-    # of each report against its own impression section (needs data.impression_view).
+    # of each report against its own impression section (docs/training.md); 0 = off.
     c.loss.impression_weight = 0.0
     c.loss.siglip_logit_scale_init = 2.302585092994046  # log(10), SigLIP's init
     c.loss.siglip_logit_bias_init = -10.0
@@ -324,11 +325,10 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.data.report_shuffle = True
         # Each report also matched to its own impression (docs/training.md, "Report-impression
         # term"): text-tower check 0.851 -> 0.915, zero-shot 0.824 -> 0.842, R@5 0.495 -> 0.586
-        # on 1,600 volumes (one T3D run each, same seed); 3.3 steps/s instead of ~4.1.
-        c.data.impression_view = True
+        # on 1,600 volumes (one T3D run each, same seed).
         c.loss.impression_weight = 1.0
-        # The demo's impressions are at most 75 tokens with [CLS]/[SEP] (3,200 reports; 95% are
-        # under 42): 80 instead of 128 makes the extra text forward cheaper, the same maths.
+        # The demo's impressions are at most 73 tokens with [CLS]/[SEP] (3,200 reports; 95% at
+        # most 40): 80 instead of 128 makes the extra text forward cheaper (3.9 vs 3.3 steps/s).
         c.data.impression_len = 80
         # The impression first, cut at 128 tokens: every positive finding is kept (docs/data.md).
         c.preprocess.report_order = "impression_first"

@@ -26,8 +26,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.num_views = 1  # MG-3D: one view (the volume) per report
     c.data.sentences = True  # sentence_index / word_index in every training batch
     c.data.max_sentences = 32
-    c.data.impression_view = False  # the contrastive tasks' text-side term; MG-3D has its own (L_senMLM)
-    c.loss.impression_weight = 0.0
 
     m = c.model.mg3d = ml_collections.ConfigDict()
     m.max_sentences = c.data.get_ref("max_sentences")

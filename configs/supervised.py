@@ -26,8 +26,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.task = "supervised"
     c.model.name = "supervised"
     c.data.num_views = 1
-    c.data.impression_view = False  # a text-side term of the contrastive tasks; no text tower here
-    c.loss.impression_weight = 0.0
     # The head (t3d_jax/tasks/supervised.py): over the encoder's pooled embedding ("pooled") or
     # attention pooling of its tokens ("attention"; num_heads 0 = the encoder's).
     c.model.head = ml_collections.ConfigDict({"pool": "pooled", "num_heads": 0})

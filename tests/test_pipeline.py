@@ -278,3 +278,28 @@ def test_impression_view_is_taken_from_the_stored_report_before_augmentation(dat
     with pytest.raises(ValueError, match="impression_view"):
         pipeline.train_iterator(_config(data_dir, impression_view=True, text_features=True),
                                 global_batch_size=3, seed=5)
+
+    # A report with sections, through the map function itself: the sentences of input_ids are
+    # dropped and shuffled, the impression view is still the stored report's impression.
+    from t3d_jax.data.prepare import default_vocab_path
+    from t3d_jax.data.report_augment import ReportAugment, impression_span, impression_view_for_vocab
+    from t3d_jax.data.tokenizer import WordPieceTokenizer
+    from t3d_jax.data.views import ViewOptions
+
+    tok = WordPieceTokenizer(str(default_vocab_path()), max_len=48, report_order="impression_first",
+                             backend="tokenizers")
+    ids, mask = (np.asarray(a)[0].astype(np.int32) for a in tok.encode(
+        ["FINDINGS: No effusion. The heart is enlarged. Mild emphysema. IMPRESSION: Cardiomegaly, emphysema."]))
+    record = dict(_record(0, "train", np.random.default_rng(0)), input_ids=ids, attention_mask=mask)
+    view = impression_view_for_vocab(tok.vocab)
+    example = pipeline.TrainExample(ViewOptions.from_config(_config(data_dir)), 5,
+                                    report_aug=ReportAugment(drop=0.5, shuffle=True, end_id=tok.vocab.index(".")),
+                                    impression=view)
+    outs = [example.map_with_index(i, encode_record(record)) for i in range(4)]
+    want = impression_span(ids, mask, view)
+    assert any(not np.array_equal(o["input_ids"], ids) for o in outs)  # the report was augmented ...
+    for o in outs:  # ... its impression view never
+        np.testing.assert_array_equal(o["impression_ids"], want[0])
+        np.testing.assert_array_equal(o["impression_mask"], want[1])
+    text = tok.decode([int(t) for t in want[0] if t > 0])
+    assert text.startswith("impression") and "cardiomegaly" in text and "findings" not in text, text

@@ -90,15 +90,17 @@ def test_logit_scale_pushed_past_the_cap_comes_back():
 def test_report_impression_term_is_weighted_infonce_of_reports_and_impressions(config_module):
     """loss.impression_weight w adds w x symmetric InfoNCE between each report's embedding and
     its impression's, recomputed here in float64 NumPy from the model's own embeddings
-    (tolerance 1e-5: float32 logits of unit vectors at scale <= 100); w = 0 leaves the loss as
-    it was, and the weight without the view is refused."""
+    (tolerance 1e-5: float32 logits of unit vectors at scale <= 100), on top of the loss the
+    task has at w = 0; w > 0 alone asks the pipeline for the impression view (prepare_config)."""
     config = config_module.get_config("tiny")
     config.preprocess.max_len = 8
     rng = np.random.default_rng(0)
     base_task = tasks.get_task(config)
-    config.data.impression_view = True
+    assert not base_task.prepare_config(config).data.impression_view
+    assert not {"impression_ids", "impression_mask"} & set(base_task.batch_spec())
     config.loss.impression_weight = 0.5
     task = tasks.get_task(config)
+    assert task.prepare_config(config).data.impression_view
     spec = task.batch_spec()
     assert {"impression_ids", "impression_mask"} <= set(spec)
     batch = {k: (rng.integers(1, 100, v.shape) if v.dtype == jnp.int32 else rng.uniform(size=v.shape)).astype(v.dtype)
@@ -123,6 +125,6 @@ def test_report_impression_term_is_weighted_infonce_of_reports_and_impressions(c
     want = 0.5 * (xent(logits) + xent(logits.T))
     np.testing.assert_allclose(float(metrics["loss_impression"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(total), float(without) + 0.5 * want, rtol=1e-5)
-    config.data.impression_view = False
-    with pytest.raises(UserError, match="impression_view"):
+    config.loss.impression_weight = -1.0
+    with pytest.raises(UserError, match="impression_weight"):
         tasks.get_task(config)

@@ -64,7 +64,8 @@ Sentences (``data.sentences``, the `mg3d` task): training examples also carry
 ``sentence_index`` and ``word_index`` [L] int32, computed from the (augmented) token ids by
 `t3d_jax.data.sentences` (at most ``data.max_sentences`` sentences).
 
-Impression view (``data.impression_view``, the `clip` and `t3d` tasks' report-impression term):
+Impression view (``data.impression_view``, set by the `clip`, `t3d` and `msvlm` tasks for their
+report-impression term, ``loss.impression_weight``):
 training examples also carry ``impression_ids`` and ``impression_mask`` [``data.impression_len``,
 0 = L] int32, the stored
 report's impression section alone (before any sentence drop or shuffle;

@@ -102,13 +102,15 @@ def impression_span(input_ids: np.ndarray, attention_mask: np.ndarray, view: Imp
     own impression view. A view longer than ``length`` is an error, never cut."""
     size = int(length) or input_ids.shape[-1]
     n = int(attention_mask.sum())
-    body = np.asarray(input_ids[1:n - 1]) if n > 2 else np.zeros(0, input_ids.dtype)
+    if n < 2:
+        raise ValueError(f"a tokenized report of {n} tokens has no [CLS] ... [SEP]")
+    body = np.asarray(input_ids[1:n - 1])
     header = np.flatnonzero(np.isin(body[:-1], view.start_ids) & (body[1:] == view.colon_id))
     if header.size:
         start = int(header[0])
         after = np.flatnonzero(np.isin(body[start + 2:-1], view.stop_ids) & (body[start + 3:] == view.colon_id))
         body = body[start:start + 2 + int(after[0]) if after.size else body.size]
-    if n < 2 or body.size + 2 > size:
+    if body.size + 2 > size:
         raise ValueError(f"an impression view of {body.size + 2} tokens does not fit data.impression_len={size}: "
                          "raise it (0 = the reports' max_len always fits)")
     ids = np.zeros(size, input_ids.dtype)

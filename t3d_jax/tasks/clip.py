@@ -13,10 +13,10 @@ carried past it could never come back.
 Batch contract: `views` [B, V, X, Y, Z, C] float32, `input_ids` and `attention_mask`
 [B, L] int32 (V = `data.num_views`, X, Y, Z = `data.view_size`, L = `preprocess.max_len`).
 
-Report-impression term (`data.impression_view`, weight `loss.impression_weight`; off by
-default): the same contrastive objective between each report's embedding (as trained:
+Report-impression term (weight `loss.impression_weight`; 0, off, by default): the same contrastive objective between each report's embedding (as trained:
 sentences dropped and shuffled) and the embedding of its impression section alone
-(`impression_ids`, `impression_mask` [B, `data.impression_len` or L]), negatives from the whole batch. Why: the image
+(`impression_ids`, `impression_mask` [B, `data.impression_len` or L], which the pipeline adds
+when `prepare_config` sets `data.impression_view`), negatives from the whole batch. Why: the image
 side only teaches the text tower the findings the image encoder already tells apart, so a
 from-scratch tower leaves the others, and the negations around them, unread; the impression
 lists exactly the positive findings, so matching a report to its own impression among the
@@ -53,11 +53,15 @@ class ClipTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.locked_text = text_features.locked_source(config)  # '' | 'tokens' | 'pooled'
-        self.impression_view = bool(config.data.get("impression_view", False))
         self.impression_weight = float(config.loss.get("impression_weight", 0.0))
-        if self.impression_weight and not self.impression_view:
-            raise UserValueError(f"loss.impression_weight={self.impression_weight} needs the impression view: "
-                                 "set data.impression_view=True")
+        if self.impression_weight < 0:
+            raise UserValueError(f"loss.impression_weight must be >= 0, got {self.impression_weight}")
+
+    def prepare_config(self, config):
+        """Asks the pipeline for each report's impression view (`data.impression_view`) when the
+        report-impression term is on, so the one setting is `loss.impression_weight`."""
+        config.data.impression_view = self.impression_weight > 0
+        return config
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from t3d_jax.models import build_model_from_config
@@ -72,7 +76,7 @@ class ClipTask(Task):
             "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
         }
-        if self.impression_view:
+        if self.impression_weight:
             imp_len = int(c.data.get("impression_len", 0) or 0) or length
             spec["impression_ids"] = jax.ShapeDtypeStruct((b, imp_len), jnp.int32)
             spec["impression_mask"] = jax.ShapeDtypeStruct((b, imp_len), jnp.int32)

@@ -78,6 +78,7 @@ class MSVLMTask(ClipTask):
         """Slice sequences: fixes `data.slices.length` (0 = the smallest of the encoder's buckets
         holding the data's longest example) and `data.slices.max_series` (0 = the encoder's
         `num_series`) once, from dataset.json, before the program is built."""
+        config = super().prepare_config(config)
         if not slices_lib.enabled(config.data):
             return config
         from t3d_jax.data.pipeline import read_dataset_info
